@@ -1,0 +1,125 @@
+"""Aggregation helpers shared by every algorithm: weighted averages of parameter sets.
+
+Two forms of the same weighted mean:
+- `weighted_average` takes all updates at once (the textbook formula, used by tests and by
+  algorithms whose paper keeps every update, e.g. selection by update size);
+- `RunningAverage` accumulates updates as they arrive, holding one running sum and never K
+  copies, which is how the server aggregates.
+
+`DiscriminatorAverager` applies the multi-task rule of EntGAN: the shared trunk is averaged over
+all workers, each task's head over that task's workers only, both weighted by sample counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from entgan.engine.parameters import numel, unflatten_into
+from entgan.models.discriminator import Discriminator, head_prefix, is_shared
+
+
+def weighted_average(updates: Sequence[tuple[Sequence[torch.Tensor], float]]) -> list[torch.Tensor]:
+    """Mean of parameter sets weighted by their weights (e.g. sample counts)."""
+    if not updates:
+        raise ValueError("cannot average an empty list of updates")
+    total = float(sum(weight for _, weight in updates))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, found {total}")
+    first, _ = updates[0]
+    averaged = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in first]
+    for tensors, weight in updates:
+        for accumulator, tensor in zip(averaged, tensors, strict=True):
+            accumulator.add_(tensor.to(torch.float32), alpha=weight / total)
+    return averaged
+
+
+class RunningAverage:
+    """Weighted mean of flat vectors accumulated one at a time (memory: one vector)."""
+
+    def __init__(self, size: int) -> None:
+        self._sum = torch.zeros(size, dtype=torch.float32)
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, vector: torch.Tensor, weight: float) -> None:
+        if vector.numel() != self._sum.numel():
+            raise ValueError(f"update has {vector.numel()} values, expected {self._sum.numel()}")
+        if weight <= 0:
+            raise ValueError(f"update weight must be positive, found {weight}")
+        self._sum.add_(vector.reshape(-1).to(torch.float32), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def reset(self) -> None:
+        self._sum.zero_()
+        self.total_weight = 0.0
+        self.count = 0
+
+    def mean(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ValueError("no update was added")
+        return self._sum / self.total_weight
+
+
+class DiscriminatorLayout:
+    """Which of a discriminator's tensors are shared (trunk) and which belong to each task head.
+
+    An *update* from a worker of task t is the flat vector [trunk tensors..., head t tensors...];
+    every head has the same shape, so every worker's update has the same length.
+    """
+
+    def __init__(self, discriminator: Discriminator) -> None:
+        state = discriminator.state_dict(keep_vars=True)
+        self.trunk_names = [name for name in state if is_shared(name)]
+        self.head_names = [
+            [name for name in state if name.startswith(head_prefix(task))] for task in range(discriminator.num_tasks)
+        ]
+        unassigned = set(state) - set(self.trunk_names) - {n for names in self.head_names for n in names}
+        if unassigned:
+            raise ValueError(f"discriminator tensors outside trunk/heads: {sorted(unassigned)}")
+        self.trunk_size = numel([state[name] for name in self.trunk_names])
+        self.head_size = numel([state[name] for name in self.head_names[0]])
+
+    @property
+    def update_size(self) -> int:
+        return self.trunk_size + self.head_size
+
+    def update_tensors(self, discriminator: Discriminator, task: int) -> list[torch.Tensor]:
+        state = discriminator.state_dict(keep_vars=True)
+        return [state[name].data for name in self.trunk_names + self.head_names[task]]
+
+
+class DiscriminatorAverager:
+    """Running multi-task average: trunk over all updates, head t over task-t updates only."""
+
+    def __init__(self, layout: DiscriminatorLayout, num_tasks: int) -> None:
+        self.layout = layout
+        self._trunk = RunningAverage(layout.trunk_size)
+        self._heads = [RunningAverage(layout.head_size) for _ in range(num_tasks)]
+
+    def add(self, update: torch.Tensor, task: int, num_samples: float) -> None:
+        trunk, head = update.split([self.layout.trunk_size, self.layout.head_size])
+        self._trunk.add(trunk, num_samples)
+        self._heads[task].add(head, num_samples)
+
+    @property
+    def count(self) -> int:
+        return self._trunk.count
+
+    def tasks_with_updates(self) -> list[int]:
+        return [task for task, head in enumerate(self._heads) if head.count > 0]
+
+    def write_into(self, discriminator: Discriminator) -> None:
+        """Load the averages into `discriminator`; heads of tasks with no update are left as they are."""
+        state = discriminator.state_dict(keep_vars=True)
+        unflatten_into(self._trunk.mean(), [state[name].data for name in self.layout.trunk_names])
+        for task in self.tasks_with_updates():
+            unflatten_into(self._heads[task].mean(), [state[name].data for name in self.layout.head_names[task]])
+
+    def reset(self) -> None:
+        self._trunk.reset()
+        for head in self._heads:
+            head.reset()
+

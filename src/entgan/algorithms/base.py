@@ -1,0 +1,179 @@
+"""The plug-in interface every algorithm fills, and the GAN mechanics they all share.
+
+The engine owns the round loop (see `entgan.engine.roles`); an algorithm says what the server does
+in a round and what a worker does in a round, nothing more. Losses, optimizers, real-batch sampling
+and worker reports live here once, so methods differ only where their papers differ.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import astuple, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from entgan.config import OptimizerConfig
+from entgan.data.sources import ImageDataset
+from entgan.engine.context import RunContext
+from entgan.models.discriminator import Discriminator
+from entgan.models.generator import Generator
+
+
+class Algorithm(ABC):
+    """One distributed-GAN method: a server side and a worker side, one round at a time."""
+
+    name: ClassVar[str]
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+        self.config = context.config
+        self.transport = context.transport
+
+    # --- server (rank 0) ---
+    @abstractmethod
+    def server_setup(self) -> None:
+        """Build the global models and bring every worker to the same starting point."""
+
+    @abstractmethod
+    def server_round(self, round_index: int) -> dict[str, float]:
+        """Run one round on the server; return the round's metrics (losses, steps, worker reports)."""
+
+    def server_finish(self) -> None:
+        """Settle outstanding transfers after the last round."""
+
+    @property
+    @abstractmethod
+    def generator(self) -> Generator:
+        """The generator that is evaluated, sampled and checkpointed."""
+
+    def server_state(self) -> dict[str, Any]:
+        """Everything needed to sample from (and later resume) the server's side."""
+        return {"generator": self.generator.state_dict()}
+
+    # --- worker (ranks 1..K) ---
+    @abstractmethod
+    def worker_setup(self, shard: ImageDataset) -> None:
+        """Receive the starting models and prepare local training on this worker's shard."""
+
+    @abstractmethod
+    def worker_round(self, round_index: int) -> None:
+        """Run one round on the worker."""
+
+    def worker_finish(self) -> None:
+        """Settle outstanding transfers after the last round."""
+
+    def worker_digest(self) -> dict[str, float]:
+        """Small fingerprint of the worker's models, written at the end (tests check sync with it)."""
+        return {}
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """Per-round figures a worker piggybacks on its upload (a handful of floats)."""
+
+    d_loss: float = 0.0
+    real_realness: float = 0.0
+    fake_realness: float = 0.0
+    bytes_sent: float = 0.0
+    bytes_received: float = 0.0
+    comm_wait_s: float = 0.0
+    compute_s: float = 0.0
+
+    SIZE: ClassVar[int] = 7
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.tensor(astuple(self), dtype=torch.float32)
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> WorkerReport:
+        return cls(*[float(v) for v in values.tolist()])
+
+    def as_metrics(self, rank: int) -> dict[str, float]:
+        return {f"worker{rank}/{field.name}": getattr(self, field.name) for field in fields(self)}
+
+
+assert WorkerReport.SIZE == len(fields(WorkerReport))
+
+
+def summarise_reports(reports: dict[int, WorkerReport]) -> dict[str, float]:
+    """Per-worker figures plus their means and the workers' total traffic."""
+    metrics: dict[str, float] = {}
+    for rank in sorted(reports):
+        metrics.update(reports[rank].as_metrics(rank))
+    if reports:
+        values = list(reports.values())
+        metrics["d_loss"] = sum(r.d_loss for r in values) / len(values)
+        metrics["d_real_realness"] = sum(r.real_realness for r in values) / len(values)
+        metrics["d_fake_realness"] = sum(r.fake_realness for r in values) / len(values)
+        metrics["workers/bytes_sent"] = sum(r.bytes_sent for r in values)
+        metrics["workers/bytes_received"] = sum(r.bytes_received for r in values)
+    return metrics
+
+
+def adam(parameters: Any, lr: float, config: OptimizerConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(parameters, lr=lr, betas=(config.beta1, config.beta2))
+
+
+def discriminator_loss(
+    discriminator: Discriminator, real: torch.Tensor, fake: torch.Tensor, task: torch.Tensor | int
+) -> tuple[torch.Tensor, float, float]:
+    """Standard GAN D loss on its task head; also the mean realness of real and fake batches."""
+    real_logits = discriminator(real, task)
+    fake_logits = discriminator(fake.detach(), task)
+    loss = F.binary_cross_entropy_with_logits(
+        real_logits, torch.ones_like(real_logits)
+    ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return loss, torch.sigmoid(real_logits).mean().item(), torch.sigmoid(fake_logits).mean().item()
+
+
+def real_loss(discriminator: Discriminator, real: torch.Tensor, task: torch.Tensor | int) -> tuple[torch.Tensor, float]:
+    """The real-data half of the D loss (computable before the generator has arrived)."""
+    logits = discriminator(real, task)
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)), torch.sigmoid(logits).mean().item()
+
+
+def fake_loss(discriminator: Discriminator, fake: torch.Tensor, task: torch.Tensor | int) -> tuple[torch.Tensor, float]:
+    """The fake-data half of the D loss."""
+    logits = discriminator(fake.detach(), task)
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)), torch.sigmoid(logits).mean().item()
+
+
+def generator_loss(
+    discriminator: nn.Module, fakes: torch.Tensor, tasks: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Non-saturating G loss against `discriminator`; also the mean realness D gives the fakes."""
+    logits = discriminator(fakes, tasks)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+    return loss, torch.sigmoid(logits).mean().item()
+
+
+def balanced_tasks(batch_size: int, num_tasks: int, device: torch.device) -> torch.Tensor:
+    """Task labels for a G batch: every task equally represented."""
+    return torch.arange(batch_size, device=device) % num_tasks
+
+
+class RealBatches:
+    """Shuffled mini-batches of a worker's local data, reshuffled each epoch, from a seeded stream."""
+
+    def __init__(self, shard: ImageDataset, batch_size: int, generator: torch.Generator) -> None:
+        if len(shard) == 0:
+            raise ValueError("a worker's data shard is empty")
+        self.images = shard.images
+        self.batch_size = min(batch_size, len(shard))
+        self._generator = generator
+        self._order = torch.randperm(len(shard), generator=generator)
+        self._position = 0
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def next(self) -> torch.Tensor:
+        if self._position + self.batch_size > len(self._order):
+            self._order = torch.randperm(len(self._order), generator=self._generator)
+            self._position = 0
+        indices = self._order[self._position : self._position + self.batch_size]
+        self._position += self.batch_size
+        return self.images[indices]

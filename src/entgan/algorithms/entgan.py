@@ -1,0 +1,282 @@
+"""EntGAN: one multi-task GAN learned across edge workers (DESIGN.md section 1).
+
+Who holds what: the server holds the global generator G and discriminator D; worker k holds G_k
+(a copy of G) and its own D_k for its task. What moves each round: D_k up to the server (shared
+trunk + its task's head), D_k to a peer (gossip), G down to every worker, layer by layer.
+
+    init: G_k := G, D_k := D for every worker k
+    each round:
+      worker k:  1. plan := worker_task_scheduler.plan()            # when G_k runs, fake reuse
+                 2. fakes := G_k(z, task_k)                          # streams in as G arrives
+                    D_k := D_k - lr * grad L_D(real_k, fakes)        # edge discriminator update
+                    non-IID optimizer: swap D_k with a peer, mix, continual-learning update
+                    send (trunk_k, head_k) to the server
+      server:    3. D := sample-weighted running average of the updates as they arrive
+                    (trunk over all workers, head t over task t's workers)
+                 4. n := server_task_scheduler.next_steps(feedback)
+                    n times: G := G - lr * grad L_G(D(G(z, t), t))
+                    send G to every worker layer by layer, asynchronously (overlap controller)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLayout
+from entgan.algorithms.base import (
+    Algorithm,
+    RealBatches,
+    WorkerReport,
+    adam,
+    balanced_tasks,
+    discriminator_loss,
+    fake_loss,
+    generator_loss,
+    real_loss,
+    summarise_reports,
+)
+from entgan.control.noniid import NonIIDOptimizer
+from entgan.control.overlap import OverlapController, settle
+from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerPlan, WorkerTaskScheduler
+from entgan.data.sources import ImageDataset
+from entgan.engine.context import SERVER_RANK
+from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
+from entgan.engine.transport import Transfer
+from entgan.models import build_discriminator, build_generator
+from entgan.models.generator import Generator
+
+
+class EntGAN(Algorithm):
+    name = "entgan"
+
+    # ------------------------------------------------------------------ common
+    def _build_models(self) -> None:
+        config = self.config
+        self.G = build_generator(config.model, config.image_shape, len(config.tasks))
+        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks))
+        self.layout = DiscriminatorLayout(self.D)
+        self.overlap = OverlapController(config.control.overlap)
+
+    @property
+    def generator(self) -> Generator:
+        return self.G
+
+    # ------------------------------------------------------------------ server
+    def server_setup(self) -> None:
+        torch.manual_seed(self.config.seed)
+        self._build_models()
+        self.D.requires_grad_(False)  # the server never trains D; it only averages it
+        self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
+        self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks))
+        self.update_buffer = torch.empty(self.layout.update_size + WorkerReport.SIZE)
+        self.feedback: GeneratorFeedback | None = None
+        self.sample_counts = self._receive_sample_counts()
+        # Initialisation: G_k := G, D_k := D.
+        workers = self.context.worker_ranks
+        self.transport.send_to_many(model_tensors(self.G), workers, "generator").wait()
+        self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
+        self.generator_in_flight: Transfer | None = None
+
+    def _receive_sample_counts(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        for rank in self.context.worker_ranks:
+            hello = torch.zeros(2, dtype=torch.int64)
+            self.transport.receive([hello], rank, "hello").wait()
+            task, count = (int(v) for v in hello)
+            if task != self.context.task_of(rank):
+                raise RuntimeError(f"worker {rank} serves task {task}, the server's config says {self.context.task_of(rank)}")
+            counts[rank] = count
+        return counts
+
+    def server_round(self, round_index: int) -> dict[str, float]:
+        reports = self.average_discriminators()
+        steps = self.server_scheduler.next_steps(self.feedback)
+        settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
+        g_loss, realness = self.train_generator(steps)
+        self.feedback = GeneratorFeedback(fake_realness=realness)
+        self.generator_in_flight = self.broadcast_generator()
+        return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness, **summarise_reports(reports)}
+
+    def average_discriminators(self) -> dict[int, WorkerReport]:
+        """Step 3: D := weighted average of the D_k, accumulated in arrival order (one buffer)."""
+        self.averager.reset()
+        reports: dict[int, WorkerReport] = {}
+        waiting = list(self.context.worker_ranks)
+        while waiting:
+            rank = self.transport.receive_from_any(self.update_buffer, "discriminator-update", waiting)
+            waiting.remove(rank)
+            update, report = self.update_buffer.split([self.layout.update_size, WorkerReport.SIZE])
+            self.averager.add(update, self.context.task_of(rank), self.sample_counts[rank])
+            reports[rank] = WorkerReport.from_tensor(report)
+        self.averager.write_into(self.D)
+        return reports
+
+    def train_generator(self, steps: int) -> tuple[float, float]:
+        """Step 4: `steps` G updates against the averaged D, every task in every batch."""
+        batch_size = self.config.optimizer.batch_size
+        losses, realness = [], []
+        for _ in range(steps):
+            tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
+            fakes = self.G(self.G.sample_latent(batch_size), tasks)
+            loss, fooled = generator_loss(self.D, fakes, tasks)
+            self.g_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.g_optimizer.step()
+            losses.append(loss.item())
+            realness.append(fooled)
+        return sum(losses) / len(losses), sum(realness) / len(realness)
+
+    def broadcast_generator(self) -> Transfer | None:
+        """Send G to every worker layer by layer; the overlap controller decides when to wait."""
+        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator")
+        return self.overlap.outgoing(transfer)
+
+    def server_finish(self) -> None:
+        settle(self.generator_in_flight)
+
+    def server_state(self) -> dict[str, Any]:
+        return {
+            "generator": self.G.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "server_scheduler": self.server_scheduler.state_dict(),
+        }
+
+    # ------------------------------------------------------------------ worker
+    def worker_setup(self, shard: ImageDataset) -> None:
+        torch.manual_seed(self.config.seed + self.context.rank)
+        self._build_models()
+        self.peer_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
+        self.real = RealBatches(shard, self.config.optimizer.batch_size, self.context.generator_seed(1))
+        self.latent_stream = self.context.generator_seed(2)
+        self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
+        self.worker_scheduler = WorkerTaskScheduler(self.config.control.worker_scheduler)
+        self.noniid = NonIIDOptimizer(
+            self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
+        )
+        hello = torch.tensor([self.context.task, len(shard)], dtype=torch.int64)
+        self.transport.send([hello], SERVER_RANK, "hello").wait()
+        self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
+        self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
+        self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
+        self.incoming_generator: LayerStream | None = None
+        self.upload_in_flight: Transfer | None = None
+
+    def worker_round(self, round_index: int) -> None:
+        started = time.perf_counter()
+        counters = self.transport.counters
+        bytes_before = (counters.bytes_sent, counters.bytes_received, counters.wait_seconds)
+        plan = self.worker_scheduler.plan(round_index)
+        gossip = self.start_gossip(round_index) if self.overlap.gossip_during_local_steps else None
+
+        d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
+
+        if gossip is None:
+            gossip = self.start_gossip(round_index)
+        if gossip is not None:
+            self.continual_learning_update(gossip, fakes)
+
+        settle(self.upload_in_flight)
+        report = WorkerReport(
+            d_loss=d_loss,
+            real_realness=real_realness,
+            fake_realness=fake_realness,
+            bytes_sent=counters.bytes_sent - bytes_before[0],
+            bytes_received=counters.bytes_received - bytes_before[1],
+            comm_wait_s=counters.wait_seconds - bytes_before[2],
+            compute_s=time.perf_counter() - started,
+        )
+        self.upload_in_flight = self.upload_discriminator(report)
+        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator")
+        self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
+
+    def update_discriminator(self, plan: WorkerPlan) -> tuple[float, float, float, torch.Tensor]:
+        """Steps 1-2: G_k generates fakes for this task; D_k trains on local real vs. those fakes."""
+        task = self.context.task
+        batch_size = self.real.batch_size
+        fake_batches: list[torch.Tensor] = []
+        losses, real_scores, fake_scores = [], [], []
+        for step in range(plan.d_steps):
+            real = self.real.next()
+            self.d_optimizer.zero_grad(set_to_none=True)
+            if step == 0 and self.overlap.real_half_first:
+                # The real-data half needs no G: compute it while G's layers are still arriving.
+                loss_real, real_score = real_loss(self.D, real, task)
+                loss_real.backward()
+                fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
+                loss_fake, fake_score = fake_loss(self.D, fakes, task)
+                loss_fake.backward()
+                loss = loss_real.detach() + loss_fake.detach()
+            else:
+                fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
+                loss, real_score, fake_score = discriminator_loss(self.D, real, fakes, task)
+                loss.backward()
+            self.d_optimizer.step()
+            losses.append(loss.item())
+            real_scores.append(real_score)
+            fake_scores.append(fake_score)
+        steps = len(losses)
+        return sum(losses) / steps, sum(real_scores) / steps, sum(fake_scores) / steps, fake_batches[-1]
+
+    def _fakes_for_step(
+        self, plan: WorkerPlan, step: int, fake_batches: list[torch.Tensor], batch_size: int
+    ) -> torch.Tensor:
+        """The fake batch D step `step` uses, generating as the worker task scheduler planned."""
+        wanted = plan.fake_batch_for_step(step)
+        if wanted >= len(fake_batches):
+            count = plan.fake_batches - len(fake_batches) if plan.generate_upfront else 1
+            fake_batches.extend(self._generate(count * batch_size).split(batch_size))
+        return fake_batches[wanted]
+
+    def _generate(self, n: int) -> torch.Tensor:
+        with torch.no_grad():
+            z = self.G.sample_latent(n, generator=self.latent_stream)
+            fakes = self.G(z, torch.full((n,), self.context.task, dtype=torch.long))
+        if self.incoming_generator is not None:
+            self.incoming_generator.finish()  # all layers were needed for this pass; drop the hooks
+            self.incoming_generator = None
+        return fakes
+
+    def start_gossip(self, round_index: int) -> tuple[Transfer, torch.Tensor] | None:
+        """Non-IID optimizer, exchange: send a snapshot of D_k to a peer, receive the peer's."""
+        partners = self.noniid.partners(round_index)
+        if partners is None:
+            return None
+        send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
+        snapshot = flatten(model_tensors(self.D))
+        incoming = torch.empty_like(snapshot)
+        transfer = self.transport.exchange(snapshot, send_to, incoming, receive_from, "gossip")
+        return transfer, incoming
+
+    def continual_learning_update(self, gossip: tuple[Transfer, torch.Tensor], fakes: torch.Tensor) -> None:
+        """Non-IID optimizer, update: mix in the peer's D, then fit own data while held to the peer."""
+        transfer, incoming = gossip
+        transfer.wait()
+        unflatten_into(incoming, model_tensors(self.peer_D))
+        self.noniid.mix(self.D, self.peer_D)
+        task = self.context.task
+        for _ in range(self.noniid.config.steps):
+            loss, _, _ = discriminator_loss(self.D, self.real.next(), fakes, task)
+            loss = loss + self.noniid.regulariser(self.D, self.peer_D, fakes)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.d_optimizer.step()
+
+    def upload_discriminator(self, report: WorkerReport) -> Transfer | None:
+        """Send (trunk_k, head_k) plus the round report to the server, asynchronously."""
+        payload = torch.cat([flatten(self.layout.update_tensors(self.D, self.context.task)), report.to_tensor()])
+        return self.overlap.outgoing(self.transport.send([payload], SERVER_RANK, "discriminator-update"))
+
+    def worker_finish(self) -> None:
+        settle(self.incoming_generator, self.upload_in_flight)
+        self.incoming_generator = None
+
+    def worker_digest(self) -> dict[str, float]:
+        return {
+            "generator_sum": float(flatten(model_tensors(self.G)).double().sum()),
+            "generator_abs_sum": float(flatten(model_tensors(self.G)).double().abs().sum()),
+        }

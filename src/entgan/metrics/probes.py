@@ -1,0 +1,171 @@
+"""Cost probes used by the engine: resident memory and named wall-clock durations.
+
+Edge workers are memory-bound, so the engine reports how much RAM training adds on top of the
+idle runtime (interpreter + torch + data) and where wall time goes (compute vs waiting on
+communication). These probes are deliberately cheap and dependency-light (psutil only).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+
+import psutil
+
+__all__ = ["PeakRSSMonitor", "Stopwatch", "current_rss_bytes"]
+
+_PROC_STATUS = Path("/proc/self/status")
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process, in bytes."""
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakRSSMonitor:
+    """Samples this process's RSS on a daemon thread and keeps the maximum.
+
+    Sampling (rather than only reading the OS high-water mark) gives a peak for a *window* —
+    from `start()` to `stop()` — and a baseline at start, so `increase_bytes` isolates what the
+    measured work added. Allocations shorter than `interval_s` can be missed; `os_peak_bytes()`
+    (the kernel's lifetime VmHWM) is a cross-check that never misses but cannot be windowed.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._lock = threading.Lock()
+        self._stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._baseline = 0
+        self._peak = 0
+
+    def _sample(self) -> None:
+        rss = int(self._process.memory_info().rss)
+        with self._lock:
+            if rss > self._peak:
+                self._peak = rss
+
+    def _run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self._sample()
+
+    def start(self) -> PeakRSSMonitor:
+        """Record the baseline and begin sampling. Restarting begins a fresh window."""
+        if self._thread is not None:
+            raise RuntimeError("PeakRSSMonitor is already running")
+        self._stop_event.clear()
+        self._baseline = current_rss_bytes()
+        with self._lock:
+            self._peak = self._baseline
+        self._thread = threading.Thread(target=self._run, name="peak-rss-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop sampling, taking one last sample so work ending right before stop() counts."""
+        if self._thread is None:
+            return
+        self._sample()
+        self._stop_event.set()
+        self._thread.join()
+        self._thread = None
+
+    def __enter__(self) -> PeakRSSMonitor:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def baseline_bytes(self) -> int:
+        """RSS when `start()` was called: the idle runtime's footprint."""
+        return self._baseline
+
+    @property
+    def peak_bytes(self) -> int:
+        """Largest RSS sampled since `start()` (live while running)."""
+        with self._lock:
+            return self._peak
+
+    @property
+    def increase_bytes(self) -> int:
+        """Peak minus baseline: the memory the monitored work added."""
+        return max(0, self.peak_bytes - self._baseline)
+
+    @staticmethod
+    def os_peak_bytes() -> int | None:
+        """Kernel's lifetime peak RSS (VmHWM in /proc/self/status), or None where unavailable."""
+        try:
+            text = _PROC_STATUS.read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                value, unit = line.split()[1:3]
+                return int(value) * 1024 if unit.lower() == "kb" else int(value)
+        return None
+
+
+class Stopwatch:
+    """Accumulates wall-clock time under names (e.g. "compute", "comm_wait").
+
+    Thread-safe so that a communication thread and the training loop can share one instance.
+    Uses `time.perf_counter` (monotonic, high resolution).
+    """
+
+    def __init__(self) -> None:
+        self._totals: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def measure(self, name: str) -> Iterator[None]:
+        """Time the body of a `with` block and add it to `name` (also if the body raises)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Add an externally measured duration to `name`."""
+        with self._lock:
+            self._totals[name] = self._totals.get(name, 0.0) + seconds
+            self._counts[name] = self._counts.get(name, 0) + 1
+
+    def total(self, name: str) -> float:
+        """Accumulated seconds for `name` (0.0 if never measured)."""
+        with self._lock:
+            return self._totals.get(name, 0.0)
+
+    def count(self, name: str) -> int:
+        """How many intervals were added to `name`."""
+        with self._lock:
+            return self._counts.get(name, 0)
+
+    def as_dict(self) -> dict[str, float]:
+        """Copy of all totals in seconds, by name."""
+        with self._lock:
+            return dict(self._totals)
+
+    def reset(self) -> None:
+        """Forget all totals and counts."""
+        with self._lock:
+            self._totals.clear()
+            self._counts.clear()
