@@ -108,6 +108,9 @@ class WorkerSchedulerConfig(_Strict):
     """Discriminator steps per round on each worker."""
     fake_reuse: PositiveInt = 2
     """With the scheduler on, one generated fake batch serves this many D steps."""
+    other_task_fakes: Probability = 0.25
+    """With the scheduler on, share of G_k's fakes generated for the other tasks (negatives for
+    this worker's task head)."""
 
 
 class ServerSchedulerConfig(_Strict):
@@ -159,6 +162,14 @@ class OverlapConfig(_Strict):
     enabled: bool = True
 
 
+class AggregationConfig(_Strict):
+    """How the server's averaged D reaches back to the edge."""
+
+    sync_every: Annotated[int, Field(ge=0)] = 1
+    """Every this many rounds the averaged D is sent down with G (layer by layer) and replaces
+    each D_k; between syncs, D_k are kept together only by gossip. 0: never sync."""
+
+
 class ControlConfig(_Strict):
     worker_scheduler: WorkerSchedulerConfig = WorkerSchedulerConfig()
     server_scheduler: ServerSchedulerConfig = ServerSchedulerConfig()
@@ -204,6 +215,7 @@ class RunConfig(_Strict):
     tasks: Annotated[list[TaskConfig], Field(min_length=1)]
     model: ModelConfig = ModelConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
+    aggregation: AggregationConfig = AggregationConfig()
     control: ControlConfig = ControlConfig()
     eval: EvalConfig = EvalConfig()
     engine: EngineConfig = EngineConfig()

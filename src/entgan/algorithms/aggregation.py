@@ -36,10 +36,14 @@ def weighted_average(updates: Sequence[tuple[Sequence[torch.Tensor], float]]) ->
 
 
 class RunningAverage:
-    """Weighted mean of flat vectors accumulated one at a time (memory: one vector)."""
+    """Weighted mean of flat vectors accumulated one at a time (memory: one vector).
+
+    The sum is kept in float64 so that the float32 result does not depend on the order in which
+    updates arrive: the same seed gives the same model whichever worker answers first.
+    """
 
     def __init__(self, size: int) -> None:
-        self._sum = torch.zeros(size, dtype=torch.float32)
+        self._sum = torch.zeros(size, dtype=torch.float64)
         self.total_weight = 0.0
         self.count = 0
 
@@ -48,7 +52,7 @@ class RunningAverage:
             raise ValueError(f"update has {vector.numel()} values, expected {self._sum.numel()}")
         if weight <= 0:
             raise ValueError(f"update weight must be positive, found {weight}")
-        self._sum.add_(vector.reshape(-1).to(torch.float32), alpha=weight)
+        self._sum.add_(vector.reshape(-1).to(torch.float64), alpha=weight)
         self.total_weight += weight
         self.count += 1
 
@@ -60,7 +64,7 @@ class RunningAverage:
     def mean(self) -> torch.Tensor:
         if self.count == 0:
             raise ValueError("no update was added")
-        return self._sum / self.total_weight
+        return (self._sum / self.total_weight).to(torch.float32)
 
 
 class DiscriminatorLayout:

@@ -98,7 +98,7 @@ class EntGAN(Algorithm):
         settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
-        self.generator_in_flight = self.broadcast_generator()
+        self.generator_in_flight = self.broadcast_generator(round_index)
         return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness, **summarise_reports(reports)}
 
     def average_discriminators(self) -> dict[int, WorkerReport]:
@@ -112,6 +112,8 @@ class EntGAN(Algorithm):
             update, report = self.update_buffer.split([self.layout.update_size, WorkerReport.SIZE])
             self.averager.add(update, self.context.task_of(rank), self.sample_counts[rank])
             reports[rank] = WorkerReport.from_tensor(report)
+        settle(self.generator_in_flight)  # the last sync's D (and G) must be out before D changes
+        self.generator_in_flight = None
         self.averager.write_into(self.D)
         return reports
 
@@ -130,10 +132,18 @@ class EntGAN(Algorithm):
             realness.append(fooled)
         return sum(losses) / len(losses), sum(realness) / len(realness)
 
-    def broadcast_generator(self) -> Transfer | None:
-        """Send G to every worker layer by layer; the overlap controller decides when to wait."""
-        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator")
+    def broadcast_generator(self, round_index: int) -> Transfer | None:
+        """Send G to every worker layer by layer (and, on sync rounds, the averaged D after it);
+        the overlap controller decides when to wait."""
+        workers = self.context.worker_ranks
+        transfer = self.transport.send_to_many(model_tensors(self.G), workers, "generator")
+        if self.is_sync_round(round_index):
+            transfer = transfer + self.transport.send_to_many(model_tensors(self.D), workers, "discriminator")
         return self.overlap.outgoing(transfer)
+
+    def is_sync_round(self, round_index: int) -> bool:
+        every = self.config.aggregation.sync_every
+        return every > 0 and (round_index + 1) % every == 0
 
     def server_finish(self) -> None:
         settle(self.generator_in_flight)
@@ -151,6 +161,7 @@ class EntGAN(Algorithm):
         torch.manual_seed(self.config.seed + self.context.rank)
         self._build_models()
         self.peer_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
+        self.peer_D.eval().requires_grad_(False)  # a teacher only: deterministic outputs, no gradients
         self.real = RealBatches(shard, self.config.optimizer.batch_size, self.context.generator_seed(1))
         self.latent_stream = self.context.generator_seed(2)
         self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
@@ -164,12 +175,15 @@ class EntGAN(Algorithm):
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
         self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
+        self.incoming_discriminator: Transfer | None = None
         self.upload_in_flight: Transfer | None = None
 
     def worker_round(self, round_index: int) -> None:
         started = time.perf_counter()
         counters = self.transport.counters
         bytes_before = (counters.bytes_sent, counters.bytes_received, counters.wait_seconds)
+        settle(self.incoming_discriminator)
+        self.incoming_discriminator = None
         plan = self.worker_scheduler.plan(round_index)
         gossip = self.start_gossip(round_index) if self.overlap.gossip_during_local_steps else None
 
@@ -193,6 +207,9 @@ class EntGAN(Algorithm):
         self.upload_in_flight = self.upload_discriminator(report)
         transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator")
         self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
+        if self.is_sync_round(round_index):
+            # D_k := D. Waited for at the start of the next round, before D_k is used again.
+            self.incoming_discriminator = self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator")
 
     def update_discriminator(self, plan: WorkerPlan) -> tuple[float, float, float, torch.Tensor]:
         """Steps 1-2: G_k generates fakes for this task; D_k trains on local real vs. those fakes."""
@@ -235,7 +252,8 @@ class EntGAN(Algorithm):
     def _generate(self, n: int) -> torch.Tensor:
         with torch.no_grad():
             z = self.G.sample_latent(n, generator=self.latent_stream)
-            fakes = self.G(z, torch.full((n,), self.context.task, dtype=torch.long))
+            tasks = self.worker_scheduler.fake_tasks(n, self.context.task, len(self.config.tasks), self.latent_stream)
+            fakes = self.G(z, tasks)
         if self.incoming_generator is not None:
             self.incoming_generator.finish()  # all layers were needed for this pass; drop the hooks
             self.incoming_generator = None
@@ -272,8 +290,8 @@ class EntGAN(Algorithm):
         return self.overlap.outgoing(self.transport.send([payload], SERVER_RANK, "discriminator-update"))
 
     def worker_finish(self) -> None:
-        settle(self.incoming_generator, self.upload_in_flight)
-        self.incoming_generator = None
+        settle(self.incoming_generator, self.incoming_discriminator, self.upload_in_flight)
+        self.incoming_generator = self.incoming_discriminator = None
 
     def worker_digest(self) -> dict[str, float]:
         return {

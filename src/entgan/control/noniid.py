@@ -58,7 +58,10 @@ class NonIIDOptimizer:
                 own.mul_(1 - weight).add_(theirs, alpha=weight)
 
     def regulariser(self, local: Discriminator, peer: Discriminator, fakes: torch.Tensor) -> torch.Tensor:
-        """The continual-learning term added to the local D loss after an exchange."""
+        """The continual-learning term added to the local D loss after an exchange.
+
+        `peer` is the teacher and should be in eval mode (no dropout), so its targets are stable.
+        """
         if self.config.method == "l2sp":
             squared = [
                 (own - theirs.detach()).pow(2).sum()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from entgan.config import ServerSchedulerConfig, WorkerSchedulerConfig
 
 
@@ -37,6 +39,21 @@ class WorkerTaskScheduler:
 
     def __init__(self, config: WorkerSchedulerConfig) -> None:
         self.config = config
+
+    def fake_tasks(self, n: int, own_task: int, num_tasks: int, generator: torch.Generator) -> torch.Tensor:
+        """Which task each of G_k's `n` fakes is generated for.
+
+        Mostly the worker's own task; with the scheduler on, a share `other_task_fakes` goes to
+        the other tasks. D_k's own head scores all of them as fake, so it learns that another
+        task's digits do not belong to its task, which is what keeps G's tasks apart.
+        """
+        tasks = torch.full((n,), own_task, dtype=torch.long)
+        share = self.config.other_task_fakes if self.config.enabled else 0.0
+        others = int(round(n * share)) if num_tasks > 1 else 0
+        if others:
+            offsets = torch.randint(1, num_tasks, (others,), generator=generator)
+            tasks[:others] = (own_task + offsets) % num_tasks
+        return tasks
 
     def plan(self, round_index: int) -> WorkerPlan:
         steps = self.config.d_steps

@@ -82,6 +82,7 @@ def run_rank(
             f"(1 server + workers); the launcher started {world_size} processes"
         )
     torch.set_num_threads(config.engine.threads_per_process)
+    _shorten_timeout(config.engine.round_timeout_s)
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         if dist.get_backend() == "nccl"
@@ -133,7 +134,6 @@ def _spawned_rank(
         timeout=datetime.timedelta(seconds=config.engine.start_timeout_s),
     )
     try:
-        _shorten_timeout(config.engine.round_timeout_s)
         run_rank(
             config, rank, world_size, Path(run_dir), Path(cache_dir) if cache_dir else None, show_progress and rank == 0
         )

@@ -166,6 +166,7 @@ def work(context: RunContext, algorithm: Algorithm) -> None:
         **context.transport.counters.as_dict(),
     }
     path = RunDirectory(context.run_dir).workers / f"rank-{context.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy
     path.write_text(json.dumps(digest, indent=2, sort_keys=True))
 
 

@@ -1,0 +1,66 @@
+"""Entry point for runs launched by torchrun, one process per rank, across machines.
+
+    torchrun --nnodes=3 --nproc-per-node=1 --node-rank=N \\
+             --rdzv-backend=c10d --rdzv-endpoint=SERVER_HOST:29400 \\
+             -m entgan.run configs/demo.yaml --run-dir runs/demo
+
+Rank 0 (the server) checks the config and its evaluation data, creates the run directory and
+prepares the domain classifier; every worker checks and loads only its own data. Then all ranks
+run the same code as the embedded launcher (`entgan.engine.launch.run_rank`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch.distributed as dist
+
+from entgan.config import ConfigError, load_config
+from entgan.data import DataError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from entgan.engine.launch import domain_classifier, preflight, run_rank, select_backend
+    from entgan.rundir import RunDirectory
+
+    parser = argparse.ArgumentParser(prog="python -m entgan.run", description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        print("entgan.run: error: RANK/WORLD_SIZE are not set; start this module with torchrun "
+              "(or use `entgan run CONFIG` on one machine)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(args.config)
+        preflight(config)
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if world_size != config.world_size:
+            raise ConfigError(f"{args.config}: needs {config.world_size} processes (1 server + "
+                              f"{config.num_workers} workers), torchrun started {world_size}")
+        run_dir = Path(args.run_dir)
+        if rank == 0:
+            RunDirectory.create(run_dir, config, overwrite=args.overwrite)
+            domain_classifier(config)
+    except (ConfigError, DataError) as error:
+        print(f"entgan.run: error: {error}", file=sys.stderr)
+        return 2
+
+    dist.init_process_group(
+        backend=select_backend(config), timeout=datetime.timedelta(seconds=config.engine.start_timeout_s)
+    )
+    try:
+        run_rank(config, rank, world_size, run_dir, None, show_progress=rank == 0)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

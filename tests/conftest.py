@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny configs that run the real multi-process engine in seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from entgan.config import RunConfig, parse_config
+
+torch.set_num_threads(1)
+
+
+def tiny_config_data(**overrides: Any) -> dict[str, Any]:
+    """Two tasks, three workers, small MLPs, a handful of rounds: a real run in a few seconds."""
+    data: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 3,
+        "rounds": 4,
+        "data": {"source": "mnist-subset", "max_per_class": 40},
+        "tasks": [
+            {"name": "low", "labels": [0, 1], "workers": 2},
+            {"name": "high", "labels": [7, 8], "workers": 1},
+        ],
+        "model": {"family": "mlp", "latent_dim": 8, "hidden_dim": 16, "task_embedding_dim": 4},
+        "optimizer": {"batch_size": 16},
+        "eval": {"every": 2, "samples_per_task": 40, "classifier_epochs": 1, "grid_size": 16},
+        "engine": {"start_timeout_s": 60, "round_timeout_s": 60},
+        "checkpoint": {"every": 2},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def tiny_config(**overrides: Any) -> RunConfig:
+    return parse_config(tiny_config_data(**overrides), origin="test")
+
+
+@pytest.fixture
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One classifier cache per test session (the classifier for the tiny data trains in ~1 s)."""
+    return tmp_path_factory.getbasetemp() / "classifier-cache"

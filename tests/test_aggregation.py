@@ -1,0 +1,100 @@
+"""The server's averaging: running sums equal the textbook weighted mean; trunk vs. heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from entgan.algorithms.aggregation import (
+    DiscriminatorAverager,
+    DiscriminatorLayout,
+    RunningAverage,
+    weighted_average,
+)
+from entgan.config import ModelConfig
+from entgan.engine.parameters import flatten
+from entgan.models import build_discriminator
+
+
+def test_weighted_average_weights_by_sample_count() -> None:
+    updates = [([torch.tensor([0.0, 2.0])], 1.0), ([torch.tensor([4.0, 6.0])], 3.0)]
+
+    (mean,) = weighted_average(updates)
+
+    assert torch.allclose(mean, torch.tensor([3.0, 5.0]))
+
+
+def test_running_average_equals_weighted_average_in_any_order() -> None:
+    generator = torch.Generator().manual_seed(0)
+    vectors = [torch.randn(50, generator=generator) for _ in range(5)]
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0]
+    expected = weighted_average([([v], w) for v, w in zip(vectors, weights)])[0]
+
+    running = RunningAverage(50)
+    for index in [4, 0, 3, 1, 2]:  # arrival order must not matter
+        running.add(vectors[index], weights[index])
+
+    assert torch.allclose(running.mean(), expected, atol=1e-6)
+
+
+def test_running_average_rejects_wrong_size_and_nonpositive_weight() -> None:
+    running = RunningAverage(3)
+    with pytest.raises(ValueError, match="3"):
+        running.add(torch.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        running.add(torch.zeros(3), 0.0)
+
+
+def _discriminators(count: int, num_tasks: int = 2) -> list:
+    models = []
+    for seed in range(count):
+        torch.manual_seed(seed)
+        models.append(build_discriminator(ModelConfig(hidden_dim=8), (1, 28, 28), num_tasks))
+    return models
+
+
+def test_trunk_averaged_over_all_workers_heads_over_their_task_only() -> None:
+    workers = _discriminators(3)
+    tasks, samples = [0, 0, 1], [10.0, 30.0, 20.0]
+    layout = DiscriminatorLayout(workers[0])
+    averager = DiscriminatorAverager(layout, num_tasks=2)
+    for model, task, count in zip(workers, tasks, samples):
+        averager.add(flatten(layout.update_tensors(model, task)), task, count)
+    server = _discriminators(1)[0]
+
+    averager.write_into(server)
+
+    state = server.state_dict()
+    for name in layout.trunk_names:
+        expected = sum(m.state_dict()[name] * w for m, w in zip(workers, samples)) / sum(samples)
+        assert torch.allclose(state[name], expected, atol=1e-6), name
+    for name in layout.head_names[0]:
+        expected = (workers[0].state_dict()[name] * 10 + workers[1].state_dict()[name] * 30) / 40
+        assert torch.allclose(state[name], expected, atol=1e-6), name
+    for name in layout.head_names[1]:
+        assert torch.allclose(state[name], workers[2].state_dict()[name]), name
+
+
+def test_head_without_updates_is_left_unchanged() -> None:
+    worker, server = _discriminators(2, num_tasks=3)
+    before = {k: v.clone() for k, v in server.state_dict().items()}
+    layout = DiscriminatorLayout(worker)
+    averager = DiscriminatorAverager(layout, num_tasks=3)
+    averager.add(flatten(layout.update_tensors(worker, 1)), 1, 5.0)
+
+    averager.write_into(server)
+
+    assert averager.tasks_with_updates() == [1]
+    for name in layout.head_names[0] + layout.head_names[2]:
+        assert torch.equal(server.state_dict()[name], before[name])
+    assert not torch.equal(server.state_dict()[layout.head_names[1][0]], before[layout.head_names[1][0]])
+
+
+def test_update_is_trunk_plus_one_head() -> None:
+    (model,) = _discriminators(1)
+    layout = DiscriminatorLayout(model)
+
+    update = flatten(layout.update_tensors(model, 1))
+
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert update.numel() == layout.update_size == total - layout.head_size

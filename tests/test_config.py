@@ -1,0 +1,60 @@
+"""Configuration errors name the field and what was wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from entgan.config import ConfigError, load_config, parse_config
+
+from conftest import tiny_config_data
+
+
+def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
+    config = parse_config(tiny_config_data())
+    path = tmp_path / "resolved.yaml"
+    path.write_text(config.to_yaml())
+
+    assert load_config(path) == config
+    assert config.world_size == 4
+    assert config.worker_tasks() == [0, 0, 1]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"bogus": 1}, "bogus: unknown field"),
+        ({"rounds": "many"}, "rounds"),
+        ({"rounds": 0}, "rounds"),
+        ({"model": {"family": "transformer"}}, "model.family"),
+        ({"tasks": []}, "tasks"),
+        ({"tasks": [{"name": "a", "labels": [0], "workers": 0}]}, "tasks.0.workers"),
+        ({"tasks": [{"name": "a", "labels": [0]}, {"name": "a", "labels": [1]}]}, "duplicated: ['a']"),
+        ({"tasks": [{"name": "a", "labels": [1, 1]}]}, "tasks.0.labels"),
+        ({"data": {"source": "idx"}}, "data.path is required"),
+        ({"data": {"image_size": 30}}, "data.image_size"),
+        ({"control": {"server_scheduler": {"min_g_steps": 5, "g_steps": 2}}}, "min_g_steps"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_field_named(change: dict, expected: str) -> None:
+    data = {**tiny_config_data(), **change}
+
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, origin="bad.yaml")
+
+    assert "bad.yaml" in str(error.value)
+    assert expected in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tasks: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(scalar)

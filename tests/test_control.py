@@ -1,0 +1,130 @@
+"""Control modules' decisions: worker and server task schedulers, non-IID peer selection and update."""
+
+from __future__ import annotations
+
+import torch
+
+from entgan.config import ModelConfig, NonIIDConfig, ServerSchedulerConfig, WorkerSchedulerConfig
+from entgan.control.noniid import NonIIDOptimizer
+from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerTaskScheduler
+from entgan.models import build_discriminator
+
+
+def test_worker_scheduler_on_generates_once_and_reuses_fakes() -> None:
+    plan = WorkerTaskScheduler(WorkerSchedulerConfig(d_steps=5, fake_reuse=2)).plan(0)
+
+    assert plan.generate_upfront
+    assert plan.fake_batches == 3
+    assert [plan.fake_batch_for_step(s) for s in range(5)] == [0, 0, 1, 1, 2]
+
+
+def test_worker_scheduler_off_uses_a_fresh_batch_per_step() -> None:
+    plan = WorkerTaskScheduler(WorkerSchedulerConfig(enabled=False, d_steps=3, fake_reuse=2)).plan(0)
+
+    assert not plan.generate_upfront
+    assert [plan.fake_batch_for_step(s) for s in range(3)] == [0, 1, 2]
+
+
+def test_server_scheduler_adds_steps_when_g_is_behind_and_removes_when_ahead() -> None:
+    scheduler = ServerTaskScheduler(
+        ServerSchedulerConfig(g_steps=2, min_g_steps=1, max_g_steps=3, behind_below=0.3, ahead_above=0.5)
+    )
+
+    assert scheduler.next_steps(None) == 2
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.1)) == 3
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.1)) == 3  # capped at max
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.4)) == 3  # in the band: unchanged
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.9)) == 2
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.9)) == 1
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.9)) == 1  # floored at min
+
+
+def test_server_scheduler_off_keeps_fixed_steps() -> None:
+    scheduler = ServerTaskScheduler(ServerSchedulerConfig(enabled=False, g_steps=2))
+
+    assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.0)) == 2
+
+
+def test_ring_partners_form_a_consistent_ring() -> None:
+    count = 5
+    optimizers = [NonIIDOptimizer(NonIIDConfig(topology="ring"), w, count, seed=0) for w in range(count)]
+
+    partners = [opt.partners(0) for opt in optimizers]
+
+    for worker, (send_to, receive_from) in enumerate(partners):
+        assert partners[send_to][1] == worker  # whom I send to receives from me
+        assert partners[receive_from][0] == worker
+
+
+def test_random_pairs_are_symmetric_agreed_and_vary_by_round() -> None:
+    count = 5
+    optimizers = [NonIIDOptimizer(NonIIDConfig(topology="random-pairs"), w, count, seed=1) for w in range(count)]
+    pairings = []
+    for round_index in range(6):
+        partners = [opt.partners(round_index) for opt in optimizers]
+        sitting_out = [w for w, p in enumerate(partners) if p is None]
+        assert len(sitting_out) == 1  # odd count: exactly one worker rests
+        for worker, pair in enumerate(partners):
+            if pair is not None:
+                assert pair[0] == pair[1] != worker
+                assert partners[pair[0]] == (worker, worker)
+        pairings.append(tuple(partners))
+    assert len(set(pairings)) > 1
+
+
+def test_gossip_respects_every_and_single_worker() -> None:
+    assert NonIIDOptimizer(NonIIDConfig(every=3), 0, 4, seed=0).partners(1) is None
+    assert NonIIDOptimizer(NonIIDConfig(every=3), 0, 4, seed=0).partners(3) is not None
+    assert NonIIDOptimizer(NonIIDConfig(), 0, 1, seed=0).partners(0) is None
+    assert NonIIDOptimizer(NonIIDConfig(enabled=False), 0, 4, seed=0).partners(0) is None
+
+
+def _pair() -> tuple:
+    torch.manual_seed(0)
+    local = build_discriminator(ModelConfig(hidden_dim=8), (1, 28, 28), 2)
+    torch.manual_seed(1)
+    peer = build_discriminator(ModelConfig(hidden_dim=8), (1, 28, 28), 2)
+    return local, peer
+
+
+def test_mixing_moves_parameters_towards_the_peer() -> None:
+    local, peer = _pair()
+    expected = [(a + b) / 2 for a, b in zip(local.parameters(), peer.parameters())]
+
+    NonIIDOptimizer(NonIIDConfig(mixing=0.5), 0, 2, seed=0).mix(local, peer)
+
+    for mixed, want in zip(local.parameters(), expected):
+        assert torch.allclose(mixed, want)
+
+
+def test_regulariser_is_zero_for_identical_models_and_positive_otherwise() -> None:
+    local, peer = _pair()
+    with torch.no_grad():  # make the peer's outputs confident, far from the fresh local model's
+        for parameter in peer.parameters():
+            parameter.mul_(30)
+    local.eval(), peer.eval()  # no dropout: compare deterministic outputs
+    fakes = torch.rand(8, 1, 28, 28) * 2 - 1
+    for method in ("distill", "l2sp"):
+        optimizer = NonIIDOptimizer(NonIIDConfig(method=method), 0, 2, seed=0)
+        different = optimizer.regulariser(local, peer, fakes)
+        same = optimizer.regulariser(peer, peer, fakes)
+        if method == "l2sp":
+            assert same.item() == 0.0
+        else:  # distillation to itself: BCE against its own probabilities = their entropy, the minimum
+            assert different.item() > same.item()
+        assert different.item() > 0
+        different.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in local.parameters())
+
+
+def test_worker_scheduler_sends_a_share_of_fakes_to_other_tasks() -> None:
+    scheduler = WorkerTaskScheduler(WorkerSchedulerConfig(other_task_fakes=0.25))
+    generator = torch.Generator().manual_seed(0)
+
+    tasks = scheduler.fake_tasks(64, own_task=1, num_tasks=3, generator=generator)
+
+    assert (tasks == 1).sum() == 48
+    assert set(tasks[tasks != 1].tolist()) <= {0, 2}
+    assert scheduler.fake_tasks(64, own_task=0, num_tasks=1, generator=generator).eq(0).all()
+    off = WorkerTaskScheduler(WorkerSchedulerConfig(enabled=False, other_task_fakes=0.25))
+    assert off.fake_tasks(64, own_task=1, num_tasks=3, generator=generator).eq(1).all()
