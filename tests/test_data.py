@@ -313,6 +313,18 @@ def test_image_folder_unreadable_image_names_the_file(tmp_path: Path) -> None:
         load_source(DataConfig(source="image-folder", path=tmp_path))
 
 
+def test_image_of_another_size_is_an_error_when_resizing_is_off(tmp_path: Path) -> None:
+    _write_png_folder(tmp_path)
+
+    with pytest.raises(DataError, match=r"0\.png: image is 10x12, the model expects 28x28 \(data.image_size\)"):
+        load_source(DataConfig(source="image-folder", path=tmp_path, resize=False))
+
+
+def test_shipped_subset_of_another_size_is_an_error_when_resizing_is_off() -> None:
+    with pytest.raises(DataError, match="images are 28x28, the model expects 32x32"):
+        load_source(DataConfig(source="mnist-subset", image_size=32, resize=False))
+
+
 def test_image_folder_class_without_images_names_the_folder(tmp_path: Path) -> None:
     _write_png_folder(tmp_path)
     (tmp_path / "empty").mkdir()

@@ -41,6 +41,9 @@ class DataConfig(_Strict):
     """Which IDX split to read (`idx` source only)."""
     image_size: Literal[28, 32, 64] = 28
     channels: Literal[1, 3] = 1
+    resize: bool = True
+    """Bring images of another size to `image_size`; off, an image of another size is an error
+    naming the file (for data that must be used exactly as stored)."""
     max_per_class: PositiveInt | None = None
     """Cap on images per class, to keep small experiments small."""
 

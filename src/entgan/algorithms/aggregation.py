@@ -42,8 +42,8 @@ class RunningAverage:
     updates arrive: the same seed gives the same model whichever worker answers first.
     """
 
-    def __init__(self, size: int) -> None:
-        self._sum = torch.zeros(size, dtype=torch.float64)
+    def __init__(self, size: int, device: torch.device | None = None) -> None:
+        self._sum = torch.zeros(size, dtype=torch.float64, device=device)
         self.total_weight = 0.0
         self.count = 0
 
@@ -98,10 +98,10 @@ class DiscriminatorLayout:
 class DiscriminatorAverager:
     """Running multi-task average: trunk over all updates, head t over task-t updates only."""
 
-    def __init__(self, layout: DiscriminatorLayout, num_tasks: int) -> None:
+    def __init__(self, layout: DiscriminatorLayout, num_tasks: int, device: torch.device | None = None) -> None:
         self.layout = layout
-        self._trunk = RunningAverage(layout.trunk_size)
-        self._heads = [RunningAverage(layout.head_size) for _ in range(num_tasks)]
+        self._trunk = RunningAverage(layout.trunk_size, device)
+        self._heads = [RunningAverage(layout.head_size, device) for _ in range(num_tasks)]
 
     def add(self, update: torch.Tensor, task: int, num_samples: float) -> None:
         trunk, head = update.split([self.layout.trunk_size, self.layout.head_size])

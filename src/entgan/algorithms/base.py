@@ -158,10 +158,12 @@ def balanced_tasks(batch_size: int, num_tasks: int, device: torch.device) -> tor
 class RealBatches:
     """Shuffled mini-batches of a worker's local data, reshuffled each epoch, from a seeded stream."""
 
-    def __init__(self, shard: ImageDataset, batch_size: int, generator: torch.Generator) -> None:
+    def __init__(
+        self, shard: ImageDataset, batch_size: int, generator: torch.Generator, device: torch.device | None = None
+    ) -> None:
         if len(shard) == 0:
             raise ValueError("a worker's data shard is empty")
-        self.images = shard.images
+        self.images = shard.images.to(device) if device is not None else shard.images
         self.batch_size = min(batch_size, len(shard))
         self._generator = generator
         self._order = torch.randperm(len(shard), generator=generator)
@@ -174,6 +176,6 @@ class RealBatches:
         if self._position + self.batch_size > len(self._order):
             self._order = torch.randperm(len(self._order), generator=self._generator)
             self._position = 0
-        indices = self._order[self._position : self._position + self.batch_size]
+        indices = self._order[self._position : self._position + self.batch_size].to(self.images.device)
         self._position += self.batch_size
         return self.images[indices]

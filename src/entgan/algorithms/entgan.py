@@ -2,7 +2,8 @@
 
 Who holds what: the server holds the global generator G and discriminator D; worker k holds G_k
 (a copy of G) and its own D_k for its task. What moves each round: D_k up to the server (shared
-trunk + its task's head), D_k to a peer (gossip), G down to every worker, layer by layer.
+trunk + its task's head), D_k to a peer (gossip), G down to every worker, layer by layer, and on
+sync rounds the averaged D down as well.
 
     init: G_k := G, D_k := D for every worker k
     each round:
@@ -12,7 +13,8 @@ trunk + its task's head), D_k to a peer (gossip), G down to every worker, layer 
                     non-IID optimizer: swap D_k with a peer, mix, continual-learning update
                     send (trunk_k, head_k) to the server
       server:    3. D := sample-weighted running average of the updates as they arrive
-                    (trunk over all workers, head t over task t's workers)
+                    (trunk over all workers, head t over task t's workers);
+                    every `aggregation.sync_every` rounds, send D down at once (D_k := D)
                  4. n := server_task_scheduler.next_steps(feedback)
                     n times: G := G - lr * grad L_G(D(G(z, t), t))
                     send G to every worker layer by layer, asynchronously (overlap controller)
@@ -55,8 +57,9 @@ class EntGAN(Algorithm):
     # ------------------------------------------------------------------ common
     def _build_models(self) -> None:
         config = self.config
-        self.G = build_generator(config.model, config.image_shape, len(config.tasks))
-        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks))
+        device = self.context.device
+        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
         self.layout = DiscriminatorLayout(self.D)
         self.overlap = OverlapController(config.control.overlap)
 
@@ -71,8 +74,8 @@ class EntGAN(Algorithm):
         self.D.requires_grad_(False)  # the server never trains D; it only averages it
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
-        self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks))
-        self.update_buffer = torch.empty(self.layout.update_size + WorkerReport.SIZE)
+        self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
+        self.update_buffer = torch.empty(self.layout.update_size + WorkerReport.SIZE, device=self.context.device)
         self.feedback: GeneratorFeedback | None = None
         self.sample_counts = self._receive_sample_counts()
         # Initialisation: G_k := G, D_k := D.
@@ -80,11 +83,12 @@ class EntGAN(Algorithm):
         self.transport.send_to_many(model_tensors(self.G), workers, "generator").wait()
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
         self.generator_in_flight: Transfer | None = None
+        self.discriminator_in_flight: Transfer | None = None
 
     def _receive_sample_counts(self) -> dict[int, int]:
         counts: dict[int, int] = {}
         for rank in self.context.worker_ranks:
-            hello = torch.zeros(2, dtype=torch.int64)
+            hello = torch.zeros(2, dtype=torch.int64, device=self.context.device)
             self.transport.receive([hello], rank, "hello").wait()
             task, count = (int(v) for v in hello)
             if task != self.context.task_of(rank):
@@ -94,11 +98,12 @@ class EntGAN(Algorithm):
 
     def server_round(self, round_index: int) -> dict[str, float]:
         reports = self.average_discriminators()
+        self.discriminator_in_flight = self.send_discriminator(round_index)
         steps = self.server_scheduler.next_steps(self.feedback)
         settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
-        self.generator_in_flight = self.broadcast_generator(round_index)
+        self.generator_in_flight = self.broadcast_generator()
         return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness, **summarise_reports(reports)}
 
     def average_discriminators(self) -> dict[int, WorkerReport]:
@@ -112,8 +117,8 @@ class EntGAN(Algorithm):
             update, report = self.update_buffer.split([self.layout.update_size, WorkerReport.SIZE])
             self.averager.add(update, self.context.task_of(rank), self.sample_counts[rank])
             reports[rank] = WorkerReport.from_tensor(report)
-        settle(self.generator_in_flight)  # the last sync's D (and G) must be out before D changes
-        self.generator_in_flight = None
+        settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
+        self.discriminator_in_flight = None
         self.averager.write_into(self.D)
         return reports
 
@@ -132,13 +137,17 @@ class EntGAN(Algorithm):
             realness.append(fooled)
         return sum(losses) / len(losses), sum(realness) / len(realness)
 
-    def broadcast_generator(self, round_index: int) -> Transfer | None:
-        """Send G to every worker layer by layer (and, on sync rounds, the averaged D after it);
-        the overlap controller decides when to wait."""
-        workers = self.context.worker_ranks
-        transfer = self.transport.send_to_many(model_tensors(self.G), workers, "generator")
-        if self.is_sync_round(round_index):
-            transfer = transfer + self.transport.send_to_many(model_tensors(self.D), workers, "discriminator")
+    def send_discriminator(self, round_index: int) -> Transfer | None:
+        """On sync rounds, D_k := D: the averaged D goes down before G trains, so workers can start
+        the real-data half of their next D step while the server is still busy with G."""
+        if not self.is_sync_round(round_index):
+            return None
+        transfer = self.transport.send_to_many(model_tensors(self.D), self.context.worker_ranks, "discriminator")
+        return self.overlap.outgoing(transfer)
+
+    def broadcast_generator(self) -> Transfer | None:
+        """Send G to every worker layer by layer; the overlap controller decides when to wait."""
+        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator")
         return self.overlap.outgoing(transfer)
 
     def is_sync_round(self, round_index: int) -> bool:
@@ -146,7 +155,7 @@ class EntGAN(Algorithm):
         return every > 0 and (round_index + 1) % every == 0
 
     def server_finish(self) -> None:
-        settle(self.generator_in_flight)
+        settle(self.discriminator_in_flight, self.generator_in_flight)
 
     def server_state(self) -> dict[str, Any]:
         return {
@@ -161,15 +170,18 @@ class EntGAN(Algorithm):
         torch.manual_seed(self.config.seed + self.context.rank)
         self._build_models()
         self.peer_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
+        self.peer_D.to(self.context.device)
         self.peer_D.eval().requires_grad_(False)  # a teacher only: deterministic outputs, no gradients
-        self.real = RealBatches(shard, self.config.optimizer.batch_size, self.context.generator_seed(1))
+        self.real = RealBatches(
+            shard, self.config.optimizer.batch_size, self.context.generator_seed(1), self.context.device
+        )
         self.latent_stream = self.context.generator_seed(2)
         self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
         self.worker_scheduler = WorkerTaskScheduler(self.config.control.worker_scheduler)
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
         )
-        hello = torch.tensor([self.context.task, len(shard)], dtype=torch.int64)
+        hello = torch.tensor([self.context.task, len(shard)], dtype=torch.int64, device=self.context.device)
         self.transport.send([hello], SERVER_RANK, "hello").wait()
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
@@ -205,11 +217,11 @@ class EntGAN(Algorithm):
             compute_s=time.perf_counter() - started,
         )
         self.upload_in_flight = self.upload_discriminator(report)
-        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator")
-        self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator")
+        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator")
+        self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
 
     def update_discriminator(self, plan: WorkerPlan) -> tuple[float, float, float, torch.Tensor]:
         """Steps 1-2: G_k generates fakes for this task; D_k trains on local real vs. those fakes."""
@@ -253,7 +265,7 @@ class EntGAN(Algorithm):
         with torch.no_grad():
             z = self.G.sample_latent(n, generator=self.latent_stream)
             tasks = self.worker_scheduler.fake_tasks(n, self.context.task, len(self.config.tasks), self.latent_stream)
-            fakes = self.G(z, tasks)
+            fakes = self.G(z, tasks.to(self.context.device))
         if self.incoming_generator is not None:
             self.incoming_generator.finish()  # all layers were needed for this pass; drop the hooks
             self.incoming_generator = None
@@ -286,7 +298,8 @@ class EntGAN(Algorithm):
 
     def upload_discriminator(self, report: WorkerReport) -> Transfer | None:
         """Send (trunk_k, head_k) plus the round report to the server, asynchronously."""
-        payload = torch.cat([flatten(self.layout.update_tensors(self.D, self.context.task)), report.to_tensor()])
+        report_values = report.to_tensor().to(self.context.device)
+        payload = torch.cat([flatten(self.layout.update_tensors(self.D, self.context.task)), report_values])
         return self.overlap.outgoing(self.transport.send([payload], SERVER_RANK, "discriminator-update"))
 
     def worker_finish(self) -> None:

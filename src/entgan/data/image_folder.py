@@ -41,7 +41,7 @@ def image_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
+def read_image(path: Path, channels: int, size: int, allow_resize: bool = True) -> torch.Tensor:
     """One image as a (channels, size, size) float32 tensor in [0, 1]."""
     try:
         with Image.open(path) as image:
@@ -49,13 +49,18 @@ def read_image(path: Path, channels: int, size: int) -> torch.Tensor:
             array = np.asarray(converted, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable image: {error}") from None
+    if not allow_resize and array.shape[:2] != (size, size):
+        raise DataError(
+            f"{path}: image is {array.shape[1]}x{array.shape[0]}, the model expects {size}x{size} "
+            f"(data.image_size); set data.resize: true to resize"
+        )
     tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return resize(tensor.unsqueeze(0), size)[0]
 
 
 def read_image_folder(
-    root: Path, channels: int, size: int, max_per_class: int | None
+    root: Path, channels: int, size: int, max_per_class: int | None, allow_resize: bool = True
 ) -> tuple[torch.Tensor, np.ndarray]:
     """All images under `root` as (N, channels, size, size) in [0, 1], with int64 labels.
 
@@ -65,6 +70,6 @@ def read_image_folder(
     labels: list[int] = []
     for label, folder in enumerate(class_folders(root)):
         files = image_files(folder)[:max_per_class]
-        images.extend(read_image(path, channels, size) for path in files)
+        images.extend(read_image(path, channels, size, allow_resize) for path in files)
         labels.extend([label] * len(files))
     return torch.stack(images), np.asarray(labels, dtype=np.int64)

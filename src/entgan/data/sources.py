@@ -158,13 +158,18 @@ def load_source(cfg: DataConfig) -> ImageDataset:
         name = f"idx:{root.name}:{cfg.split}"
     elif cfg.source == "image-folder":
         root = _require_dir(cfg)
-        images, labels = read_image_folder(root, cfg.channels, cfg.image_size, cfg.max_per_class)
+        images, labels = read_image_folder(root, cfg.channels, cfg.image_size, cfg.max_per_class, cfg.resize)
         name = f"image-folder:{root.name}"
     else:  # unreachable through a validated DataConfig, kept for constructed ones
         raise DataError(f"data.source: unknown source '{cfg.source}'")
 
     if len(labels) == 0:
         raise DataError(f"data.source '{cfg.source}': loaded no images")
+    if not cfg.resize and tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
+        raise DataError(
+            f"{cfg.path or cfg.source}: images are {images.shape[-1]}x{images.shape[-2]}, the model expects "
+            f"{cfg.image_size}x{cfg.image_size} (data.image_size); set data.resize: true to resize"
+        )
     keep = first_per_class(labels, cfg.max_per_class)
     if len(keep) != len(labels):
         images, labels = images[torch.from_numpy(keep)], labels[keep]

@@ -78,10 +78,6 @@ class Transfer:
     def __len__(self) -> int:
         return len(self._works)
 
-    def __add__(self, other: Transfer) -> Transfer:
-        """One transfer made of both (e.g. G then D, to be waited together)."""
-        return Transfer(self._works + other._works, self._counters)
-
     def wait_tensor(self, index: int) -> None:
         work = self._works[index]
         if work is None:
