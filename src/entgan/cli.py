@@ -21,9 +21,15 @@ EXIT_USAGE = 2
 def _command_run(args: argparse.Namespace) -> int:
     from entgan.engine.launch import launch_local
 
+    from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
+
     config = load_config(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
-    summary = launch_local(config, run_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+    try:
+        summary = launch_local(config, run_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+    except (ProcessRaisedException, ProcessExitedException) as error:
+        print(f"entgan: error: the run failed; the other processes were stopped.\n{error}", file=sys.stderr)
+        return 1
     final = summary["final_eval"]
     print(f"run directory: {run_dir}")
     print(f"training wall-clock: {summary['train_clock_s']:.1f} s over {summary['rounds']} rounds")

@@ -120,13 +120,13 @@ class ServerSchedulerConfig(_Strict):
     """Server task scheduler: how many G iterations run against the averaged D each round."""
 
     enabled: bool = True
-    g_steps: PositiveInt = 2
+    g_steps: PositiveInt = 3
     """G steps per round when the scheduler is off; the starting point when it is on."""
-    min_g_steps: PositiveInt = 1
-    max_g_steps: PositiveInt = 6
+    min_g_steps: PositiveInt = 2
+    max_g_steps: PositiveInt = 8
     behind_below: Probability = 0.3
     """If D's mean probability that G's samples are real falls below this, G is behind: one more G step."""
-    ahead_above: Probability = 0.5
+    ahead_above: Probability = 0.6
     """If that probability rises above this, G is ahead of D: one G step fewer."""
 
     @model_validator(mode="after")

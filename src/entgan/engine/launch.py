@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from entgan.algorithms import algorithm_class
 from entgan.config import ConfigError, RunConfig
-from entgan.data import DataError, build_tasks, load_source, worker_shards
+from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import RunContext
 from entgan.engine.roles import serve, work
 from entgan.engine.transport import Transport
@@ -170,5 +170,3 @@ def launch_local(
         )
     return json.loads((run.root / SUMMARY_FILE).read_text())
 
-
-__all__ = ["ConfigError", "DataError", "launch_local", "preflight", "run_rank", "domain_classifier"]
