@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,34 @@ def test_run_then_sample(tmp_path: Path, cache_dir: Path) -> None:
 
     not_a_run = entgan("sample", str(tmp_path), "--task", "high")
     assert not_a_run.returncode == 2 and "not an EntGAN run directory" in not_a_run.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_launch_runs_the_same_engine(tmp_path: Path, cache_dir: Path) -> None:
+    """The multi-machine entry point, on one machine: torchrun picks the port, 4 ranks join."""
+    config = write_config(tmp_path / "c.yaml", rounds=2)
+    run_dir = tmp_path / "run"
+    environment = {**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir), "GLOO_SOCKET_IFNAME": "lo"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node=4", "-m", "entgan.run", str(config),
+         "--run-dir", str(run_dir)],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for rank in (1, 2, 3):
+        digest = json.loads((run_dir / "workers" / f"rank-{rank}.json").read_text())
+        assert digest["generator_sum"] == summary["generator_sum"]
+
+
+def test_torchrun_entry_refuses_to_run_outside_torchrun(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    result = subprocess.run(
+        [sys.executable, "-m", "entgan.run", str(write_config(tmp_path / "c.yaml")), "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )
+
+    assert result.returncode == 2 and "torchrun" in result.stderr
