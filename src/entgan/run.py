@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     dist.init_process_group(
-        backend=select_backend(config), timeout=datetime.timedelta(seconds=config.engine.start_timeout_s)
+        backend=select_backend(config, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
+        timeout=datetime.timedelta(seconds=config.engine.start_timeout_s)
     )
     try:
         run_rank(config, rank, world_size, run_dir, None, show_progress=rank == 0)

@@ -62,17 +62,27 @@ class RunDirectory:
         never an arbitrary folder a typo pointed at.
         """
         root = Path(root)
-        if root.exists() and any(root.iterdir()):
-            if not overwrite:
-                raise ConfigError(f"{root}: run directory already exists (pass --overwrite to replace it)")
-            if not (root / CONFIG_FILE).is_file():
-                raise ConfigError(f"{root}: exists and is not an EntGAN run directory; refusing to overwrite it")
+        if cls.check_available(root, overwrite):
             shutil.rmtree(root)
         run = cls(root)
         for folder in (root, run.checkpoints, run.samples, run.plots, run.workers):
             folder.mkdir(parents=True, exist_ok=True)
         atomic_write(root / CONFIG_FILE, lambda handle: handle.write(config.to_yaml().encode()))
         return run
+
+    @staticmethod
+    def check_available(root: Path, overwrite: bool) -> bool:
+        """Raise ConfigError unless `root` may be used; return True if an old run must be removed."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ConfigError(f"{root}: run directory path is a file")
+        if not root.exists() or not any(root.iterdir()):
+            return False
+        if not overwrite:
+            raise ConfigError(f"{root}: run directory already exists (pass --overwrite to replace it)")
+        if not (root / CONFIG_FILE).is_file():
+            raise ConfigError(f"{root}: exists and is not an EntGAN run directory; refusing to overwrite it")
+        return True
 
     # --- paths ---
     @property
@@ -108,7 +118,16 @@ class RunDirectory:
     def metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        rows = []
+        lines = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if number == len(lines) - 1:  # a crash mid-append leaves at most the last line torn
+                    break
+                raise
+        return rows
 
     def latest_checkpoint(self) -> Path:
         path = self.checkpoints / "latest.pt"

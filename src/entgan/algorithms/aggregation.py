@@ -38,8 +38,9 @@ def weighted_average(updates: Sequence[tuple[Sequence[torch.Tensor], float]]) ->
 class RunningAverage:
     """Weighted mean of flat vectors accumulated one at a time (memory: one vector).
 
-    The sum is kept in float64 so that the float32 result does not depend on the order in which
-    updates arrive: the same seed gives the same model whichever worker answers first.
+    The sum is kept in float64 so that the float32 result practically never depends on the order
+    in which updates arrive (float64 rounding could still differ in the last float32 bit in rare
+    cases), so the same seed gives the same model whichever worker answers first.
     """
 
     def __init__(self, size: int, device: torch.device | None = None) -> None:

@@ -197,12 +197,12 @@ class EntGAN(Algorithm):
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
         plan = self.worker_scheduler.plan(round_index)
-        gossip = self.start_gossip(round_index) if self.overlap.gossip_during_local_steps else None
 
         d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
 
-        if gossip is None:
-            gossip = self.start_gossip(round_index)
+        # Gossip after the local steps: a snapshot taken before them would, right after a sync,
+        # be the averaged D the peer already holds.
+        gossip = self.start_gossip(round_index)
         if gossip is not None:
             self.continual_learning_update(gossip, fakes)
 

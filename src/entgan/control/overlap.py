@@ -2,7 +2,7 @@
 
 On: a received generator is consumed layer by layer as it arrives (the worker starts its forward
 pass, or its real-data half of the D step, while later layers are in flight); sends are left in
-flight until their buffers are about to change; gossip runs during the local D steps. Off: every
+flight until their buffers are about to change. Off: every
 transfer is waited for as soon as it is posted, which is the sequential baseline.
 """
 
@@ -36,11 +36,6 @@ class OverlapController:
     @property
     def real_half_first(self) -> bool:
         """Run the real-data half of the first D step before the generator has arrived."""
-        return self.enabled
-
-    @property
-    def gossip_during_local_steps(self) -> bool:
-        """Post the peer exchange before the local D steps and consume it after them."""
         return self.enabled
 
 

@@ -64,9 +64,11 @@ def domain_classifier(config: RunConfig, cache_dir: Path | None = None) -> Domai
     )
 
 
-def select_backend(config: RunConfig) -> str:
+def select_backend(config: RunConfig, local_world_size: int) -> str:
+    """`auto`: NCCL only when every process on this machine gets a GPU of its own (NCCL refuses
+    two ranks on one device), otherwise gloo on the CPU."""
     if config.engine.backend == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
     if config.engine.backend == "nccl" and not torch.cuda.is_available():
         raise ConfigError("engine.backend: 'nccl' needs CUDA, and no CUDA device is available (use 'gloo' or 'auto')")
     return config.engine.backend
@@ -127,7 +129,7 @@ def _spawned_rank(
     if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # embedded runs stay on loopback
     dist.init_process_group(
-        backend=select_backend(config),
+        backend=select_backend(config, local_world_size=world_size),
         store=dist.FileStore(store_path, world_size),
         rank=rank,
         world_size=world_size,
@@ -151,6 +153,7 @@ def launch_local(
 ) -> dict[str, Any]:
     """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary."""
     preflight(config)
+    RunDirectory.check_available(run_dir, overwrite=overwrite)  # before minutes of classifier training
     domain_classifier(config, cache_dir)  # trained (or loaded) once, before the clock starts
     run = RunDirectory.create(run_dir, config, overwrite=overwrite)
     with tempfile.TemporaryDirectory(prefix="entgan-rendezvous-") as rendezvous:
