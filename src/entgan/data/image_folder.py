@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from entgan.data.errors import DataError
+from entgan.data.errors import DataError, image_size_mismatch
 from entgan.data.transforms import resize
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -50,10 +50,7 @@ def read_image(path: Path, channels: int, size: int, allow_resize: bool = True) 
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{path}: not a readable image: {error}") from None
     if not allow_resize and array.shape[:2] != (size, size):
-        raise DataError(
-            f"{path}: image is {array.shape[1]}x{array.shape[0]}, the model expects {size}x{size} "
-            f"(data.image_size); set data.resize: true to resize"
-        )
+        raise image_size_mismatch(path, f"image is {array.shape[1]}x{array.shape[0]}", size)
     tensor = torch.from_numpy(array.copy()).to(torch.float32).div_(255.0)
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return resize(tensor.unsqueeze(0), size)[0]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from entgan.config import DataConfig
-from entgan.data.errors import DataError
+from entgan.data.errors import DataError, image_size_mismatch
 from entgan.data.idx import read_idx_split
 from entgan.data.image_folder import read_image_folder
 from entgan.data.transforms import first_per_class, normalise
@@ -166,10 +166,8 @@ def load_source(cfg: DataConfig) -> ImageDataset:
     if len(labels) == 0:
         raise DataError(f"data.source '{cfg.source}': loaded no images")
     if not cfg.resize and tuple(images.shape[-2:]) != (cfg.image_size, cfg.image_size):
-        raise DataError(
-            f"{cfg.path or cfg.source}: images are {images.shape[-1]}x{images.shape[-2]}, the model expects "
-            f"{cfg.image_size}x{cfg.image_size} (data.image_size); set data.resize: true to resize"
-        )
+        found = f"images are {images.shape[-1]}x{images.shape[-2]}"
+        raise image_size_mismatch(cfg.path or cfg.source, found, cfg.image_size)
     keep = first_per_class(labels, cfg.max_per_class)
     if len(keep) != len(labels):
         images, labels = images[torch.from_numpy(keep)], labels[keep]

@@ -77,12 +77,8 @@ def select_backend(config: RunConfig, local_world_size: int) -> str:
 def run_rank(
     config: RunConfig, rank: int, world_size: int, run_dir: Path, cache_dir: Path | None, show_progress: bool
 ) -> None:
-    """One rank's whole life inside an initialised process group."""
-    if world_size != config.world_size:
-        raise ConfigError(
-            f"the config has {config.num_workers} workers, so it needs world size {config.world_size} "
-            f"(1 server + workers); the launcher started {world_size} processes"
-        )
+    """One rank's whole life inside an initialised process group of `config.world_size` ranks
+    (both launchers check the world size before they initialise the group)."""
     torch.set_num_threads(config.engine.threads_per_process)
     _shorten_timeout(config.engine.round_timeout_s)
     device = (
