@@ -204,7 +204,58 @@ class CheckpointConfig(_Strict):
     """Write a checkpoint every this many rounds (0: only at the end)."""
 
 
-AlgorithmName = Literal["entgan"]
+AlgorithmName = Literal[
+    "entgan", "ren-serial", "ren-parallel", "mdgan", "flgan", "acgan-dance", "dgan-1", "dgan-2", "dgan-3", "central"
+]
+
+
+class MDGANConfig(_Strict):
+    """MD-GAN (Hardy et al. 2019)."""
+
+    swap_every_epochs: Annotated[float, Field(gt=0)] = 1.0
+    """Discriminators swap among workers every this many local epochs (E in the paper)."""
+
+
+class FLGANConfig(_Strict):
+    """FL-GAN / FedGAN (Rasouli et al. 2020)."""
+
+    local_steps: PositiveInt = 5
+    """Local G and D steps between two FedAvg synchronisations (E in the paper)."""
+
+
+class DanceConfig(_Strict):
+    """DANCE / AC-GAN: gossiping discriminators with bandwidth-adaptive compression."""
+
+    codec: Literal["auto", "none", "fp16", "int8", "topk"] = "auto"
+    """`auto` picks per link from the measured bandwidth; the others force one codec."""
+    topk_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Share of entries kept by top-k sparsification (the rest carried as error feedback)."""
+
+
+class DGANConfig(_Strict):
+    """Wang & Wang's Distributed-GAN, approaches 1-3."""
+
+    select_fraction: Annotated[float, Field(gt=0, le=1)] = 0.1
+    """Approach 1: share of the largest-magnitude update entries a worker uploads (Shokri)."""
+
+
+class BaselinesConfig(_Strict):
+    """Knobs of the published methods (each used only by its own algorithm)."""
+
+    mdgan: MDGANConfig = MDGANConfig()
+    flgan: FLGANConfig = FLGANConfig()
+    dance: DanceConfig = DanceConfig()
+    dgan: DGANConfig = DGANConfig()
+
+
+class WarmStartConfig(_Strict):
+    """Start from an earlier run's checkpoint (lifelong jobs): tasks known to it keep their weights,
+    new tasks get fresh heads, and old tasks are protected from forgetting."""
+
+    checkpoint: Path
+    """A checkpoint file (`checkpoints/latest.pt` of an earlier run)."""
+    replay_weight: Annotated[float, Field(ge=0)] = 1.0
+    """Weight of the replay term that holds G's old-task samples to the parent G's (0: off)."""
 
 
 class RunConfig(_Strict):
@@ -223,6 +274,8 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
+    warm_start: WarmStartConfig | None = None
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:

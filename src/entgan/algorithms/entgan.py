@@ -71,6 +71,12 @@ class EntGAN(Algorithm):
     def server_setup(self) -> None:
         torch.manual_seed(self.config.seed)
         self._build_models()
+        self.warm_start = None
+        if self.config.warm_start is not None:  # a lifelong job's next version starts from its parent
+            from entgan.engine.warmstart import WarmStart
+
+            self.warm_start = WarmStart.from_config(self.config, self.context.device)
+            self.warm_start.initialise(self.G, self.D)
         self.D.requires_grad_(False)  # the server never trains D; it only averages it
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
@@ -130,6 +136,8 @@ class EntGAN(Algorithm):
             tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
             fakes = self.G(self.G.sample_latent(batch_size), tasks)
             loss, fooled = generator_loss(self.D, fakes, tasks)
+            if self.warm_start is not None:
+                loss = loss + self.warm_start.replay_loss(self.G)  # old tasks: no forgetting
             self.g_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.g_optimizer.step()
