@@ -110,3 +110,23 @@ def test_sampling_api_gives_task_conditioned_images(tmp_path: Path, cache_dir: P
     assert not torch.equal(low, high)
     with pytest.raises(KeyError, match="unknown task"):
         sample_run(tmp_path / "run", "nope", 8)
+
+
+def test_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_dir: Path) -> None:
+    config = tiny_config(rounds=500, stop={"time_budget_s": 1.5}, eval={"every": 1000, "every_seconds": 0.5})
+    run_dir = tmp_path / "run"
+
+    summary = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+
+    assert summary["stopped_because"] == "time_budget"
+    rows = RunDirectory(run_dir).metrics()
+    assert 2 <= summary["rounds"] == len(rows) < 500
+    # The stop is decided after the round that crossed the budget; one more round runs everywhere.
+    crossed = next(row["round"] for row in rows if row["train_clock_s"] >= 1.5)
+    assert rows[-1]["round"] == crossed + 1
+    # Evaluated by time as well as at the first and the last round.
+    evaluated = [row for row in rows if "fid/overall" in row]
+    assert evaluated[0]["round"] == 1 and evaluated[-1]["round"] == rows[-1]["round"]
+    assert len(evaluated) >= 3
+    for digest in _worker_digests(run_dir):  # the workers ran exactly as many rounds: same final G
+        assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)

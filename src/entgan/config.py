@@ -183,6 +183,9 @@ class ControlConfig(_Strict):
 class EvalConfig(_Strict):
     every: PositiveInt = 5
     """Evaluate FID and task fidelity every this many rounds (and after the first and last)."""
+    every_seconds: Annotated[float, Field(gt=0)] | None = None
+    """Also evaluate whenever the training clock has advanced this much since the last evaluation
+    (so methods with different round speeds are measured at comparable times)."""
     samples_per_task: PositiveInt = 500
     classifier_epochs: PositiveInt = 4
     grid_size: PositiveInt = 64
@@ -204,6 +207,55 @@ class CheckpointConfig(_Strict):
     """Write a checkpoint every this many rounds (0: only at the end)."""
 
 
+class StopConfig(_Strict):
+    """When a run ends before its round budget (benchmarks compare methods on time, not rounds)."""
+
+    time_budget_s: Annotated[float, Field(gt=0)] | None = None
+    """End after the round in which the training clock passes this many seconds."""
+    target_fid: Annotated[float, Field(gt=0)] | None = None
+    """Overall FID the run aims for (reported as time-to-target)."""
+    end_at_target: bool = False
+    """End at the first evaluation where `fid/overall` <= `target_fid`."""
+
+    @model_validator(mode="after")
+    def _target_given(self) -> StopConfig:
+        if self.end_at_target and self.target_fid is None:
+            raise ValueError("stop.end_at_target needs stop.target_fid")
+        return self
+
+
+class PrivacyConfig(_Strict):
+    """Differentially private edge discriminators: DP-SGD (Opacus) on each worker's local D steps."""
+
+    enabled: bool = False
+    noise_multiplier: Annotated[float, Field(ge=0)] = 1.0
+    """Gaussian noise standard deviation, relative to `max_grad_norm`."""
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    """Per-sample gradient clipping bound (real and fake samples clipped together)."""
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
+    """The delta at which epsilon is reported."""
+
+
+class SecurityConfig(_Strict):
+    """Who may join a run and which updates the server accepts."""
+
+    secret_file: Path | None = None
+    """File holding the per-job secret (never given on the command line). If unset, the secret is
+    read from the environment variable named by `secret_env`; if neither is set, an embedded run
+    makes a fresh random secret for its own processes."""
+    secret_env: Annotated[str, Field(min_length=1)] = "ENTGAN_JOB_SECRET"
+    max_update_norm: Annotated[float, Field(gt=0)] | None = 1e4
+    """Updates whose L2 norm exceeds this are refused (None: no bound)."""
+
+
+class FaultConfig(_Strict):
+    """What happens when a process dies or hangs."""
+
+    max_restarts: Annotated[int, Field(ge=0)] = 0
+    """Embedded runs: restart the whole group from the last checkpoint up to this many times
+    (the same policy as torchrun's --max-restarts)."""
+
+
 AlgorithmName = Literal[
     "entgan", "ren-serial", "ren-parallel", "mdgan", "flgan", "acgan-dance", "dgan-1", "dgan-2", "dgan-3", "central"
 ]
@@ -213,7 +265,11 @@ class MDGANConfig(_Strict):
     """MD-GAN (Hardy et al. 2019)."""
 
     swap_every_epochs: Annotated[float, Field(gt=0)] = 1.0
-    """Discriminators swap among workers every this many local epochs (E in the paper)."""
+    """Discriminators swap among workers every this many local epochs (E in the paper). An epoch
+    is one pass over the mean shard at one real batch per round, so all workers swap together."""
+    d_steps: PositiveInt = 1
+    """Discriminator learning steps per round on each worker (L in the paper), all on the
+    round's real batch and its X^(d) fakes; 1 is the standard one D step per G step."""
 
 
 class FLGANConfig(_Strict):
@@ -276,6 +332,10 @@ class RunConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     warm_start: WarmStartConfig | None = None
+    stop: StopConfig = StopConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    security: SecurityConfig = SecurityConfig()
+    faults: FaultConfig = FaultConfig()
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:

@@ -17,8 +17,10 @@ import torch
 from tqdm import tqdm
 
 from entgan.algorithms.base import Algorithm
+from entgan.config import StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
-from entgan.engine.context import RunContext
+from entgan.engine.context import SERVER_RANK, RunContext
+from entgan.engine.transport import Transfer
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
 from entgan.metrics.classifier import DomainClassifier
 from entgan.plots import plot_training, save_image_grid
@@ -71,6 +73,51 @@ def is_eval_round(round_number: int, config_every: int, total_rounds: int) -> bo
     return round_number == 1 or round_number % config_every == 0 or round_number == total_rounds
 
 
+def stop_reason(stop: StopConfig, row: dict[str, Any]) -> str | None:
+    """Why the run should end early after this round's row, or None to go on."""
+    if stop.time_budget_s is not None and row["train_clock_s"] >= stop.time_budget_s:
+        return "time_budget"
+    if stop.end_at_target and stop.target_fid is not None and row.get("fid/overall", math.inf) <= stop.target_fid:
+        return "target"
+    return None
+
+
+class RoundControl:
+    """The server tells the workers, one round late, whether the run goes on.
+
+    Workers must not wait for the server's decision about round r before starting round r+1 (that
+    would serialise evaluation into their path and undo the overlap of every method), so the server
+    announces its decision after round r and a worker reads it after finishing round r+1. A stop
+    decided after round r therefore ends the run after round r+1, on every rank alike.
+    """
+
+    def __init__(self, context: RunContext, first_round: int) -> None:
+        self.transport = context.transport
+        self.workers = context.worker_ranks
+        self.first_round = first_round
+        self._announced: Transfer | None = None
+        self._flag = torch.zeros(1, dtype=torch.int64, device=context.device)
+
+    def announce(self, stop: bool) -> None:
+        """Server, after a round that is not the last: tell every worker whether to go on."""
+        if self._announced is not None:
+            self._announced.wait()
+        self._flag.fill_(int(stop))
+        self._announced = self.transport.send_to_many([self._flag], self.workers, "control")
+
+    def finish(self) -> None:
+        if self._announced is not None:
+            self._announced.wait()
+            self._announced = None
+
+    def should_stop(self, round_index: int) -> bool:
+        """Worker, after round `round_index`: read the server's decision about the round before."""
+        if round_index == self.first_round:
+            return False
+        self.transport.receive([self._flag], SERVER_RANK, "control").wait()
+        return bool(self._flag.item())
+
+
 def serve(
     context: RunContext, algorithm: Algorithm, classifier: DomainClassifier, show_progress: bool = True
 ) -> dict[str, Any]:
@@ -86,17 +133,23 @@ def serve(
 
     started = time.perf_counter()
     harness_seconds = 0.0  # evaluation and checkpoint time, excluded from the training clock
+    last_eval_clock = 0.0
     latest: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
-    progress = tqdm(range(1, config.rounds + 1), desc=f"{config.name} [{algorithm.name}]", disable=not show_progress)
-    for round_number in progress:
+    control = RoundControl(context, first_round=0)
+    stopped_because = "rounds"
+    ending = False  # a stop was announced: this round is the last
+    progress = tqdm(total=config.rounds, desc=f"{config.name} [{algorithm.name}]", disable=not show_progress)
+    for round_number in range(1, config.rounds + 1):
         round_started = time.perf_counter()
         round_metrics = algorithm.server_round(round_number - 1)
         round_seconds = time.perf_counter() - round_started
+        train_clock = time.perf_counter() - started - harness_seconds
+        is_last = ending or round_number == config.rounds
         row: dict[str, Any] = {
             "round": round_number,
             "round_s": round_seconds,
-            "train_clock_s": time.perf_counter() - started - harness_seconds,
+            "train_clock_s": train_clock,
             "wall_clock_s": time.perf_counter() - started,
             "server/rss_bytes": current_rss_bytes(),
             "server/peak_rss_bytes": memory.peak_bytes,
@@ -107,16 +160,31 @@ def serve(
             **round_metrics,
         }
         harness_started = time.perf_counter()
-        if is_eval_round(round_number, config.eval.every, config.rounds):
+        every_seconds = config.eval.every_seconds
+        if (
+            is_last
+            or is_eval_round(round_number, config.eval.every, config.rounds)
+            or (every_seconds is not None and train_clock - last_eval_clock >= every_seconds)
+        ):
             quality = evaluation.run(algorithm, run_dir, round_number)
             row.update(quality)
             latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
-        if config.checkpoint.every and round_number % config.checkpoint.every == 0 or round_number == config.rounds:
+            last_eval_clock = train_clock
+        if config.checkpoint.every and round_number % config.checkpoint.every == 0 or is_last:
             run_dir.save_checkpoint(checkpoint_state(context, algorithm, round_number), round_number)
         harness_seconds += time.perf_counter() - harness_started
         run_dir.append_metrics(row)
         rows.append(row)
+        progress.update(1)
         progress.set_postfix(_progress_fields(row, latest), refresh=False)
+        if is_last:
+            break
+        reason = stop_reason(config.stop, row)
+        if reason is not None:
+            stopped_because, ending = reason, True
+        control.announce(stop=ending)
+    progress.close()
+    control.finish()
 
     algorithm.server_finish()
     memory.stop()
@@ -124,7 +192,9 @@ def serve(
     summary = {
         "name": config.name,
         "algorithm": algorithm.name,
-        "rounds": config.rounds,
+        "rounds": len(rows),
+        "planned_rounds": config.rounds,
+        "stopped_because": stopped_because,
         "workers": config.num_workers,
         "train_clock_s": rows[-1]["train_clock_s"],
         "wall_clock_s": time.perf_counter() - started,
@@ -155,8 +225,11 @@ def work(context: RunContext, algorithm: Algorithm) -> None:
     config = context.config
     shard = worker_shards(config, build_tasks(config, load_source(config.data)))[context.worker_index]
     algorithm.worker_setup(shard)
+    control = RoundControl(context, first_round=0)
     for round_index in range(config.rounds):
         algorithm.worker_round(round_index)
+        if control.should_stop(round_index):
+            break
     algorithm.worker_finish()
     digest = {
         "rank": context.rank,
