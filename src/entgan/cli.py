@@ -19,14 +19,20 @@ EXIT_USAGE = 2
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from entgan.engine.launch import launch_local
-
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-    config = load_config(args.config)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
+    from entgan.engine.launch import launch_local, resume_local
+
+    if (args.config is None) == (args.resume is None):
+        raise ConfigError("give either a CONFIG to start a run or --resume RUN_DIR to continue one")
     try:
-        summary = launch_local(config, run_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
+        if args.resume is not None:
+            run_dir = Path(args.resume)
+            summary = resume_local(run_dir, show_progress=not args.no_progress)
+        else:
+            config = load_config(args.config)
+            run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / config.name
+            summary = launch_local(config, run_dir, overwrite=args.overwrite, show_progress=not args.no_progress)
     except (ProcessRaisedException, ProcessExitedException) as error:
         print(f"entgan: error: the run failed; the other processes were stopped.\n{error}", file=sys.stderr)
         return 1
@@ -73,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="train on this machine: 1 server + K worker processes")
-    run.add_argument("config", help="YAML run configuration")
+    run.add_argument("config", nargs="?", help="YAML run configuration")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete checkpoint")
     run.add_argument("--run-dir", help="where to write results (default: runs/<name>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -90,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a config and its data without training")
     validate.add_argument("config")
     validate.set_defaults(handler=_command_validate)
+
+    from entgan.cli_bench import add_bench_command
+
+    add_bench_command(commands)
+
+    from entgan.cli_job import add_job_commands
+
+    add_job_commands(commands)
     return parser
 
 

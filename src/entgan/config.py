@@ -20,7 +20,8 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf/.nan: never a meaningful setting, and they break consumers (timeouts, budgets).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -204,7 +205,11 @@ class EngineConfig(_Strict):
 
 class CheckpointConfig(_Strict):
     every: Annotated[int, Field(ge=0)] = 10
-    """Write a checkpoint every this many rounds (0: only at the end)."""
+    """Write a checkpoint of the whole run (server and every worker) every this many rounds; the
+    server's is also written after the last round (0: only that one, and no resume point)."""
+    keep: Annotated[int, Field(ge=3)] = 3
+    """Round checkpoints each process keeps (older ones are deleted). At least 3, so that the
+    server and the workers, which may be a round apart, always share a complete one."""
 
 
 class StopConfig(_Strict):
@@ -234,6 +239,13 @@ class PrivacyConfig(_Strict):
     """Per-sample gradient clipping bound (real and fake samples clipped together)."""
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
     """The delta at which epsilon is reported."""
+    accountant: Literal["rdp", "prv"] = "rdp"
+    """Privacy accountant: Renyi DP (`rdp`, fast, slightly loose) or privacy random variables
+    (`prv`, tighter, slower to evaluate)."""
+    reproducible_noise: bool = False
+    """Draw the DP noise and the Poisson sampling of real batches from the run seed, so a private
+    run repeats exactly. For experiments only: whoever knows the seed (the server included) can
+    regenerate the noise and strip it, which voids the guarantee. Off: fresh OS entropy."""
 
 
 class SecurityConfig(_Strict):
@@ -282,10 +294,23 @@ class FLGANConfig(_Strict):
 class DanceConfig(_Strict):
     """DANCE / AC-GAN: gossiping discriminators with bandwidth-adaptive compression."""
 
-    codec: Literal["auto", "none", "fp16", "int8", "topk"] = "auto"
+    codec: Literal["auto", "none", "fp16", "bf16", "int8", "topk"] = "auto"
     """`auto` picks per link from the measured bandwidth; the others force one codec."""
     topk_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
     """Share of entries kept by top-k sparsification (the rest carried as error feedback)."""
+    int8_chunk_size: PositiveInt = 1024
+    """Values sharing one scale in int8 quantisation (smaller: more accurate, 4 bytes per chunk)."""
+    target_exchange_s: Annotated[float, Field(gt=0)] = 0.25
+    """`auto`: the least lossy codec (none, fp16, int8, topk) whose gossip payload crosses the
+    measured link bandwidth within this many seconds; the most compressed one if none does."""
+    bandwidth_smoothing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Weight of the newest sample in each link's moving-average bandwidth estimate."""
+    topology: Literal["ring", "random-pairs"] = "random-pairs"
+    """Gossip peers each round: the next worker in a ring, or random pairs (randomised gossip)."""
+    mixing: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Weight of the peer's discriminator in the gossip average (0.5: pairwise average)."""
+    d_steps: PositiveInt = 1
+    """Local D steps per round on each D-node, each on a fresh fake batch from the G-node."""
 
 
 class DGANConfig(_Strict):
@@ -403,7 +428,13 @@ def load_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read as UTF-8 text: {error}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to be a configuration") from None
     return parse_config(data, origin=str(path))

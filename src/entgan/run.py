@@ -7,6 +7,10 @@
 Rank 0 (the server) checks the config and its evaluation data, creates the run directory and
 prepares the domain classifier; every worker checks and loads only its own data. Then all ranks
 run the same code as the embedded launcher (`entgan.engine.launch.run_rank`).
+
+Every process needs the job secret (`security.secret_file`, or the environment variable named by
+`security.secret_env`, ENTGAN_JOB_SECRET by default). With `torchrun --max-restarts=N`, a group
+restarted after a failure resumes from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from entgan.data import DataError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from entgan.engine.launch import domain_classifier, preflight, run_rank, select_backend
+    from entgan.engine.launch import LaunchOptions, domain_classifier, preflight, run_rank, select_backend
+    from entgan.engine.security import load_secret
     from entgan.rundir import RunDirectory
 
     parser = argparse.ArgumentParser(prog="python -m entgan.run", description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     args = parser.parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         print("entgan.run: error: RANK/WORLD_SIZE are not set; start this module with torchrun "
@@ -45,9 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{args.config}: needs {config.world_size} processes (1 server + "
                               f"{config.num_workers} workers), torchrun started {world_size}")
         run_dir = Path(args.run_dir)
+        # torchrun --max-restarts restarts the whole group after a failure: go on from the checkpoint.
+        resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        secret = load_secret(config.security)
         if rank == 0:
-            RunDirectory.create(run_dir, config, overwrite=args.overwrite)
+            if not resume:
+                RunDirectory.create(run_dir, config, overwrite=args.overwrite)
             domain_classifier(config)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
     except (ConfigError, DataError) as error:
         print(f"entgan.run: error: {error}", file=sys.stderr)
         return 2
@@ -57,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=datetime.timedelta(seconds=config.engine.start_timeout_s)
     )
     try:
-        run_rank(config, rank, world_size, run_dir, None, show_progress=rank == 0)
+        run_rank(config, rank, world_size, run_dir, LaunchOptions(show_progress=rank == 0, resume=resume), secret)
     finally:
         dist.destroy_process_group()
     return 0

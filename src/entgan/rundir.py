@@ -6,10 +6,13 @@ Layout::
       config.yaml           the resolved configuration (every default spelled out)
       metrics.jsonl         one JSON object per round (losses, bytes, RSS; FID on eval rounds)
       summary.json          final figures, written at the end
-      checkpoints/round-NNNN.pt, checkpoints/latest.pt
+      events.jsonl          what happened besides training: refused updates, restarts
+      checkpoints/round-NNNN.pt          the server's state after round NNNN (also latest.pt)
+      checkpoints/round-NNNN.rank-K.pt   worker K's state after the same round (resume needs all)
       samples/<task>/round-NNNN.png
       plots/training.png
       workers/rank-K.json   each worker's end-of-run digest
+      pids/rank-K           the process id of rank K while the run is going
 
 Every file that a reader may load while a run is going (checkpoints, summary) is written to a
 temporary file, flushed to disk and renamed, so a crash never leaves a half-written file behind.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -32,6 +36,8 @@ from entgan.config import ConfigError, RunConfig, load_config
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+EVENTS_FILE = "events.jsonl"
+_CHECKPOINT_NAME = re.compile(r"round-(?P<round>\d+)(?:\.rank-(?P<rank>\d+))?\.pt")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
@@ -140,11 +146,74 @@ class RunDirectory:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(row, sort_keys=True) + "\n")
 
-    def save_checkpoint(self, state: dict[str, Any], round_index: int) -> Path:
-        path = self.checkpoints / f"round-{round_index:04d}.pt"
+    def checkpoint_path(self, round_number: int, rank: int = 0) -> Path:
+        """Rank 0's (the server's) checkpoint of a round, or worker `rank`'s part of it."""
+        suffix = "" if rank == 0 else f".rank-{rank}"
+        return self.checkpoints / f"round-{round_number:04d}{suffix}.pt"
+
+    def checkpoint_rounds(self, rank: int = 0) -> list[int]:
+        """Rounds for which `rank` has a (complete, renamed-into-place) checkpoint file."""
+        rounds = []
+        for path in self.checkpoints.glob("round-*.pt"):
+            match = _CHECKPOINT_NAME.fullmatch(path.name)
+            if match and int(match["rank"] or 0) == rank:
+                rounds.append(int(match["round"]))
+        return sorted(rounds)
+
+    def latest_complete_round(self, worker_ranks: list[int]) -> int:
+        """The last round with a checkpoint from the server and every listed worker (0: none)."""
+        common = set(self.checkpoint_rounds(0))
+        for rank in worker_ranks:
+            common &= set(self.checkpoint_rounds(rank))
+        return max(common, default=0)
+
+    def save_checkpoint(self, state: dict[str, Any], round_number: int, rank: int = 0, keep: int = 0) -> Path:
+        """Write a rank's checkpoint atomically; the server's also becomes `latest.pt` (for sampling).
+
+        With `keep` > 0, only that rank's `keep` newest round checkpoints stay on disk.
+        """
+        path = self.checkpoint_path(round_number, rank)
         atomic_write(path, lambda handle: torch.save(state, handle))
-        atomic_write(self.checkpoints / "latest.pt", lambda handle: torch.save(state, handle))
+        if rank == 0:
+            atomic_write(self.checkpoints / "latest.pt", lambda handle: torch.save(state, handle))
+        if keep > 0:
+            for old in self.checkpoint_rounds(rank)[:-keep]:
+                self.checkpoint_path(old, rank).unlink(missing_ok=True)
         return path
+
+    def load_checkpoint(self, round_number: int, rank: int = 0) -> dict[str, Any]:
+        path = self.checkpoint_path(round_number, rank)
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing; rank {rank} cannot resume from round {round_number}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # a foreign or damaged file: say which one
+            raise ConfigError(f"{path}: not a readable EntGAN checkpoint ({error})") from None
+
+    def truncate_metrics(self, last_round: int) -> None:
+        """Keep the metrics of rounds up to `last_round` only (a resumed run writes the rest again)."""
+        rows = [row for row in self.metrics() if row.get("round", 0) <= last_round]
+        text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+        atomic_write(self.metrics_path, lambda handle: handle.write(text.encode()))
+
+    def record_pid(self, rank: int) -> None:
+        """`pids/rank-K` holds the process id of rank K (to watch or stop one rank of a run)."""
+        path = self.root / "pids" / f"rank-{rank}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{os.getpid()}\n")
+
+    def pid(self, rank: int) -> int:
+        return int((self.root / "pids" / f"rank-{rank}").read_text())
+
+    def append_event(self, event: dict[str, Any]) -> None:
+        with (self.root / EVENTS_FILE).open("a") as handle:
+            handle.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.root / EVENTS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         atomic_write(self.root / name, lambda handle: handle.write(json.dumps(data, indent=2, sort_keys=True).encode()))

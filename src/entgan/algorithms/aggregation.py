@@ -92,8 +92,11 @@ class DiscriminatorLayout:
         return self.trunk_size + self.head_size
 
     def update_tensors(self, discriminator: Discriminator, task: int) -> list[torch.Tensor]:
+        return [tensor for _, tensor in self.named_update_tensors(discriminator, task)]
+
+    def named_update_tensors(self, discriminator: Discriminator, task: int) -> list[tuple[str, torch.Tensor]]:
         state = discriminator.state_dict(keep_vars=True)
-        return [state[name].data for name in self.trunk_names + self.head_names[task]]
+        return [(name, state[name].data) for name in self.trunk_names + self.head_names[task]]
 
 
 class DiscriminatorAverager:

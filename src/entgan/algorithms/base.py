@@ -23,9 +23,16 @@ from entgan.models.generator import Generator
 
 
 class Algorithm(ABC):
-    """One distributed-GAN method: a server side and a worker side, one round at a time."""
+    """One distributed-GAN method: a server side and a worker side, one round at a time.
+
+    Resuming: when `context.resume` holds this rank's checkpoint, `server_setup` / `worker_setup`
+    restore `server_state()` / `worker_state()` from it before their first exchange, and the
+    exchanges of setup then bring every rank to where the checkpointed round left it. A method that
+    cannot do this leaves `supports_resume` False, and `--resume` says so instead of guessing.
+    """
 
     name: ClassVar[str]
+    supports_resume: ClassVar[bool] = False
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
@@ -65,6 +72,10 @@ class Algorithm(ABC):
     def worker_finish(self) -> None:
         """Settle outstanding transfers after the last round."""
 
+    def worker_state(self) -> dict[str, Any]:
+        """This worker's part of a resumable checkpoint (taken between two rounds)."""
+        return {}
+
     def worker_digest(self) -> dict[str, float]:
         """Small fingerprint of the worker's models, written at the end (tests check sync with it)."""
         return {}
@@ -81,8 +92,10 @@ class WorkerReport:
     bytes_received: float = 0.0
     comm_wait_s: float = 0.0
     compute_s: float = 0.0
+    epsilon: float = 0.0
+    """Differential privacy spent by this worker so far (at `privacy.delta`); 0 when privacy is off."""
 
-    SIZE: ClassVar[int] = 7
+    SIZE: ClassVar[int] = 8
 
     def to_tensor(self) -> torch.Tensor:
         return torch.tensor(astuple(self), dtype=torch.float32)
@@ -171,6 +184,16 @@ class RealBatches:
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"order": self._order.clone(), "position": self._position, "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["order"].numel() != len(self._order):
+            raise ValueError(f"checkpoint holds a shard of {state['order'].numel()} images, this worker has {len(self._order)}")
+        self._order = state["order"].clone()
+        self._position = int(state["position"])
+        self._generator.set_state(state["generator"])
 
     def next(self) -> torch.Tensor:
         if self._position + self.batch_size > len(self._order):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from entgan.config import RunConfig
 from entgan.engine.transport import Transport
+from entgan.rundir import RunDirectory
 
 SERVER_RANK = 0
 
@@ -21,6 +24,16 @@ class RunContext:
     device: torch.device
     transport: Transport
     run_dir: Path
+    session_keys: dict[int, bytes] = field(default_factory=dict)
+    """Per-peer keys from the join handshake: the server holds one per worker, a worker the server's."""
+
+    resume: dict[str, Any] | None = None
+    """This rank's checkpoint when the run resumes (`engine.roles` and the algorithm restore it)."""
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        """Append an event (refused update, restart, ...) to the run's `events.jsonl` (server only)."""
+        if self.is_server:
+            RunDirectory(self.run_dir).append_event({"time": time.time(), **event})
 
     @property
     def is_server(self) -> bool:

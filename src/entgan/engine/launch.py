@@ -14,18 +14,23 @@ import json
 import os
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, replace
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from entgan.algorithms import algorithm_class
+from entgan.algorithms import Algorithm, algorithm_class
 from entgan.config import ConfigError, RunConfig
 from entgan.data import build_tasks, load_source, worker_shards
-from entgan.engine.context import RunContext
+from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.roles import serve, work
+from entgan.engine.security import load_secret, server_handshake, worker_handshake
 from entgan.engine.transport import Transport
 from entgan.metrics.classifier import DomainClassifier, train_domain_classifier
 from entgan.models import check_model_supports
@@ -74,13 +79,27 @@ def select_backend(config: RunConfig, local_world_size: int) -> str:
     return config.engine.backend
 
 
-def run_rank(
-    config: RunConfig, rank: int, world_size: int, run_dir: Path, cache_dir: Path | None, show_progress: bool
-) -> None:
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How the processes of a run are started (the same for every rank)."""
+
+    cache_dir: Path | None = None
+    show_progress: bool = True
+    resume: bool = False
+    """Continue from the run directory's last complete checkpoint (fresh start if there is none)."""
+    algorithm_path: str | None = None
+    """`module:Class` of an `Algorithm` subclass to run instead of `config.algorithm`: bring your
+    own method (experiments, tests); the module must be importable by every process."""
+
+
+def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, options: LaunchOptions, secret: bytes) -> None:
     """One rank's whole life inside an initialised process group of `config.world_size` ranks
-    (both launchers check the world size before they initialise the group)."""
+    (both launchers check the world size before they initialise the group).
+
+    Before any parameter moves, every worker proves to the server that it holds the job secret,
+    and the server proves it to the worker (`engine.security`). Then the ranks agree on the round
+    to resume from (0: a fresh start) and each loads its own part of that checkpoint."""
     torch.set_num_threads(config.engine.threads_per_process)
-    _shorten_timeout(config.engine.round_timeout_s)
     device = (
         torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         if dist.get_backend() == "nccl"
@@ -88,20 +107,59 @@ def run_rank(
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    run = RunDirectory(run_dir)
+    run.record_pid(rank)
+    transport = Transport(rank, world_size, device)
+    workers = list(range(1, world_size))
+    if rank == SERVER_RANK:
+        session_keys = server_handshake(transport, workers, secret, config.name)
+    else:
+        session_keys = {SERVER_RANK: worker_handshake(transport, rank, secret, config.name)}
+    resume_round = _agree_on_resume_round(transport, run, workers, options.resume)
+    _shorten_timeout(config.engine.round_timeout_s)
     context = RunContext(
         config=config,
         rank=rank,
         world_size=world_size,
         device=device,
-        transport=Transport(rank, world_size, device),
+        transport=transport,
         run_dir=run_dir,
+        session_keys=session_keys,
+        resume=run.load_checkpoint(resume_round, rank) if resume_round else None,
     )
-    algorithm = algorithm_class(config.algorithm)(context)
+    algorithm = load_algorithm(config, options.algorithm_path)(context)
     if context.is_server:
-        serve(context, algorithm, domain_classifier(config, cache_dir), show_progress=show_progress)
+        if resume_round:
+            run.truncate_metrics(resume_round)
+            context.log_event({"event": "resumed", "round": resume_round})
+        serve(context, algorithm, domain_classifier(config, options.cache_dir), show_progress=options.show_progress)
     else:
         work(context, algorithm)
     dist.barrier()
+
+
+def load_algorithm(config: RunConfig, algorithm_path: str | None = None) -> type[Algorithm]:
+    if algorithm_path is None:
+        return algorithm_class(config.algorithm)
+    module_name, _, class_name = algorithm_path.partition(":")
+    algorithm = getattr(import_module(module_name), class_name, None)
+    if not (isinstance(algorithm, type) and issubclass(algorithm, Algorithm)):
+        raise ConfigError(f"{algorithm_path}: not an entgan.algorithms.Algorithm subclass")
+    return algorithm
+
+
+def _agree_on_resume_round(transport: Transport, run: RunDirectory, workers: list[int], resume: bool) -> int:
+    """The server picks the last checkpoint that every rank has (it sees the workers' files when
+    they share its disk; across machines, its own, and each worker checks it has that round)."""
+    decision = torch.zeros(1, dtype=torch.int64, device=transport.device)
+    if transport.rank == SERVER_RANK:
+        if resume:
+            visible = [rank for rank in workers if run.checkpoint_rounds(rank)]
+            decision.fill_(run.latest_complete_round(visible if visible else []))
+        transport.send_to_many([decision], workers, "control").wait()
+    else:
+        transport.receive([decision], SERVER_RANK, "control").wait()
+    return int(decision.item())
 
 
 def _shorten_timeout(seconds: float) -> None:
@@ -118,8 +176,8 @@ def _spawned_rank(
     config_data: dict[str, Any],
     run_dir: str,
     store_path: str,
-    cache_dir: str | None,
-    show_progress: bool,
+    options: LaunchOptions,
+    secret: bytes,
 ) -> None:
     config = RunConfig.model_validate(config_data)
     if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
@@ -132,9 +190,7 @@ def _spawned_rank(
         timeout=datetime.timedelta(seconds=config.engine.start_timeout_s),
     )
     try:
-        run_rank(
-            config, rank, world_size, Path(run_dir), Path(cache_dir) if cache_dir else None, show_progress and rank == 0
-        )
+        run_rank(config, rank, world_size, Path(run_dir), replace(options, show_progress=options.show_progress and rank == 0), secret)
     finally:
         dist.destroy_process_group()
 
@@ -146,12 +202,59 @@ def launch_local(
     overwrite: bool = False,
     cache_dir: Path | None = None,
     show_progress: bool = True,
+    algorithm_path: str | None = None,
 ) -> dict[str, Any]:
     """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary."""
     preflight(config)
+    load_algorithm(config, algorithm_path)
     RunDirectory.check_available(run_dir, overwrite=overwrite)  # before minutes of classifier training
     domain_classifier(config, cache_dir)  # trained (or loaded) once, before the clock starts
     run = RunDirectory.create(run_dir, config, overwrite=overwrite)
+    options = LaunchOptions(cache_dir=cache_dir, show_progress=show_progress, algorithm_path=algorithm_path)
+    return _run_with_restarts(config, run, options)
+
+
+def resume_local(
+    run_dir: Path, *, cache_dir: Path | None = None, show_progress: bool = True, algorithm_path: str | None = None
+) -> dict[str, Any]:
+    """Continue a run directory from its last complete checkpoint, with its own stored config."""
+    run = RunDirectory(Path(run_dir))
+    config = run.config()
+    preflight(config)
+    algorithm = load_algorithm(config, algorithm_path)
+    if not algorithm.supports_resume:
+        raise ConfigError(f"{run_dir}: algorithm '{algorithm.name}' cannot resume from a checkpoint")
+    domain_classifier(config, cache_dir)
+    options = LaunchOptions(cache_dir=cache_dir, show_progress=show_progress, resume=True, algorithm_path=algorithm_path)
+    return _run_with_restarts(config, run, options)
+
+
+def _run_with_restarts(config: RunConfig, run: RunDirectory, options: LaunchOptions) -> dict[str, Any]:
+    """Spawn the group; if a process dies or a peer times out, restart the whole group from the last
+    complete checkpoint, up to `faults.max_restarts` times (torchrun's --max-restarts policy)."""
+    secret = load_secret(config.security, allow_generated=True)
+    restarts_left = config.faults.max_restarts
+    while True:
+        try:
+            _spawn_group(config, run, options, secret)
+            break
+        except (ProcessRaisedException, ProcessExitedException) as error:
+            if restarts_left == 0:
+                raise
+            restarts_left -= 1
+            workers = list(range(1, config.world_size))
+            run.append_event({
+                "time": time.time(),
+                "event": "restart",
+                "reason": str(error).strip().splitlines()[-1][:500] if str(error).strip() else type(error).__name__,
+                "resume_round": run.latest_complete_round(workers),
+                "restarts_left": restarts_left,
+            })
+            options = replace(options, resume=True)
+    return json.loads((run.root / SUMMARY_FILE).read_text())
+
+
+def _spawn_group(config: RunConfig, run: RunDirectory, options: LaunchOptions, secret: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="entgan-rendezvous-") as rendezvous:
         mp.start_processes(
             _spawned_rank,
@@ -160,12 +263,10 @@ def launch_local(
                 config.model_dump(mode="json"),
                 str(run.root),
                 os.path.join(rendezvous, "store"),
-                str(cache_dir) if cache_dir else None,
-                show_progress,
+                options,
+                secret,
             ),
             nprocs=config.world_size,
             join=True,
             start_method="spawn",
         )
-    return json.loads((run.root / SUMMARY_FILE).read_text())
-

@@ -118,10 +118,28 @@ class RoundControl:
         return bool(self._flag.item())
 
 
+@dataclass
+class Clock:
+    """The training clock: wall time minus evaluation/checkpoint time, carried across a resume."""
+
+    offset_s: float = 0.0
+    harness_s: float = 0.0
+    last_eval_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._started = time.perf_counter()
+
+    def wall_s(self) -> float:
+        return self.offset_s + time.perf_counter() - self._started
+
+    def train_s(self) -> float:
+        return self.wall_s() - self.harness_s
+
+
 def serve(
     context: RunContext, algorithm: Algorithm, classifier: DomainClassifier, show_progress: bool = True
 ) -> dict[str, Any]:
-    """Rank 0: set up, run every round, evaluate, log, checkpoint; return the run summary."""
+    """Rank 0: set up (or resume), run every round, evaluate, log, checkpoint; return the summary."""
     config = context.config
     run_dir = RunDirectory(context.run_dir)
     evaluation = build_evaluation(context, classifier)
@@ -130,30 +148,33 @@ def serve(
     memory = PeakRSSMonitor().start()
     algorithm.server_setup()
     counters = context.transport.counters
+    engine_state = restore_engine_state(context)
+    first_round = engine_state.get("round", 0)
+    clock = Clock(engine_state.get("train_clock_s", 0.0), 0.0, engine_state.get("last_eval_s", 0.0))
+    earlier_peak = engine_state.get("peak", {"peak_bytes": 0, "increase_bytes": 0})  # before a resume
 
-    started = time.perf_counter()
-    harness_seconds = 0.0  # evaluation and checkpoint time, excluded from the training clock
-    last_eval_clock = 0.0
     latest: dict[str, float] = {}
-    rows: list[dict[str, Any]] = []
-    control = RoundControl(context, first_round=0)
+    rows: list[dict[str, Any]] = run_dir.metrics() if first_round else []
+    control = RoundControl(context, first_round=first_round)
     stopped_because = "rounds"
     ending = False  # a stop was announced: this round is the last
-    progress = tqdm(total=config.rounds, desc=f"{config.name} [{algorithm.name}]", disable=not show_progress)
-    for round_number in range(1, config.rounds + 1):
+    progress = tqdm(
+        total=config.rounds, initial=first_round, desc=f"{config.name} [{algorithm.name}]", disable=not show_progress
+    )
+    for round_number in range(first_round + 1, config.rounds + 1):
         round_started = time.perf_counter()
         round_metrics = algorithm.server_round(round_number - 1)
         round_seconds = time.perf_counter() - round_started
-        train_clock = time.perf_counter() - started - harness_seconds
+        train_clock = clock.train_s()
         is_last = ending or round_number == config.rounds
         row: dict[str, Any] = {
             "round": round_number,
             "round_s": round_seconds,
             "train_clock_s": train_clock,
-            "wall_clock_s": time.perf_counter() - started,
+            "wall_clock_s": clock.wall_s(),
             "server/rss_bytes": current_rss_bytes(),
-            "server/peak_rss_bytes": memory.peak_bytes,
-            "server/rss_increase_bytes": memory.increase_bytes,
+            "server/peak_rss_bytes": max(memory.peak_bytes, earlier_peak["peak_bytes"]),
+            "server/rss_increase_bytes": max(memory.increase_bytes, earlier_peak["increase_bytes"]),
             "server/bytes_sent": counters.bytes_sent,
             "server/bytes_received": counters.bytes_received,
             "server/comm_wait_s": counters.wait_seconds,
@@ -164,17 +185,24 @@ def serve(
         if (
             is_last
             or is_eval_round(round_number, config.eval.every, config.rounds)
-            or (every_seconds is not None and train_clock - last_eval_clock >= every_seconds)
+            or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
         ):
             quality = evaluation.run(algorithm, run_dir, round_number)
             row.update(quality)
             latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
-            last_eval_clock = train_clock
-        if config.checkpoint.every and round_number % config.checkpoint.every == 0 or is_last:
-            run_dir.save_checkpoint(checkpoint_state(context, algorithm, round_number), round_number)
-        harness_seconds += time.perf_counter() - harness_started
-        run_dir.append_metrics(row)
+            clock.last_eval_s = train_clock
+        run_dir.append_metrics(row)  # before the checkpoint: a checkpoint's round is always logged
         rows.append(row)
+        if is_checkpoint_round(round_number, config.checkpoint.every) or is_last:
+            engine = {
+                "round": round_number,
+                "train_clock_s": train_clock,
+                "last_eval_s": clock.last_eval_s,
+                "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
+            }
+            state = checkpoint_state(context, algorithm, round_number, engine)
+            run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
+        clock.harness_s += time.perf_counter() - harness_started
         progress.update(1)
         progress.set_postfix(_progress_fields(row, latest), refresh=False)
         if is_last:
@@ -192,15 +220,17 @@ def serve(
     summary = {
         "name": config.name,
         "algorithm": algorithm.name,
-        "rounds": len(rows),
+        "rounds": rows[-1]["round"],
         "planned_rounds": config.rounds,
         "stopped_because": stopped_because,
+        "resumed_from_round": first_round,
         "workers": config.num_workers,
         "train_clock_s": rows[-1]["train_clock_s"],
-        "wall_clock_s": time.perf_counter() - started,
-        "server_peak_rss_bytes": memory.peak_bytes,
+        "wall_clock_s": clock.wall_s(),
+        "server_peak_rss_bytes": rows[-1]["server/peak_rss_bytes"],
         "server_baseline_rss_bytes": memory.baseline_bytes,
-        "server_rss_increase_bytes": memory.increase_bytes,
+        "server_rss_increase_bytes": rows[-1]["server/rss_increase_bytes"],
+        "refused_updates": sum(row.get("refused_updates", 0.0) for row in rows),
         "first_eval": _eval_fields(rows[0]),
         "final_eval": _eval_fields(rows[-1]),
         **{f"server/{key}": value for key, value in counters.as_dict().items()},
@@ -210,24 +240,59 @@ def serve(
     return summary
 
 
-def checkpoint_state(context: RunContext, algorithm: Algorithm, round_number: int) -> dict[str, Any]:
+def is_checkpoint_round(round_number: int, every: int) -> bool:
+    return every > 0 and round_number % every == 0
+
+
+def engine_snapshot(context: RunContext) -> dict[str, Any]:
+    """What every rank's engine must carry across a resume: its random state and traffic counters."""
+    return {"torch_rng": torch.get_rng_state(), "counters": context.transport.counters.state_dict()}
+
+
+def restore_engine_state(context: RunContext) -> dict[str, Any]:
+    """After the algorithm's setup (which seeds and builds models), put back the resumed rank's
+    random state and counters; return the engine's extra figures (empty when not resuming)."""
+    if context.resume is None:
+        return {}
+    engine = context.resume["engine"]
+    torch.set_rng_state(engine["torch_rng"])
+    context.transport.counters.load_state_dict(engine["counters"])
+    return engine
+
+
+def checkpoint_state(
+    context: RunContext, algorithm: Algorithm, round_number: int, engine: dict[str, Any]
+) -> dict[str, Any]:
     return {
-        "format": 1,
+        "format": 2,
         "algorithm": algorithm.name,
         "round": round_number,
         "config": context.config.model_dump(mode="json"),
         "server": algorithm.server_state(),
+        "engine": {**engine, **engine_snapshot(context)},
     }
 
 
 def work(context: RunContext, algorithm: Algorithm) -> None:
-    """Ranks 1..K: load the local shard (data stays here), then run every round."""
+    """Ranks 1..K: load the local shard (data stays here), then run every round, checkpointing
+    this worker's part of the run state on the same rounds as the server."""
     config = context.config
+    run_dir = RunDirectory(context.run_dir)
     shard = worker_shards(config, build_tasks(config, load_source(config.data)))[context.worker_index]
     algorithm.worker_setup(shard)
-    control = RoundControl(context, first_round=0)
-    for round_index in range(config.rounds):
+    first_round = restore_engine_state(context).get("round", 0)
+    control = RoundControl(context, first_round=first_round)
+    for round_index in range(first_round, config.rounds):
         algorithm.worker_round(round_index)
+        if is_checkpoint_round(round_index + 1, config.checkpoint.every):
+            state = {
+                "format": 2,
+                "algorithm": algorithm.name,
+                "round": round_index + 1,
+                "worker": algorithm.worker_state(),
+                "engine": {"round": round_index + 1, **engine_snapshot(context)},
+            }
+            run_dir.save_checkpoint(state, round_index + 1, rank=context.rank, keep=config.checkpoint.keep)
         if control.should_stop(round_index):
             break
     algorithm.worker_finish()
@@ -238,7 +303,7 @@ def work(context: RunContext, algorithm: Algorithm) -> None:
         **algorithm.worker_digest(),
         **context.transport.counters.as_dict(),
     }
-    path = RunDirectory(context.run_dir).workers / f"rank-{context.rank}.json"
+    path = run_dir.workers / f"rank-{context.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy
     path.write_text(json.dumps(digest, indent=2, sort_keys=True))
 

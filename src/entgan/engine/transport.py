@@ -30,7 +30,18 @@ MESSAGE_TAGS: dict[str, int] = {
     "feedback": 6,
     "fake-batch": 7,
     "control": 8,
+    "auth": 9,
 }
+
+BODY_SUFFIX = "/body"
+"""`<kind>/body` is the body of an enveloped `<kind>` message (see `engine.updates`): its own tag,
+so an any-source receive of the next header can never match a body still in flight."""
+_BODY_TAG_OFFSET = 64
+
+
+def base_kind(kind: str) -> str:
+    """The kind bytes are booked under: an envelope's header and body count as one message kind."""
+    return kind.removesuffix(BODY_SUFFIX)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -52,6 +63,14 @@ class TrafficCounters:
     @property
     def bytes_received(self) -> int:
         return sum(self.received.values())
+
+    def state_dict(self) -> dict[str, object]:
+        return {"sent": dict(self.sent), "received": dict(self.received), "wait_seconds": self.wait_seconds}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.sent = Counter(state["sent"])  # type: ignore[arg-type]
+        self.received = Counter(state["received"])  # type: ignore[arg-type]
+        self.wait_seconds = float(state["wait_seconds"])  # type: ignore[arg-type]
 
     def as_dict(self) -> dict[str, float]:
         out: dict[str, float] = {
@@ -91,6 +110,13 @@ class Transfer:
         for index in range(len(self._works)):
             self.wait_tensor(index)
 
+    @classmethod
+    def combine(cls, *transfers: Transfer) -> Transfer:
+        """One handle for several transfers of the same rank (e.g. an envelope's header and body)."""
+        if not transfers:
+            raise ValueError("nothing to combine")
+        return cls([work for transfer in transfers for work in transfer._works], transfers[0]._counters)
+
     @property
     def done(self) -> bool:
         return all(work is None for work in self._works)
@@ -107,8 +133,9 @@ class Transport:
         self._can_receive_from_any = dist.get_backend() == "gloo"
 
     def _tag(self, kind: str) -> int:
+        base, body, _ = kind.partition(BODY_SUFFIX)
         try:
-            return MESSAGE_TAGS[kind]
+            return MESSAGE_TAGS[base] + (_BODY_TAG_OFFSET if body else 0)
         except KeyError:
             raise ValueError(f"unknown message kind '{kind}'; known: {sorted(MESSAGE_TAGS)}") from None
 
@@ -118,7 +145,7 @@ class Transport:
         works = []
         for tensor in tensors:
             works.append(dist.isend(tensor.detach().contiguous(), dst=dst, tag=tag))
-            self.counters.sent[kind] += tensor_bytes(tensor)
+            self.counters.sent[base_kind(kind)] += tensor_bytes(tensor)
         return Transfer(works, self.counters)
 
     def receive(self, buffers: Iterable[torch.Tensor], src: int, kind: str) -> Transfer:
@@ -129,7 +156,7 @@ class Transport:
             if not buffer.is_contiguous():
                 raise ValueError("receive buffers must be contiguous")
             works.append(dist.irecv(buffer, src=src, tag=tag))
-            self.counters.received[kind] += tensor_bytes(buffer)
+            self.counters.received[base_kind(kind)] += tensor_bytes(buffer)
         return Transfer(works, self.counters)
 
     def send_to_many(self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str) -> Transfer:
@@ -140,7 +167,7 @@ class Transport:
             payload = tensor.detach().contiguous()
             for dst in dsts:
                 works.append(dist.isend(payload, dst=dst, tag=tag))
-                self.counters.sent[kind] += tensor_bytes(payload)
+                self.counters.sent[base_kind(kind)] += tensor_bytes(payload)
         return Transfer(works, self.counters)
 
     def receive_from_any(self, buffer: torch.Tensor, kind: str, expected: Sequence[int]) -> int:
@@ -158,7 +185,7 @@ class Transport:
             source = expected[0]
             dist.recv(buffer, src=source, tag=self._tag(kind))
         self.counters.wait_seconds += time.perf_counter() - started
-        self.counters.received[kind] += tensor_bytes(buffer)
+        self.counters.received[base_kind(kind)] += tensor_bytes(buffer)
         return int(source)
 
     def exchange(
@@ -171,6 +198,28 @@ class Transport:
             dist.P2POp(dist.irecv, incoming, receive_from, tag=tag),
         ]
         works = dist.batch_isend_irecv(operations)
-        self.counters.sent[kind] += tensor_bytes(outgoing)
-        self.counters.received[kind] += tensor_bytes(incoming)
+        self.counters.sent[base_kind(kind)] += tensor_bytes(outgoing)
+        self.counters.received[base_kind(kind)] += tensor_bytes(incoming)
+        return Transfer(works, self.counters)
+
+    def exchange_many(
+        self,
+        outgoing: Sequence[torch.Tensor],
+        send_to: int,
+        incoming: Sequence[torch.Tensor],
+        receive_from: int,
+        kind: str,
+    ) -> Transfer:
+        """`exchange` for messages of several tensors (e.g. a codec's payload: values + indices),
+        all posted together. Each tensor is counted at its own size, so an encoded message is
+        booked at its compressed size on the wire."""
+        tag = self._tag(kind)
+        operations = [dist.P2POp(dist.isend, tensor.detach().contiguous(), send_to, tag=tag) for tensor in outgoing]
+        for buffer in incoming:
+            if not buffer.is_contiguous():
+                raise ValueError("receive buffers must be contiguous")
+            operations.append(dist.P2POp(dist.irecv, buffer, receive_from, tag=tag))
+        works = dist.batch_isend_irecv(operations) if operations else []
+        self.counters.sent[base_kind(kind)] += sum(tensor_bytes(tensor) for tensor in outgoing)
+        self.counters.received[base_kind(kind)] += sum(tensor_bytes(buffer) for buffer in incoming)
         return Transfer(works, self.counters)

@@ -1,0 +1,185 @@
+"""Updates a worker uploads, in an envelope the server checks before anything is averaged.
+
+An update is a flat float32 vector of model tensors (e.g. a discriminator's trunk and one head)
+plus a few float "extras" (the worker's round report). It travels as two messages:
+
+    header  int64[6]  magic, version, round, sender rank, layout fingerprint, number of values
+    body    float32[extras], float32[values], uint8[32] HMAC over header + extras + values
+
+The header comes first on the kind's own tag, so the server can receive from whichever worker is
+ready (any source) and then size the body buffer from the header: a wrongly shaped update is
+received whole and refused, instead of breaking the receive. The layout fingerprint hashes the
+tensors' names, shapes and dtypes, so an update built from another model is refused even when
+its length happens to match. Refusals name the worker, the round and the reason; they never stop
+the run and never touch the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from entgan.engine.security import MAC_BYTES, mac_matches, message_mac
+from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
+
+MAGIC = 0x454E5447  # "ENTG"
+VERSION = 1
+HEADER_SIZE = 6
+MAX_VALUES = 1 << 28
+"""Largest body the server agrees to receive at all (1 GiB of float32); beyond it, the sender is
+not speaking this protocol and the run stops with a clear error instead of allocating."""
+
+
+class ProtocolError(RuntimeError):
+    """A peer sent something that is not an update envelope; the exchange cannot go on."""
+
+
+@dataclass(frozen=True)
+class UpdateLayout:
+    """Names, shapes and dtypes of the tensors an update is made of, and their fingerprint."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> UpdateLayout:
+        return cls(
+            names=tuple(name for name, _ in named_tensors),
+            shapes=tuple(tuple(tensor.shape) for _, tensor in named_tensors),
+            dtypes=tuple(str(tensor.dtype) for _, tensor in named_tensors),
+        )
+
+    @property
+    def numel(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
+
+    @property
+    def fingerprint(self) -> int:
+        text = "\n".join(f"{n}:{list(s)}:{d}" for n, s, d in zip(self.names, self.shapes, self.dtypes, strict=True))
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1  # fits int64
+
+
+@dataclass(frozen=True)
+class Update:
+    """An accepted update: who sent it, its values and its extras."""
+
+    rank: int
+    values: torch.Tensor
+    extras: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An update that was received whole and refused."""
+
+    rank: int
+    round_index: int
+    reason: str
+
+    def as_event(self) -> dict[str, object]:
+        return {"event": "update_refused", "rank": self.rank, "round": self.round_index + 1, "reason": self.reason}
+
+
+def send_update(
+    transport: Transport,
+    key: bytes,
+    values: torch.Tensor,
+    extras: torch.Tensor,
+    layout: UpdateLayout,
+    round_index: int,
+    dst: int,
+    kind: str,
+) -> Transfer:
+    """Send one update (asynchronously); `values` and `extras` must not change before wait()."""
+    values = values.detach().reshape(-1).to(torch.float32)
+    extras = extras.detach().reshape(-1).to(torch.float32)
+    header = torch.tensor(
+        [MAGIC, VERSION, round_index, transport.rank, layout.fingerprint, values.numel()], dtype=torch.int64
+    )
+    mac = message_mac(key, header, extras, values).to(values.device)
+    header_transfer = transport.send([header.to(values.device)], dst, kind)
+    body_transfer = transport.send([extras, values, mac], dst, kind + BODY_SUFFIX)
+    return Transfer.combine(header_transfer, body_transfer)
+
+
+def update_problem(values: torch.Tensor, max_norm: float | None) -> str | None:
+    """Why a vector of parameters must not be used (non-finite, or too large), or None if it may."""
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        return f"holds {bad} non-finite value(s) (NaN or Inf)"
+    if max_norm is not None:
+        norm = float(torch.linalg.vector_norm(values.double()))
+        if norm > max_norm:
+            return f"L2 norm {norm:.4g} exceeds security.max_update_norm = {max_norm:.4g}"
+    return None
+
+
+def refusal_reason(
+    key: bytes,
+    header: torch.Tensor,
+    extras: torch.Tensor,
+    values: torch.Tensor,
+    mac: torch.Tensor,
+    rank: int,
+    round_index: int,
+    layout: UpdateLayout,
+    max_norm: float | None,
+) -> str | None:
+    """Why the server must refuse an update received from `rank` in round `round_index`, or None."""
+    if not mac_matches(key, mac, header, extras, values):
+        return "its HMAC does not verify under the worker's session key (forged or corrupted)"
+    _, _, sent_round, sender, fingerprint, count = (int(v) for v in header.tolist())
+    if sender != rank or sent_round != round_index:
+        return f"it claims rank {sender}, round {sent_round + 1} (replayed or misrouted)"
+    if count != layout.numel or values.numel() != layout.numel:
+        return f"it holds {values.numel()} values; the model's update has {layout.numel} (shapes differ)"
+    if fingerprint != layout.fingerprint:
+        return "its layer names, shapes or dtypes differ from the model's"
+    problem = update_problem(values, max_norm)
+    return None if problem is None else f"it {problem}"
+
+
+class UpdateReceiver:
+    """The server's side: receive updates in arrival order and accept or refuse each."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        keys: dict[int, bytes],
+        extras_size: int,
+        layout_of: Callable[[int], UpdateLayout],
+        max_norm: float | None,
+    ) -> None:
+        self.transport = transport
+        self.keys = keys
+        self.extras_size = extras_size
+        self.layout_of = layout_of
+        self.max_norm = max_norm
+        self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
+
+    def receive(self, kind: str, expected: Sequence[int], round_index: int) -> Update | Refusal:
+        rank = self.transport.receive_from_any(self._header, kind, expected)
+        header = [int(v) for v in self._header.tolist()]
+        magic, version, count = header[0], header[1], header[5]
+        if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES:
+            raise ProtocolError(
+                f"rank {rank} sent a '{kind}' message that is not an update envelope (header {header}); "
+                "is it running the same EntGAN version?"
+            )
+        extras = torch.empty(self.extras_size, dtype=torch.float32, device=self.transport.device)
+        values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
+        mac = torch.empty(MAC_BYTES, dtype=torch.uint8, device=self.transport.device)
+        self.transport.receive([extras, values, mac], rank, kind + BODY_SUFFIX).wait()
+
+        reason = refusal_reason(
+            self.keys[rank], self._header, extras, values, mac, rank, round_index, self.layout_of(rank), self.max_norm
+        )
+        if reason is not None:
+            return Refusal(rank, round_index, reason)
+        return Update(rank, values, extras)
