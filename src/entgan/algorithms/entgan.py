@@ -47,12 +47,14 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
+from entgan.engine.updates import Refusal, UpdateLayout, UpdateReceiver, send_update
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
 
 class EntGAN(Algorithm):
     name = "entgan"
+    supports_resume = True
 
     # ------------------------------------------------------------------ common
     def _build_models(self) -> None:
@@ -81,8 +83,19 @@ class EntGAN(Algorithm):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
-        self.update_buffer = torch.empty(self.layout.update_size + WorkerReport.SIZE, device=self.context.device)
+        update_layouts = [
+            UpdateLayout.of(self.layout.named_update_tensors(self.D, task)) for task in range(len(self.config.tasks))
+        ]
+        self.updates = UpdateReceiver(
+            self.transport,
+            self.context.session_keys,
+            WorkerReport.SIZE,
+            layout_of=lambda rank: update_layouts[self.context.task_of(rank)],
+            max_norm=self.config.security.max_update_norm,
+        )
         self.feedback: GeneratorFeedback | None = None
+        if self.context.resume is not None:
+            self.load_server_state(self.context.resume["server"])
         self.sample_counts = self._receive_sample_counts()
         # Initialisation: G_k := G, D_k := D.
         workers = self.context.worker_ranks
@@ -103,30 +116,45 @@ class EntGAN(Algorithm):
         return counts
 
     def server_round(self, round_index: int) -> dict[str, float]:
-        reports = self.average_discriminators()
+        reports, refused = self.average_discriminators(round_index)
         self.discriminator_in_flight = self.send_discriminator(round_index)
         steps = self.server_scheduler.next_steps(self.feedback)
         settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
         self.generator_in_flight = self.broadcast_generator()
-        return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness, **summarise_reports(reports)}
+        return {
+            "g_loss": g_loss,
+            "g_steps": float(steps),
+            "g_fake_realness": realness,
+            "refused_updates": float(refused),
+            **summarise_reports(reports),
+        }
 
-    def average_discriminators(self) -> dict[int, WorkerReport]:
-        """Step 3: D := weighted average of the D_k, accumulated in arrival order (one buffer)."""
+    def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
+        """Step 3: D := weighted average of the D_k, accumulated in arrival order (one buffer).
+
+        Updates that fail validation (see `engine.updates`) are refused and logged; the average is
+        then taken over the accepted ones, and a task head with no accepted update stays as it was.
+        """
         self.averager.reset()
         reports: dict[int, WorkerReport] = {}
+        refused = 0
         waiting = list(self.context.worker_ranks)
         while waiting:
-            rank = self.transport.receive_from_any(self.update_buffer, "discriminator-update", waiting)
-            waiting.remove(rank)
-            update, report = self.update_buffer.split([self.layout.update_size, WorkerReport.SIZE])
-            self.averager.add(update, self.context.task_of(rank), self.sample_counts[rank])
-            reports[rank] = WorkerReport.from_tensor(report)
+            received = self.updates.receive("discriminator-update", waiting, round_index)
+            waiting.remove(received.rank)
+            if isinstance(received, Refusal):
+                self.context.log_event(received.as_event())
+                refused += 1
+                continue
+            self.averager.add(received.values, self.context.task_of(received.rank), self.sample_counts[received.rank])
+            reports[received.rank] = WorkerReport.from_tensor(received.extras)
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
-        self.averager.write_into(self.D)
-        return reports
+        if self.averager.count:
+            self.averager.write_into(self.D)
+        return reports, refused
 
     def train_generator(self, steps: int) -> tuple[float, float]:
         """Step 4: `steps` G updates against the averaged D, every task in every batch."""
@@ -171,7 +199,16 @@ class EntGAN(Algorithm):
             "discriminator": self.D.state_dict(),
             "generator_optimizer": self.g_optimizer.state_dict(),
             "server_scheduler": self.server_scheduler.state_dict(),
+            "feedback": None if self.feedback is None else self.feedback.fake_realness,
         }
+
+    def load_server_state(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.server_scheduler.load_state_dict(state["server_scheduler"])
+        if state["feedback"] is not None:
+            self.feedback = GeneratorFeedback(fake_realness=state["feedback"])
 
     # ------------------------------------------------------------------ worker
     def worker_setup(self, shard: ImageDataset) -> None:
@@ -184,7 +221,23 @@ class EntGAN(Algorithm):
             shard, self.config.optimizer.batch_size, self.context.generator_seed(1), self.context.device
         )
         self.latent_stream = self.context.generator_seed(2)
-        self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
+        self.private = None
+        if self.config.privacy.enabled:  # DP-SGD on every D_k step that reads local real data
+            from entgan.privacy import PrivateDiscriminatorTraining  # Opacus loads slowly: private runs only
+
+            privacy = self.config.privacy
+            self.private = PrivateDiscriminatorTraining(
+                self.D,
+                self.context.task,
+                privacy,
+                self.config.optimizer,
+                shard_size=len(self.real),
+                batch_size=self.real.batch_size,
+                generator=self.context.generator_seed(3) if privacy.reproducible_noise else None,
+            )
+            self.d_optimizer = self.private.optimizer  # the only optimizer allowed to step D_k
+        else:
+            self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
         self.worker_scheduler = WorkerTaskScheduler(self.config.control.worker_scheduler)
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
@@ -193,6 +246,8 @@ class EntGAN(Algorithm):
         self.transport.send([hello], SERVER_RANK, "hello").wait()
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
+        if self.context.resume is not None:  # G_k := G came from the server; D_k is this worker's own
+            self.load_worker_state(self.context.resume["worker"])
         self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
         self.incoming_discriminator: Transfer | None = None
@@ -215,6 +270,9 @@ class EntGAN(Algorithm):
             self.continual_learning_update(gossip, fakes)
 
         settle(self.upload_in_flight)
+        if self.private is not None:
+            # Figures computed on real data outside DP-SGD would leak past the privacy budget: not sent.
+            d_loss = real_realness = float("nan")
         report = WorkerReport(
             d_loss=d_loss,
             real_realness=real_realness,
@@ -223,8 +281,9 @@ class EntGAN(Algorithm):
             bytes_received=counters.bytes_received - bytes_before[1],
             comm_wait_s=counters.wait_seconds - bytes_before[2],
             compute_s=time.perf_counter() - started,
+            epsilon=self.private.epsilon() if self.private is not None else 0.0,
         )
-        self.upload_in_flight = self.upload_discriminator(report)
+        self.upload_in_flight = self.upload_discriminator(report, round_index)
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator")
@@ -238,22 +297,29 @@ class EntGAN(Algorithm):
         fake_batches: list[torch.Tensor] = []
         losses, real_scores, fake_scores = [], [], []
         for step in range(plan.d_steps):
-            real = self.real.next()
-            self.d_optimizer.zero_grad(set_to_none=True)
-            if step == 0 and self.overlap.real_half_first:
-                # The real-data half needs no G: compute it while G's layers are still arriving.
-                loss_real, real_score = real_loss(self.D, real, task)
-                loss_real.backward()
+            if self.private is not None:
+                # DP-SGD clips each real and fake sample in one step over both batches (each real
+                # record charged once), so the real half cannot run ahead while G is still arriving.
                 fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
-                loss_fake, fake_score = fake_loss(self.D, fakes, task)
-                loss_fake.backward()
-                loss = loss_real.detach() + loss_fake.detach()
+                loss_value, real_score, fake_score = self.private.step(self.private.sample_real(self.real.images), fakes)
             else:
-                fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
-                loss, real_score, fake_score = discriminator_loss(self.D, real, fakes, task)
-                loss.backward()
-            self.d_optimizer.step()
-            losses.append(loss.item())
+                real = self.real.next()
+                self.d_optimizer.zero_grad(set_to_none=True)
+                if step == 0 and self.overlap.real_half_first:
+                    # The real-data half needs no G: compute it while G's layers are still arriving.
+                    loss_real, real_score = real_loss(self.D, real, task)
+                    loss_real.backward()
+                    fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
+                    loss_fake, fake_score = fake_loss(self.D, fakes, task)
+                    loss_fake.backward()
+                    loss = loss_real.detach() + loss_fake.detach()
+                else:
+                    fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
+                    loss, real_score, fake_score = discriminator_loss(self.D, real, fakes, task)
+                    loss.backward()
+                self.d_optimizer.step()
+                loss_value = loss.item()
+            losses.append(loss_value)
             real_scores.append(real_score)
             fake_scores.append(fake_score)
         steps = len(losses)
@@ -298,21 +364,57 @@ class EntGAN(Algorithm):
         self.noniid.mix(self.D, self.peer_D)
         task = self.context.task
         for _ in range(self.noniid.config.steps):
+            if self.private is not None:
+                # Private too, as it reads real data. The regulariser reads only fakes and the peer's
+                # (already private) D, so its gradient joins after the noise.
+                real = self.private.sample_real(self.real.images)
+                self.private.step(real, fakes, regulariser=lambda: self.noniid.regulariser(self.D, self.peer_D, fakes))
+                continue
             loss, _, _ = discriminator_loss(self.D, self.real.next(), fakes, task)
             loss = loss + self.noniid.regulariser(self.D, self.peer_D, fakes)
             self.d_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.d_optimizer.step()
 
-    def upload_discriminator(self, report: WorkerReport) -> Transfer | None:
-        """Send (trunk_k, head_k) plus the round report to the server, asynchronously."""
-        report_values = report.to_tensor().to(self.context.device)
-        payload = torch.cat([flatten(self.layout.update_tensors(self.D, self.context.task)), report_values])
-        return self.overlap.outgoing(self.transport.send([payload], SERVER_RANK, "discriminator-update"))
+    def upload_discriminator(self, report: WorkerReport, round_index: int) -> Transfer | None:
+        """Send (trunk_k, head_k) plus the round report to the server, asynchronously, in an
+        authenticated envelope the server validates before averaging."""
+        named = self.layout.named_update_tensors(self.D, self.context.task)
+        transfer = send_update(
+            self.transport,
+            self.context.session_keys[SERVER_RANK],
+            flatten([tensor for _, tensor in named]),
+            report.to_tensor(),
+            UpdateLayout.of(named),
+            round_index,
+            SERVER_RANK,
+            "discriminator-update",
+        )
+        return self.overlap.outgoing(transfer)
 
     def worker_finish(self) -> None:
         settle(self.incoming_generator, self.incoming_discriminator, self.upload_in_flight)
         self.incoming_generator = self.incoming_discriminator = None
+
+    def worker_state(self) -> dict[str, Any]:
+        """D_k as the next round will start with it: the models in flight are received first
+        (a stall on checkpoint rounds only)."""
+        settle(self.incoming_generator, self.incoming_discriminator)
+        self.incoming_generator = self.incoming_discriminator = None
+        if self.private is not None:
+            raise NotImplementedError("resuming a differentially private run is not supported yet")
+        return {
+            "discriminator": self.D.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "latent_stream": self.latent_stream.get_state(),
+        }
+
+    def load_worker_state(self, state: dict[str, Any]) -> None:
+        self.D.load_state_dict(state["discriminator"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.latent_stream.set_state(state["latent_stream"])
 
     def worker_digest(self) -> dict[str, float]:
         return {
