@@ -258,3 +258,15 @@ def test_stopwatch_accumulates() -> None:
     assert 1.0 <= watch.total("compute") < 1.1 and watch.count("compute") == 2
     assert watch.total("never") == 0.0
     assert set(watch.as_dict()) == {"comm_wait", "compute"}
+
+
+def test_peak_rss_monitor_does_not_count_paused_work() -> None:
+    monitor = PeakRSSMonitor(interval_s=0.005).start()
+    with monitor.paused():
+        ballast = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        ballast.add_(1)
+        time.sleep(0.05)
+    del ballast
+    time.sleep(0.02)
+    monitor.stop()
+    assert monitor.increase_bytes < 32 * 2**20

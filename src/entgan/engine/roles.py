@@ -17,12 +17,14 @@ import torch
 from tqdm import tqdm
 
 from entgan.algorithms.base import Algorithm
-from entgan.config import StopConfig
+from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.transport import Transfer
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
 from entgan.metrics.classifier import DomainClassifier
+from entgan.models import build_generator
+from entgan.models.generator import Generator
 from entgan.plots import plot_training, save_image_grid
 from entgan.rundir import RunDirectory
 
@@ -39,15 +41,25 @@ class Evaluation:
     seed: int
 
     def run(self, algorithm: Algorithm, run_dir: RunDirectory, round_index: int) -> dict[str, float]:
-        generator = algorithm.generator
-        latents = torch.Generator().manual_seed(self.seed)  # the same latents at every evaluation
-        fakes = {
-            name: generator.sample(task, self.samples_per_task, generator=latents)
-            for task, name in enumerate(self.task_names)
-        }
+        fakes = self.samples(algorithm.generator)
         for name, images in fakes.items():
             save_image_grid(images[: self.grid_size], run_dir.sample_grid_path(name, round_index))
         return self.evaluator.evaluate(fakes).to_dict()
+
+    def samples(self, generator: Generator) -> dict[str, torch.Tensor]:
+        latents = torch.Generator().manual_seed(self.seed)  # the same latents at every evaluation
+        return {
+            name: generator.sample(task, self.samples_per_task, generator=latents)
+            for task, name in enumerate(self.task_names)
+        }
+
+    def warm_up(self, config: RunConfig) -> None:
+        """One throwaway evaluation of an untrained generator, so the harness's lasting allocations
+        (lazy initialisation, allocator arenas) belong to the idle baseline, not to the method."""
+        rng_state = torch.get_rng_state()
+        generator = build_generator(config.model, config.image_shape, len(config.tasks))
+        self.evaluator.evaluate(self.samples(generator))
+        torch.set_rng_state(rng_state)
 
 
 def build_evaluation(context: RunContext, classifier: DomainClassifier) -> Evaluation:
@@ -143,8 +155,10 @@ def serve(
     config = context.config
     run_dir = RunDirectory(context.run_dir)
     evaluation = build_evaluation(context, classifier)
-    # Baseline = the idle runtime (interpreter, torch, evaluation harness); the increase over it is
-    # what the method itself costs the server: models, optimizer state, buffers, activations.
+    evaluation.warm_up(config)
+    # Baseline = the idle runtime (interpreter, torch, a warmed-up evaluation harness); the increase
+    # over it is what the method itself costs the server: models, optimizer state, buffers,
+    # activations. Evaluation and checkpoint writing are paused out of the window.
     memory = PeakRSSMonitor().start()
     algorithm.server_setup()
     counters = context.transport.counters
@@ -181,27 +195,28 @@ def serve(
             **round_metrics,
         }
         harness_started = time.perf_counter()
-        every_seconds = config.eval.every_seconds
-        if (
-            is_last
-            or is_eval_round(round_number, config.eval.every, config.rounds)
-            or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
-        ):
-            quality = evaluation.run(algorithm, run_dir, round_number)
-            row.update(quality)
-            latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
-            clock.last_eval_s = train_clock
-        run_dir.append_metrics(row)  # before the checkpoint: a checkpoint's round is always logged
-        rows.append(row)
-        if is_checkpoint_round(round_number, config.checkpoint.every) or is_last:
-            engine = {
-                "round": round_number,
-                "train_clock_s": train_clock,
-                "last_eval_s": clock.last_eval_s,
-                "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
-            }
-            state = checkpoint_state(context, algorithm, round_number, engine)
-            run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
+        with memory.paused():  # evaluation and checkpoints are the harness, not the method
+            every_seconds = config.eval.every_seconds
+            if (
+                is_last
+                or is_eval_round(round_number, config.eval.every, config.rounds)
+                or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
+            ):
+                quality = evaluation.run(algorithm, run_dir, round_number)
+                row.update(quality)
+                latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
+                clock.last_eval_s = train_clock
+            run_dir.append_metrics(row)  # before the checkpoint: a checkpoint's round is always logged
+            rows.append(row)
+            if is_checkpoint_round(round_number, config.checkpoint.every) or is_last:
+                engine = {
+                    "round": round_number,
+                    "train_clock_s": train_clock,
+                    "last_eval_s": clock.last_eval_s,
+                    "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
+                }
+                state = checkpoint_state(context, algorithm, round_number, engine)
+                run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
         clock.harness_s += time.perf_counter() - harness_started
         progress.update(1)
         progress.set_postfix(_progress_fields(row, latest), refresh=False)

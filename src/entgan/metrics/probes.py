@@ -8,6 +8,8 @@ communication). These probes are deliberately cheap and dependency-light (psutil
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,12 +47,24 @@ class PeakRSSMonitor:
         self._thread: threading.Thread | None = None
         self._baseline = 0
         self._peak = 0
+        self._paused = False
 
     def _sample(self) -> None:
         rss = int(self._process.memory_info().rss)
         with self._lock:
-            if rss > self._peak:
+            if rss > self._peak and not self._paused:
                 self._peak = rss
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Do not count what happens inside (e.g. the evaluation harness, which is not the method)."""
+        with self._lock:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused = False
 
     def _run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
