@@ -130,3 +130,18 @@ def test_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_
     assert len(evaluated) >= 3
     for digest in _worker_digests(run_dir):  # the workers ran exactly as many rounds: same final G
         assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
+
+
+def test_compression_halves_the_traffic_and_keeps_workers_in_step(tmp_path: Path, cache_dir: Path) -> None:
+    plain = launch_local(tiny_config(), tmp_path / "plain", cache_dir=cache_dir, show_progress=False)
+    config = tiny_config(control={"compression": {"enabled": True, "wire_dtype": "float16"}})
+
+    compressed = launch_local(config, tmp_path / "half", cache_dir=cache_dir, show_progress=False)
+
+    for kind in ("generator", "discriminator-update"):
+        key = f"server/bytes_sent/{kind}" if kind == "generator" else f"server/bytes_received/{kind}"
+        # The start-up sync is exact (float32); every round after it travels in half precision.
+        assert compressed[key] < 0.75 * plain[key], kind
+    for digest in _worker_digests(tmp_path / "half"):  # G_k is G up to float16 rounding
+        assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=1e-2, abs=1e-2)
+        assert digest["generator_abs_sum"] > 0

@@ -49,7 +49,7 @@ def _digests(run_dir: Path) -> list[dict[str, Any]]:
 
 # --------------------------------------------------------------------------------------- unit
 def _update(key: bytes, values: torch.Tensor, layout: UpdateLayout, rank: int = 1, round_index: int = 0) -> tuple:
-    header = torch.tensor([MAGIC, VERSION, round_index, rank, layout.fingerprint, values.numel()], dtype=torch.int64)
+    header = torch.tensor([MAGIC, VERSION, round_index, rank, layout.fingerprint, values.numel(), 0], dtype=torch.int64)
     extras = torch.zeros(3)
     return header, extras, values, message_mac(key, header, extras, values)
 
@@ -265,3 +265,39 @@ def test_a_process_without_the_secret_is_refused_before_any_parameter_moves(tmp_
     assert after == before  # the server's model is unchanged
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
     assert not any(event["event"] == "resumed" for event in RunDirectory(run_dir).events())
+
+
+def _stop_when(run_dir: Path, rank: int, rounds_done: int, stopped: dict[str, int]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rows = RunDirectory(run_dir).metrics() if (run_dir / "metrics.jsonl").exists() else []
+        if len(rows) >= rounds_done:
+            stopped["pid"] = RunDirectory(run_dir).pid(rank)
+            os.kill(stopped["pid"], signal.SIGSTOP)  # alive but stuck: only a timeout can tell
+            return
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_hung_worker_is_detected_by_the_round_timeout_and_the_group_restarts(tmp_path: Path, cache_dir: Path) -> None:
+    config = tiny_config(
+        rounds=16, checkpoint={"every": 2}, eval={"every": 8}, faults={"max_restarts": 1},
+        engine={"start_timeout_s": 60, "round_timeout_s": 4},
+    )
+    run_dir = tmp_path / "run"
+    stopped: dict[str, int] = {}
+    hanger = threading.Thread(target=_stop_when, args=(run_dir, 3, 6, stopped), daemon=True)
+    hanger.start()
+    try:
+        summary = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+    finally:
+        if "pid" in stopped:
+            try:
+                os.kill(stopped["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped, "the worker was never stopped"
+    restarts = [event for event in RunDirectory(run_dir).events() if event["event"] == "restart"]
+    assert len(restarts) == 1
+    assert summary["rounds"] == 16
+    assert [row["round"] for row in RunDirectory(run_dir).metrics()] == list(range(1, 17))

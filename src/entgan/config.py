@@ -174,11 +174,21 @@ class AggregationConfig(_Strict):
     each D_k; between syncs, D_k are kept together only by gossip. 0: never sync."""
 
 
+class CompressionConfig(_Strict):
+    """Compression of everything EntGAN moves (G down, D up, D sync, gossip)."""
+
+    enabled: bool = False
+    wire_dtype: Literal["float16", "bfloat16"] = "float16"
+    """Precision of parameters on the wire: half the bytes of float32. The server still averages
+    in float64; models are kept and trained in float32 everywhere."""
+
+
 class ControlConfig(_Strict):
     worker_scheduler: WorkerSchedulerConfig = WorkerSchedulerConfig()
     server_scheduler: ServerSchedulerConfig = ServerSchedulerConfig()
     noniid: NonIIDConfig = NonIIDConfig()
     overlap: OverlapConfig = OverlapConfig()
+    compression: CompressionConfig = CompressionConfig()
 
 
 class EvalConfig(_Strict):

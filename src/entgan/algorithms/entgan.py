@@ -64,6 +64,9 @@ class EntGAN(Algorithm):
         self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
         self.layout = DiscriminatorLayout(self.D)
         self.overlap = OverlapController(config.control.overlap)
+        compression = config.control.compression
+        # Per-round traffic travels in half precision when compression is on (the start is exact).
+        self.wire_dtype: torch.dtype | None = getattr(torch, compression.wire_dtype) if compression.enabled else None
 
     @property
     def generator(self) -> Generator:
@@ -178,12 +181,14 @@ class EntGAN(Algorithm):
         the real-data half of their next D step while the server is still busy with G."""
         if not self.is_sync_round(round_index):
             return None
-        transfer = self.transport.send_to_many(model_tensors(self.D), self.context.worker_ranks, "discriminator")
+        transfer = self.transport.send_to_many(
+            model_tensors(self.D), self.context.worker_ranks, "discriminator", self.wire_dtype
+        )
         return self.overlap.outgoing(transfer)
 
     def broadcast_generator(self) -> Transfer | None:
         """Send G to every worker layer by layer; the overlap controller decides when to wait."""
-        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator")
+        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator", self.wire_dtype)
         return self.overlap.outgoing(transfer)
 
     def is_sync_round(self, round_index: int) -> bool:
@@ -271,7 +276,8 @@ class EntGAN(Algorithm):
 
         settle(self.upload_in_flight)
         if self.private is not None:
-            # Figures computed on real data outside DP-SGD would leak past the privacy budget: not sent.
+            # Loss and realness on real data are not privatised: sending them would spend privacy
+            # that epsilon does not count.
             d_loss = real_realness = float("nan")
         report = WorkerReport(
             d_loss=d_loss,
@@ -286,8 +292,10 @@ class EntGAN(Algorithm):
         self.upload_in_flight = self.upload_discriminator(report, round_index)
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
-            self.incoming_discriminator = self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator")
-        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator")
+            self.incoming_discriminator = self.transport.receive(
+                model_tensors(self.D), SERVER_RANK, "discriminator", self.wire_dtype
+            )
+        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", self.wire_dtype)
         self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
 
     def update_discriminator(self, plan: WorkerPlan) -> tuple[float, float, float, torch.Tensor]:
@@ -301,7 +309,8 @@ class EntGAN(Algorithm):
                 # DP-SGD clips each real and fake sample in one step over both batches (each real
                 # record charged once), so the real half cannot run ahead while G is still arriving.
                 fakes = self._fakes_for_step(plan, step, fake_batches, batch_size)
-                loss_value, real_score, fake_score = self.private.step(self.private.sample_real(self.real.images), fakes)
+                real = self.private.sample_real(self.real.images)
+                loss_value, real_score, fake_score = self.private.step(real, fakes)
             else:
                 real = self.real.next()
                 self.d_optimizer.zero_grad(set_to_none=True)
@@ -351,7 +360,7 @@ class EntGAN(Algorithm):
         if partners is None:
             return None
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
-        snapshot = flatten(model_tensors(self.D))
+        snapshot = flatten(model_tensors(self.D)).to(self.wire_dtype or torch.float32)
         incoming = torch.empty_like(snapshot)
         transfer = self.transport.exchange(snapshot, send_to, incoming, receive_from, "gossip")
         return transfer, incoming
@@ -389,6 +398,7 @@ class EntGAN(Algorithm):
             round_index,
             SERVER_RANK,
             "discriminator-update",
+            self.wire_dtype or torch.float32,
         )
         return self.overlap.outgoing(transfer)
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -42,6 +43,13 @@ _BODY_TAG_OFFSET = 64
 def base_kind(kind: str) -> str:
     """The kind bytes are booked under: an envelope's header and body count as one message kind."""
     return kind.removesuffix(BODY_SUFFIX)
+
+
+def _on_wire(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
+    """`tensor` as it travels: floating-point tensors in `wire_dtype` (a copy), the rest as is."""
+    if wire_dtype is None or not tensor.is_floating_point() or tensor.dtype == wire_dtype:
+        return tensor
+    return tensor.to(wire_dtype)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -90,9 +98,15 @@ class Transfer:
     computing with the first layers of G while the last ones are still in flight.
     """
 
-    def __init__(self, works: Sequence[dist.Work | None], counters: TrafficCounters) -> None:
+    def __init__(
+        self,
+        works: Sequence[dist.Work | None],
+        counters: TrafficCounters,
+        on_arrival: Sequence[Callable[[], None] | None] | None = None,
+    ) -> None:
         self._works = list(works)
         self._counters = counters
+        self._on_arrival = list(on_arrival) if on_arrival is not None else [None] * len(self._works)
 
     def __len__(self) -> int:
         return len(self._works)
@@ -105,6 +119,9 @@ class Transfer:
         work.wait()
         self._counters.wait_seconds += time.perf_counter() - started
         self._works[index] = None
+        arrived = self._on_arrival[index]
+        if arrived is not None:  # e.g. widen a half-precision wire copy into the model's tensor
+            arrived()
 
     def wait(self) -> None:
         for index in range(len(self._works)):
@@ -115,7 +132,11 @@ class Transfer:
         """One handle for several transfers of the same rank (e.g. an envelope's header and body)."""
         if not transfers:
             raise ValueError("nothing to combine")
-        return cls([work for transfer in transfers for work in transfer._works], transfers[0]._counters)
+        return cls(
+            [work for transfer in transfers for work in transfer._works],
+            transfers[0]._counters,
+            [callback for transfer in transfers for callback in transfer._on_arrival],
+        )
 
     @property
     def done(self) -> bool:
@@ -148,23 +169,39 @@ class Transport:
             self.counters.sent[base_kind(kind)] += tensor_bytes(tensor)
         return Transfer(works, self.counters)
 
-    def receive(self, buffers: Iterable[torch.Tensor], src: int, kind: str) -> Transfer:
-        """Receive into the given buffers in order (asynchronously), e.g. a model's own tensors."""
+    def receive(
+        self, buffers: Iterable[torch.Tensor], src: int, kind: str, wire_dtype: torch.dtype | None = None
+    ) -> Transfer:
+        """Receive into the given buffers in order (asynchronously), e.g. a model's own tensors.
+
+        With `wire_dtype`, floating-point tensors arrive in that precision into a wire copy and are
+        widened into the buffer as each one is waited for (so layer-by-layer use still works)."""
         tag = self._tag(kind)
-        works = []
+        works, on_arrival = [], []
         for buffer in buffers:
             if not buffer.is_contiguous():
                 raise ValueError("receive buffers must be contiguous")
-            works.append(dist.irecv(buffer, src=src, tag=tag))
-            self.counters.received[base_kind(kind)] += tensor_bytes(buffer)
-        return Transfer(works, self.counters)
+            if wire_dtype is not None and buffer.is_floating_point() and buffer.dtype != wire_dtype:
+                wire = torch.empty_like(buffer, dtype=wire_dtype)
+                on_arrival.append(partial(buffer.copy_, wire))
+            else:
+                wire = buffer
+                on_arrival.append(None)
+            works.append(dist.irecv(wire, src=src, tag=tag))
+            self.counters.received[base_kind(kind)] += tensor_bytes(wire)
+        return Transfer(works, self.counters, on_arrival)
 
-    def send_to_many(self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str) -> Transfer:
-        """Send the same tensors to several ranks, layer-major: every rank gets layer 0 first."""
+    def send_to_many(
+        self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str, wire_dtype: torch.dtype | None = None
+    ) -> Transfer:
+        """Send the same tensors to several ranks, layer-major: every rank gets layer 0 first.
+
+        With `wire_dtype` (e.g. float16), floating-point tensors travel in that precision; the
+        receiver must use `receive(..., wire_dtype=)` with the same dtype."""
         tag = self._tag(kind)
         works = []
         for tensor in tensors:
-            payload = tensor.detach().contiguous()
+            payload = _on_wire(tensor.detach(), wire_dtype).contiguous()
             for dst in dsts:
                 works.append(dist.isend(payload, dst=dst, tag=tag))
                 self.counters.sent[base_kind(kind)] += tensor_bytes(payload)

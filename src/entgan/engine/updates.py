@@ -3,8 +3,9 @@
 An update is a flat float32 vector of model tensors (e.g. a discriminator's trunk and one head)
 plus a few float "extras" (the worker's round report). It travels as two messages:
 
-    header  int64[6]  magic, version, round, sender rank, layout fingerprint, number of values
-    body    float32[extras], float32[values], uint8[32] HMAC over header + extras + values
+    header  int64[7]  magic, version, round, sender rank, layout fingerprint, number of values,
+                      wire precision of the values (float32, or float16/bfloat16 when compressed)
+    body    float32[extras], values, uint8[32] HMAC over header + extras + values
 
 The header comes first on the kind's own tag, so the server can receive from whichever worker is
 ready (any source) and then size the body buffer from the header: a wrongly shaped update is
@@ -28,7 +29,8 @@ from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
 
 MAGIC = 0x454E5447  # "ENTG"
 VERSION = 1
-HEADER_SIZE = 6
+HEADER_SIZE = 7
+WIRE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
 MAX_VALUES = 1 << 28
 """Largest body the server agrees to receive at all (1 GiB of float32); beyond it, the sender is
 not speaking this protocol and the run stops with a clear error instead of allocating."""
@@ -94,12 +96,16 @@ def send_update(
     round_index: int,
     dst: int,
     kind: str,
+    wire_dtype: torch.dtype = torch.float32,
 ) -> Transfer:
-    """Send one update (asynchronously); `values` and `extras` must not change before wait()."""
-    values = values.detach().reshape(-1).to(torch.float32)
+    """Send one update (asynchronously); `values` and `extras` must not change before wait().
+
+    `wire_dtype` float16/bfloat16 halves the upload (the server averages in float64 regardless)."""
+    values = values.detach().reshape(-1).to(wire_dtype)
     extras = extras.detach().reshape(-1).to(torch.float32)
     header = torch.tensor(
-        [MAGIC, VERSION, round_index, transport.rank, layout.fingerprint, values.numel()], dtype=torch.int64
+        [MAGIC, VERSION, round_index, transport.rank, layout.fingerprint, values.numel(), WIRE_DTYPES.index(wire_dtype)],
+        dtype=torch.int64,
     )
     mac = message_mac(key, header, extras, values).to(values.device)
     header_transfer = transport.send([header.to(values.device)], dst, kind)
@@ -134,7 +140,7 @@ def refusal_reason(
     """Why the server must refuse an update received from `rank` in round `round_index`, or None."""
     if not mac_matches(key, mac, header, extras, values):
         return "its HMAC does not verify under the worker's session key (forged or corrupted)"
-    _, _, sent_round, sender, fingerprint, count = (int(v) for v in header.tolist())
+    _, _, sent_round, sender, fingerprint, count, _ = (int(v) for v in header.tolist())
     if sender != rank or sent_round != round_index:
         return f"it claims rank {sender}, round {sent_round + 1} (replayed or misrouted)"
     if count != layout.numel or values.numel() != layout.numel:
@@ -166,14 +172,14 @@ class UpdateReceiver:
     def receive(self, kind: str, expected: Sequence[int], round_index: int) -> Update | Refusal:
         rank = self.transport.receive_from_any(self._header, kind, expected)
         header = [int(v) for v in self._header.tolist()]
-        magic, version, count = header[0], header[1], header[5]
-        if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES:
+        magic, version, count, precision = header[0], header[1], header[5], header[6]
+        if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= precision < len(WIRE_DTYPES):
             raise ProtocolError(
                 f"rank {rank} sent a '{kind}' message that is not an update envelope (header {header}); "
                 "is it running the same EntGAN version?"
             )
         extras = torch.empty(self.extras_size, dtype=torch.float32, device=self.transport.device)
-        values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
+        values = torch.empty(count, dtype=WIRE_DTYPES[precision], device=self.transport.device)
         mac = torch.empty(MAC_BYTES, dtype=torch.uint8, device=self.transport.device)
         self.transport.receive([extras, values, mac], rank, kind + BODY_SUFFIX).wait()
 
@@ -182,4 +188,4 @@ class UpdateReceiver:
         )
         if reason is not None:
             return Refusal(rank, round_index, reason)
-        return Update(rank, values, extras)
+        return Update(rank, values.to(torch.float32), extras)
