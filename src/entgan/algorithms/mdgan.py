@@ -1,0 +1,281 @@
+"""MD-GAN: one generator on the server, one discriminator per worker (Hardy, Le Merrer, Sericola,
+"MD-GAN: Multi-Discriminator Generative Adversarial Networks for Distributed Datasets", IPDPS 2019,
+arXiv:1811.03850).
+
+Who holds what: the server holds G and its optimizer; worker n holds its own D_n (initialised
+locally, never averaged, never seen by the server) and its data. What moves each round: two
+generated batches down to every worker ("fake-batch"), the error feedback dL_G/dx up from every
+worker ("feedback"), and every P rounds each D_n to another worker ("gossip", peer-to-peer).
+G's parameters never leave the server.
+
+    setup:    worker n: build D_n; send (task t_n, shard size m_n) to the server
+              server:   build G; announce the swap period P = round(E * mean_n(m_n) / b) rounds
+                        (E local epochs at one real batch of b per round)
+    round i = 1, 2, ...:
+      server:   for each worker n:  X(d)_n := G(Z, t_n)   (no graph)
+                                    X(g)_n := G(Z', t_n)  (graph kept until F_n arrives)
+                                    send (X(d)_n, X(g)_n) to worker n
+      worker n: X(r)_n := b samples of the local shard
+                L times: D_n := D_n - lr * grad L_D(X(r)_n, X(d)_n)    (task t_n's head)
+                F_n := { dL_G(D_n(X(g)_n)) / dx  for x in X(g)_n }
+                send F_n to the server
+                if i mod P == 0: send D_n to worker pi_i(n); D_n := the D received from pi_i^-1(n)
+      server:   grad_w := 1/N sum_n sum_{x in X(g)_n} F_n(x) . dx/dw   (X(g)_n.backward(F_n) as each
+                          F_n lands, which frees that batch's graph; then the division by N)
+                G := Adam step with grad_w
+
+Choices where the paper leaves room or the multi-task setting asks for one:
+- The paper's server generates k <= N distinct batches and hands each worker two of them. Here G is
+  task-conditioned and a worker's batches must be of its own task, so each worker gets two batches
+  of its own: N no-grad passes and N passes whose graphs the server holds until the feedback is in.
+  Those N graphs are this method's real memory cost on the server.
+- pi_i is a random derangement drawn from the run seed and the swap's index (`swap_partners`), so
+  every worker agrees on it without a coordinator, and every worker sends and receives exactly one
+  D. The whole D moves (trunk and every task's head); each worker keeps its own Adam state, as the
+  paper swaps parameters only. With one worker there is no one to swap with.
+- Epochs count real samples drawn; shards may differ in size, so the period is computed once by
+  the server from the mean shard (the paper's shards are equal) and every worker swaps together.
+- Losses are the project's shared non-saturating GAN losses (the same for every method).
+- F_n travels in the engine's authenticated update envelope (`engine.updates`), like every upload
+  the server acts on; a refused F_n is logged and left out, and N counts the accepted ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, generator_loss, summarise_reports
+from entgan.algorithms.local_training import (
+    ArrivingUpdates,
+    StepMeans,
+    UploadMeter,
+    discriminator_step,
+    model_digest,
+    receive_hellos,
+    reject_privacy,
+    send_hello,
+    upload,
+)
+from entgan.control.overlap import settle
+from entgan.data.sources import ImageDataset
+from entgan.engine.context import SERVER_RANK
+from entgan.engine.parameters import flatten, model_tensors, unflatten_into
+from entgan.engine.transport import Transfer
+from entgan.engine.updates import UpdateLayout
+from entgan.models import build_discriminator, build_generator
+from entgan.models.discriminator import Discriminator
+from entgan.models.generator import Generator
+
+FEEDBACK_FIGURES = 2
+"""Floats a worker appends to its feedback: its G loss and the realness D_n gives X(g)_n."""
+
+
+# ---------------------------------------------------------------------- the method's math
+def error_feedback(discriminator: Discriminator, fakes: torch.Tensor, task: int) -> tuple[torch.Tensor, float, float]:
+    """Worker: F = dL_G/dx for every image x of `fakes` (the generator loss on D's `task` head).
+
+    Only the images get gradients; D is not updated by this pass. Returns (F, loss, realness).
+    """
+    images = fakes.detach().requires_grad_(True)
+    loss, realness = generator_loss(discriminator, images, task)  # type: ignore[arg-type]
+    (feedback,) = torch.autograd.grad(loss, images)
+    return feedback, loss.item(), realness
+
+
+def backpropagate_feedback(fakes: torch.Tensor, feedback: torch.Tensor) -> None:
+    """Server: add sum_x F(x) . dx/dw to G's gradients through `fakes`' graph (the chain rule), and
+    free that graph. Summed over the workers and divided by their number (`average_gradients`),
+    this is the gradient of the workers' mean G loss, as if G were trained against every D_n at once."""
+    fakes.backward(feedback.view_as(fakes))
+
+
+def average_gradients(module: torch.nn.Module, count: int) -> None:
+    """Divide the gradients summed over `count` workers' feedback by `count` (the paper's 1/N)."""
+    for parameter in module.parameters():
+        if parameter.grad is not None:
+            parameter.grad.div_(count)
+
+
+def swap_period(swap_every_epochs: float, shard_sizes: list[int], batch_size: int) -> int:
+    """Rounds between two swaps: E epochs of the mean shard at one real batch of `batch_size` per round."""
+    if not shard_sizes:
+        raise ValueError("no worker shards to compute the swap period from")
+    mean_shard = sum(shard_sizes) / len(shard_sizes)
+    return max(1, round(swap_every_epochs * mean_shard / batch_size))
+
+
+def swap_partners(num_workers: int, seed: int, swap_index: int) -> list[int]:
+    """pi for swap number `swap_index`: worker n sends its D to worker pi[n]. A derangement (nobody
+    keeps its own D) drawn from the run seed, so every worker computes the same one on its own."""
+    if num_workers < 2:
+        raise ValueError(f"a swap needs at least 2 workers, found {num_workers}")
+    stream = torch.Generator().manual_seed(seed * 1_000_003 + swap_index)
+    while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e
+        permutation = torch.randperm(num_workers, generator=stream).tolist()
+        if all(target != source for source, target in enumerate(permutation)):
+            return permutation
+
+
+class MDGAN(Algorithm):
+    name = "mdgan"
+
+    @property
+    def generator(self) -> Generator:
+        return self.G
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.optimizer.batch_size
+
+    def _feedback_layout(self) -> UpdateLayout:
+        return UpdateLayout.of([("feedback", torch.empty(self.batch_size, *self.config.image_shape))])
+
+    # ------------------------------------------------------------------ server
+    def server_setup(self) -> None:
+        config = self.config
+        reject_privacy(config)
+        torch.manual_seed(config.seed)
+        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(self.context.device)
+        self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
+        self.latent_stream = self.context.generator_seed(2)
+        layout = self._feedback_layout()
+        self.feedbacks = ArrivingUpdates(
+            self.context, "feedback", FEEDBACK_FIGURES + WorkerReport.SIZE, layout_of=lambda rank: layout
+        )
+        counts = receive_hellos(self.context)
+        self.swap_period = swap_period(config.baselines.mdgan.swap_every_epochs, list(counts.values()), self.batch_size)
+        period = torch.tensor([self.swap_period], dtype=torch.int64, device=self.context.device)
+        self.transport.send_to_many([period], self.context.worker_ranks, "hello").wait()
+
+    def server_round(self, round_index: int) -> dict[str, float]:
+        graphs, sends = self.generate_and_send()
+        self.g_optimizer.zero_grad(set_to_none=True)
+        reports: dict[int, WorkerReport] = {}
+        figures = StepMeans(FEEDBACK_FIGURES)
+        for update in self.feedbacks.round(round_index):
+            backpropagate_feedback(graphs.pop(update.rank), update.values)
+            worker_figures, report = update.extras.split([FEEDBACK_FIGURES, WorkerReport.SIZE])
+            figures.add(*worker_figures.tolist())
+            reports[update.rank] = WorkerReport.from_tensor(report)
+        graphs.clear()  # the graphs of refused feedback are dropped unused
+        if reports:
+            average_gradients(self.G, len(reports))
+            self.g_optimizer.step()
+        settle(*sends)
+        g_loss, g_realness = figures.means()
+        return {
+            "g_loss": g_loss,
+            "g_steps": 1.0 if reports else 0.0,
+            "g_fake_realness": g_realness,
+            "refused_updates": float(self.feedbacks.refused),
+            **summarise_reports(reports),
+        }
+
+    def generate_and_send(self) -> tuple[dict[int, torch.Tensor], list[Transfer]]:
+        """Two batches of its own task for every worker; X(g)_n keeps its graph for the feedback.
+
+        A worker's batches leave as soon as they exist, so it starts its D steps while the server
+        is still generating for the next workers."""
+        graphs: dict[int, torch.Tensor] = {}
+        sends: list[Transfer] = []
+        for rank in self.context.worker_ranks:
+            task = self.context.task_of(rank)
+            with torch.no_grad():
+                for_discriminator = self.G(self._latents(), task)
+            for_generator = self.G(self._latents(), task)
+            sends.append(self.transport.send([for_discriminator, for_generator], rank, "fake-batch"))
+            graphs[rank] = for_generator
+        return graphs, sends
+
+    def _latents(self) -> torch.Tensor:
+        return self.G.sample_latent(self.batch_size, generator=self.latent_stream)
+
+    def server_state(self) -> dict[str, Any]:
+        return {"generator": self.G.state_dict(), "generator_optimizer": self.g_optimizer.state_dict()}
+
+    # ------------------------------------------------------------------ worker
+    def worker_setup(self, shard: ImageDataset) -> None:
+        config = self.config
+        reject_privacy(config)
+        device = self.context.device
+        torch.manual_seed(config.seed + self.context.rank)  # the paper initialises each D_n locally
+        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
+        self.real = RealBatches(shard, self.batch_size, self.context.generator_seed(1), device)
+        self.fakes_for_discriminator = torch.empty(self.batch_size, *config.image_shape, device=device)
+        self.fakes_for_generator = torch.empty_like(self.fakes_for_discriminator)
+        self.feedback_layout = self._feedback_layout()
+        send_hello(self.context, len(shard))
+        period = torch.zeros(1, dtype=torch.int64, device=device)
+        self.transport.receive([period], SERVER_RANK, "hello").wait()
+        self.swap_period = int(period.item())
+        self.meter = UploadMeter(self.transport.counters)
+        self.upload_in_flight: Transfer | None = None
+        self.swap_in_flight: tuple[Transfer, torch.Tensor] | None = None
+        self.swaps = 0
+        self.first_swap_round = self.last_swap_round = 0
+        self.last_sent_sum = 0.0
+
+    def worker_round(self, round_index: int) -> None:
+        incoming = self.transport.receive(
+            [self.fakes_for_discriminator, self.fakes_for_generator], SERVER_RANK, "fake-batch"
+        )
+        real = self.real.next()  # X(r)_n, drawn while the fakes are in flight
+        self.finish_swap()
+        incoming.wait()
+        task = self.context.task
+        d_figures = StepMeans(3)  # loss, real realness, fake realness
+        for _ in range(self.config.baselines.mdgan.d_steps):
+            d_figures.add(*discriminator_step(self.D, self.d_optimizer, real, self.fakes_for_discriminator, task))
+        feedback, g_loss, g_realness = error_feedback(self.D, self.fakes_for_generator, task)
+        # The swap is posted before the feedback leaves (both asynchronous) only so that this
+        # round's report counts its bytes; D_n has produced F_n either way.
+        round_number = round_index + 1
+        if self.config.num_workers > 1 and round_number % self.swap_period == 0:
+            self.start_swap(round_number)
+        settle(self.upload_in_flight)
+        report = self.meter.report(*d_figures.means())
+        self.meter.restart()  # the upload below is booked in the next report
+        extras = torch.cat([torch.tensor([g_loss, g_realness]), report.to_tensor()]).to(feedback.device)
+        self.upload_in_flight = upload(self.context, feedback, extras, self.feedback_layout, round_index, "feedback")
+
+    def start_swap(self, round_number: int) -> None:
+        """Send D_n to pi(n) and post the receive of pi^-1(n)'s D; it lands before D_n is used again."""
+        partners = swap_partners(self.config.num_workers, self.config.seed, self.swaps)
+        me = self.context.worker_index
+        send_to = self.context.rank_of_worker(partners[me])
+        receive_from = self.context.rank_of_worker(partners.index(me))
+        outgoing = flatten(model_tensors(self.D))
+        incoming = torch.empty_like(outgoing)
+        transfer = self.transport.exchange(outgoing, send_to, incoming, receive_from, "gossip")
+        self.swap_in_flight = (transfer, incoming)
+        self.swaps += 1
+        self.first_swap_round = self.first_swap_round or round_number
+        self.last_swap_round = round_number
+        self.last_sent_sum = float(outgoing.double().sum())
+
+    def finish_swap(self) -> None:
+        if self.swap_in_flight is None:
+            return
+        transfer, incoming = self.swap_in_flight
+        transfer.wait()
+        unflatten_into(incoming, model_tensors(self.D))
+        self.swap_in_flight = None
+
+    def worker_finish(self) -> None:
+        settle(self.upload_in_flight)
+        self.upload_in_flight = None
+        self.finish_swap()
+
+    def worker_digest(self) -> dict[str, float]:
+        """Which swaps happened, and the D sent away last vs. the D held now (tests trace swaps)."""
+        return {
+            "swap_period": float(self.swap_period),
+            "swaps": float(self.swaps),
+            "first_swap_round": float(self.first_swap_round),
+            "last_swap_round": float(self.last_swap_round),
+            "last_sent_discriminator_sum": self.last_sent_sum,
+            **model_digest(self.D, "discriminator"),
+        }
