@@ -206,9 +206,9 @@ class EvalConfig(_Strict):
 class EngineConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """`auto`: NCCL when CUDA is available, otherwise gloo."""
-    start_timeout_s: Annotated[float, Field(gt=0)] = 120.0
+    start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
     """Process-group timeout during start-up (rendezvous, first exchange)."""
-    round_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     """Process-group timeout once training runs: a stuck peer surfaces as an error after this."""
     threads_per_process: PositiveInt = 1
 
@@ -353,7 +353,7 @@ class RunConfig(_Strict):
     """A whole run: tasks, data, models, algorithm, control modules, evaluation, engine."""
 
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")] = "entgan-run"
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
     algorithm: AlgorithmName = "entgan"
     rounds: PositiveInt = 50
     data: DataConfig = DataConfig()
@@ -378,6 +378,12 @@ class RunConfig(_Strict):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+        return self
+
+    @model_validator(mode="after")
+    def _privacy_supported(self) -> RunConfig:
+        if self.privacy.enabled and self.algorithm != "entgan":
+            raise ValueError(f"privacy.enabled: DP-SGD is implemented for 'entgan' only, not '{self.algorithm}'")
         return self
 
     @property

@@ -93,7 +93,8 @@ class WorkerReport:
     comm_wait_s: float = 0.0
     compute_s: float = 0.0
     epsilon: float = 0.0
-    """Differential privacy spent by this worker so far (at `privacy.delta`); 0 when privacy is off."""
+    """Differential privacy spent by this worker so far (at `privacy.delta`); 0 when privacy is
+    off, and then left out of the metrics (0 would read as "perfectly private")."""
 
     SIZE: ClassVar[int] = 8
 
@@ -105,7 +106,11 @@ class WorkerReport:
         return cls(*[float(v) for v in values.tolist()])
 
     def as_metrics(self, rank: int) -> dict[str, float]:
-        return {f"worker{rank}/{field.name}": getattr(self, field.name) for field in fields(self)}
+        return {
+            f"worker{rank}/{field.name}": getattr(self, field.name)
+            for field in fields(self)
+            if not (field.name == "epsilon" and self.epsilon == 0.0)
+        }
 
 
 assert WorkerReport.SIZE == len(fields(WorkerReport))

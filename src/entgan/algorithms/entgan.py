@@ -47,7 +47,7 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import Refusal, UpdateLayout, UpdateReceiver, send_update
+from entgan.engine.updates import Refusal, UpdateLayout, UpdateReceiver, send_update, update_problem
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
@@ -369,6 +369,8 @@ class EntGAN(Algorithm):
         """Non-IID optimizer, update: mix in the peer's D, then fit own data while held to the peer."""
         transfer, incoming = gossip
         transfer.wait()
+        if update_problem(incoming, self.config.security.max_update_norm) is not None:
+            return  # a broken peer (NaN, exploded) must not spread: skip this exchange, keep own D_k
         unflatten_into(incoming, model_tensors(self.peer_D))
         self.noniid.mix(self.D, self.peer_D)
         task = self.context.task
@@ -411,13 +413,13 @@ class EntGAN(Algorithm):
         (a stall on checkpoint rounds only)."""
         settle(self.incoming_generator, self.incoming_discriminator)
         self.incoming_generator = self.incoming_discriminator = None
-        if self.private is not None:
-            raise NotImplementedError("resuming a differentially private run is not supported yet")
         return {
             "discriminator": self.D.state_dict(),
             "discriminator_optimizer": self.d_optimizer.state_dict(),
             "real_batches": self.real.state_dict(),
             "latent_stream": self.latent_stream.get_state(),
+            # The privacy spent so far: a resumed run keeps counting epsilon, never restarts at 0.
+            "private": self.private.state_dict() if self.private is not None else None,
         }
 
     def load_worker_state(self, state: dict[str, Any]) -> None:
@@ -425,6 +427,8 @@ class EntGAN(Algorithm):
         self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.real.load_state_dict(state["real_batches"])
         self.latent_stream.set_state(state["latent_stream"])
+        if self.private is not None:
+            self.private.load_state_dict(state["private"])
 
     def worker_digest(self) -> dict[str, float]:
         return {

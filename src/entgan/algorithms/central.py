@@ -1,0 +1,119 @@
+"""Central: one multi-task GAN trained on the pooled data of every task, in one place.
+
+The quality reference, not a private method: it is what the distributed methods would reach if
+the edge's data could be gathered. Same models, batch size, losses, Adam settings and steps per
+round as the others (`server_generator.StepsPerRound`).
+
+Who holds what: the server holds G, D and every task's images (all workers' shards together).
+What moves: nothing. The engine still starts the K worker processes; they take part in no
+exchange and their rounds do nothing.
+
+    init: G, D as every method builds them (same seed)
+    round:
+      server:  d_steps times: D := D - lr * grad L_D(real, G(z, t))
+                   real: a batch of the pooled data, every task equally represented (as in G's
+                   batches); the fakes are generated for the same tasks, each judged by its
+                   task's head
+               g_steps times: G := G - lr * grad L_G(D(G(z, t), t))
+      workers: nothing
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from entgan.algorithms.base import Algorithm, RealBatches, adam, balanced_tasks
+from entgan.algorithms.server_generator import (
+    StepsPerRound,
+    reject_entgan_only_features,
+    train_discriminator,
+    train_generator,
+)
+from entgan.data import build_tasks, load_source
+from entgan.data.sources import ImageDataset
+from entgan.data.tasks import TaskData
+from entgan.models import build_discriminator, build_generator
+from entgan.models.generator import Generator
+
+
+class PooledBatches:
+    """Batches of the pooled data with every task equally represented, each task's images
+    reshuffled per epoch from one seeded stream."""
+
+    def __init__(
+        self, tasks: list[TaskData], batch_size: int, generator: torch.Generator, device: torch.device
+    ) -> None:
+        per_task = torch.bincount(balanced_tasks(batch_size, len(tasks), torch.device("cpu")), minlength=len(tasks))
+        if int(per_task.min()) == 0:
+            raise ValueError(f"optimizer.batch_size ({batch_size}) must be at least the number of tasks ({len(tasks)})")
+        self._batches = [
+            RealBatches(task.dataset, int(count), generator, device) for task, count in zip(tasks, per_task)
+        ]
+        sizes = torch.tensor([batches.batch_size for batches in self._batches])  # a small task caps its share
+        self.tasks = torch.repeat_interleave(torch.arange(len(tasks)), sizes).to(device)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and their task ids."""
+        return torch.cat([batches.next() for batches in self._batches]), self.tasks
+
+
+class Central(Algorithm):
+    name = "central"
+
+    @property
+    def generator(self) -> Generator:
+        return self.G
+
+    # ------------------------------------------------------------------ server
+    def server_setup(self) -> None:
+        reject_entgan_only_features(self.config, self.name)
+        config = self.config
+        device = self.context.device
+        torch.manual_seed(config.seed)  # the same initial G and D as every other method
+        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
+        self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
+        self.steps = StepsPerRound.from_config(config)
+        self.real = PooledBatches(
+            build_tasks(config, load_source(config.data)),
+            config.optimizer.batch_size,
+            self.context.generator_seed(1),
+            device,
+        )
+        self.latent_stream = self.context.generator_seed(2)
+
+    def server_round(self, round_index: int) -> dict[str, float]:
+        d_stats = train_discriminator(
+            self.D, self.d_optimizer, self.steps.d_steps, self.real.next, self.G, self.latent_stream
+        )
+        self.D.requires_grad_(False)  # G's steps need gradients through D, not for D
+        g_loss, realness = train_generator(
+            self.G, self.g_optimizer, [self.D] * self.steps.g_steps, self.config.optimizer.batch_size, len(self.config.tasks)
+        )
+        self.D.requires_grad_(True)
+        return {
+            "g_loss": g_loss,
+            "g_steps": float(self.steps.g_steps),
+            "g_fake_realness": realness,
+            "d_loss": d_stats.loss,
+            "d_real_realness": d_stats.real_realness,
+            "d_fake_realness": d_stats.fake_realness,
+        }
+
+    def server_state(self) -> dict[str, Any]:
+        return {
+            "generator": self.G.state_dict(),
+            "discriminator": self.D.state_dict(),
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+        }
+
+    # ------------------------------------------------------------------ worker
+    def worker_setup(self, shard: ImageDataset) -> None:
+        """A worker's data is pooled at the server in this method; the worker has nothing to do."""
+
+    def worker_round(self, round_index: int) -> None:
+        """No exchange, no local training."""
