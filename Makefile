@@ -28,5 +28,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# The figures quoted in the README's Results: the headline bench (every method, 2 tasks, 4 workers,
+# server-memory sweep at 2/4/8 workers) and the ablations under IID and Dirichlet data, one report
+# per config in $(BENCH_OUT)/<config name>/bench.md. About 37 minutes on 2 CPU cores (benchmarks/README.md).
+# Every config runs even if one has a failed run; the target fails at the end if any did.
+BENCH_CONFIGS ?= benchmarks/mnist-2tasks-4workers.yaml benchmarks/ablations-iid.yaml benchmarks/ablations-dirichlet.yaml
+BENCH_OUT ?= runs/bench
+bench: $(STAMP)
+	@status=0; for config in $(BENCH_CONFIGS); do \
+	  $(BIN)/entgan bench $$config --out $(BENCH_OUT)/$$(basename $$config .yaml) --overwrite || status=1; \
+	done; exit $$status
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

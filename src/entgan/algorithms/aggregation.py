@@ -43,6 +43,9 @@ class RunningAverage:
     cases), so the same seed gives the same model whichever worker answers first.
     """
 
+    CHUNK = 1 << 16
+    """Values widened to float64 at a time: the server never holds a float64 copy of an update."""
+
     def __init__(self, size: int, device: torch.device | None = None) -> None:
         self._sum = torch.zeros(size, dtype=torch.float64, device=device)
         self.total_weight = 0.0
@@ -53,9 +56,25 @@ class RunningAverage:
             raise ValueError(f"update has {vector.numel()} values, expected {self._sum.numel()}")
         if weight <= 0:
             raise ValueError(f"update weight must be positive, found {weight}")
-        self._sum.add_(vector.reshape(-1).to(torch.float64), alpha=weight)
+        flat = vector.reshape(-1)
+        for start in range(0, flat.numel(), self.CHUNK):
+            self._sum[start : start + self.CHUNK].add_(flat[start : start + self.CHUNK].to(torch.float64), alpha=weight)
         self.total_weight += weight
         self.count += 1
+
+    def write_mean_into(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Copy the mean into `tensors` (in `flatten` order) tensor by tensor, with no full-size
+        temporary: the same values as `unflatten_into(self.mean(), tensors)`."""
+        if self.count == 0:
+            raise ValueError("no update was added")
+        if numel(tensors) != self._sum.numel():
+            raise ValueError(f"tensors hold {numel(tensors)} values, the average has {self._sum.numel()}")
+        offset = 0
+        with torch.no_grad():
+            for tensor in tensors:
+                part = self._sum[offset : offset + tensor.numel()]
+                tensor.copy_((part / self.total_weight).to(torch.float32).view_as(tensor))
+                offset += tensor.numel()
 
     def reset(self) -> None:
         self._sum.zero_()
@@ -122,9 +141,9 @@ class DiscriminatorAverager:
     def write_into(self, discriminator: Discriminator) -> None:
         """Load the averages into `discriminator`; heads of tasks with no update are left as they are."""
         state = discriminator.state_dict(keep_vars=True)
-        unflatten_into(self._trunk.mean(), [state[name].data for name in self.layout.trunk_names])
+        self._trunk.write_mean_into([state[name].data for name in self.layout.trunk_names])
         for task in self.tasks_with_updates():
-            unflatten_into(self._heads[task].mean(), [state[name].data for name in self.layout.head_names[task]])
+            self._heads[task].write_mean_into([state[name].data for name in self.layout.head_names[task]])
 
     def reset(self) -> None:
         self._trunk.reset()

@@ -31,8 +31,11 @@ the longer of the two updates instead of their sum.
                  D^{t+1} := sample-weighted average of the D_k
                  send G^{t+1}, D^{t+1} to every device
 
-Both schedules average with EntGAN's multi-task rule (`DiscriminatorAverager`, a running sum, never
-K copies) and send asynchronously, waiting for a broadcast only before the model it carries changes.
+As in the paper, the server first collects every device's result and then computes their average
+(so it holds the K uploaded discriminators at once; averaging on arrival without the copies is
+EntGAN's own step 3, not Ren et al.'s). The average uses the same multi-task rule as EntGAN (trunk
+over all devices, each head over its task's devices, sample-weighted), and broadcasts are sent
+asynchronously, waited for only before the model they carry changes.
 """
 
 from __future__ import annotations
@@ -50,17 +53,21 @@ class _RenDistributedGAN(ServerGenerator):
     def server_setup(self) -> None:
         super().server_setup()
         self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
+        self.collected: dict[int, torch.Tensor] = {}
 
     def absorb_upload(self, rank: int, values: torch.Tensor) -> None:
-        self.averager.add(values, self.context.task_of(rank), self.sample_counts[rank])
+        self.collected[rank] = values.clone()  # the devices' results, kept until all have arrived
 
     def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
         """D := weighted average of this round's accepted D_k (D stays as it was if none was)."""
-        self.averager.reset()
         reports, refused = self.gather_uploads(round_index)
         self.settle_discriminator_send()
-        if self.averager.count:
+        if self.collected:
+            self.averager.reset()
+            for rank, values in sorted(self.collected.items()):
+                self.averager.add(values, self.context.task_of(rank), self.sample_counts[rank])
             self.averager.write_into(self.D)
+        self.collected.clear()
         return reports, refused
 
     def update_generator(self) -> tuple[float, float]:

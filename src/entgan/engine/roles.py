@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +60,10 @@ class Evaluation:
         (lazy initialisation, allocator arenas) belong to the idle baseline, not to the method."""
         rng_state = torch.get_rng_state()
         generator = build_generator(config.model, config.image_shape, len(config.tasks))
-        self.evaluator.evaluate(self.samples(generator))
+        fakes = self.samples(generator)
+        self.evaluator.evaluate(fakes)
+        with tempfile.TemporaryDirectory() as scratch:  # the image writer's first use, too
+            save_image_grid(next(iter(fakes.values()))[: self.grid_size], Path(scratch) / "grid.png")
         torch.set_rng_state(rng_state)
 
 

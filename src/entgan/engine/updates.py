@@ -168,6 +168,19 @@ class UpdateReceiver:
         self.layout_of = layout_of
         self.max_norm = max_norm
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
+        self._body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def _buffers(self, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Receive buffers, reused while updates keep their size: one update in memory at a time.
+        (An accepted update's values are consumed before the next receive overwrites them.)"""
+        if self._body is None or self._body[1].numel() != count or self._body[1].dtype != dtype:
+            device = self.transport.device
+            self._body = (
+                torch.empty(self.extras_size, dtype=torch.float32, device=device),
+                torch.empty(count, dtype=dtype, device=device),
+                torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
+            )
+        return self._body
 
     def receive(self, kind: str, expected: Sequence[int], round_index: int) -> Update | Refusal:
         rank = self.transport.receive_from_any(self._header, kind, expected)
@@ -178,9 +191,7 @@ class UpdateReceiver:
                 f"rank {rank} sent a '{kind}' message that is not an update envelope (header {header}); "
                 "is it running the same EntGAN version?"
             )
-        extras = torch.empty(self.extras_size, dtype=torch.float32, device=self.transport.device)
-        values = torch.empty(count, dtype=WIRE_DTYPES[precision], device=self.transport.device)
-        mac = torch.empty(MAC_BYTES, dtype=torch.uint8, device=self.transport.device)
+        extras, values, mac = self._buffers(count, WIRE_DTYPES[precision])
         self.transport.receive([extras, values, mac], rank, kind + BODY_SUFFIX).wait()
 
         reason = refusal_reason(
@@ -188,4 +199,4 @@ class UpdateReceiver:
         )
         if reason is not None:
             return Refusal(rank, round_index, reason)
-        return Update(rank, values.to(torch.float32), extras)
+        return Update(rank, values, extras.clone())

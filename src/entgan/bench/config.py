@@ -1,0 +1,289 @@
+"""Typed, validated benchmark configuration: which methods, on which workload, against which yardsticks.
+
+A bench config names one base run configuration (inline, or a path to a run YAML) that every run
+shares: tasks, data split, models, optimizer, seed. On top of it the bench lists the methods to
+compare, EntGAN variants for ablations (a name and dotted-path overrides of the base), the target
+FID and time budget that every run is measured against, an optional memory sweep over worker
+counts and an optional rate-limited network.
+
+Everything is checked when the file is read, including every run configuration the bench will
+launch (each override applied and validated), so a typo fails in a second, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from entgan.config import AlgorithmName, ConfigError, RunConfig, _format_validation_error, load_config
+
+Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+OVERALL_FID = "fid/overall"
+QUICK_TIME_BUDGET_S = 15.0
+"""`--quick`: training clock per timed run (a smoke run checks the bench, it measures nothing)."""
+QUICK_SWEEP_ROUNDS = 3
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VariantConfig(_Strict):
+    """One ablation: a method (EntGAN by default) with some of the base configuration changed."""
+
+    name: Label
+    """Row label and run-directory name; unique among the bench's methods and variants."""
+    algorithm: AlgorithmName = "entgan"
+    overrides: dict[str, Any] = {}
+    """Dotted paths into the run configuration and their values, e.g.
+    `control.overlap.enabled: false` or `tasks.0.partition: dirichlet`."""
+
+
+class MemorySweepConfig(_Strict):
+    """Server memory against the number of workers: short runs of fixed length at each count."""
+
+    workers: Annotated[list[PositiveInt], Field(min_length=1)]
+    """Total worker counts, spread over the base's tasks as evenly as possible (first tasks get the
+    remainder); each count needs at least one worker per task."""
+    rounds: PositiveInt = 20
+    """Rounds per sweep run (no time budget: the same work at every count)."""
+    methods: list[AlgorithmName] | None = None
+    """Methods swept; default: every method of the bench."""
+
+    @field_validator("workers")
+    @classmethod
+    def _distinct_counts(cls, workers: list[int]) -> list[int]:
+        if len(set(workers)) != len(workers):
+            raise ValueError(f"worker counts must be distinct, found {workers}")
+        return sorted(workers)
+
+
+class NetworkConfig(_Strict):
+    """A rate-limited link: every rank of a run talks over the loopback of a private network
+    namespace, shaped with a token-bucket filter (`tc ... tbf`), so the rate is one shared link."""
+
+    rate_mbit: PositiveFloat
+    burst_kbit: PositiveFloat = 32.0
+    """Token-bucket size; must hold at least one packet of `mtu` bytes."""
+    latency_ms: PositiveFloat = 50.0
+    """Longest a packet may wait in the bucket's queue before it is dropped."""
+    mtu: Annotated[int, Field(ge=576, le=65536)] = 1500
+    """MTU given to the namespace's loopback (its default, 64 KiB, exceeds any sensible burst,
+    and a token bucket drops every packet larger than its burst)."""
+    required: bool = True
+    """If the namespace cannot be made (no rights, no `unshare` or `tc`): stop with an error
+    (true) or run unconstrained and say so in the report (false)."""
+
+    @model_validator(mode="after")
+    def _burst_holds_a_packet(self) -> NetworkConfig:
+        burst_bytes = self.burst_kbit * 1000 / 8
+        if burst_bytes < self.mtu:
+            raise ValueError(
+                f"burst_kbit {self.burst_kbit:g} ({burst_bytes:.0f} bytes) is smaller than one packet "
+                f"of mtu {self.mtu} bytes; the link would drop every full-size packet"
+            )
+        return self
+
+
+class BenchConfig(_Strict):
+    """A whole benchmark: the shared workload, the contenders and the yardsticks."""
+
+    name: Label = "bench"
+    base: RunConfig
+    """The run configuration every run starts from: a mapping, or a path to a run YAML (relative
+    to the bench file), with `base_overrides` applied."""
+    base_overrides: dict[str, Any] = {}
+    """Dotted paths changed in the base for every run, e.g. `tasks.0.partition: dirichlet` (lets
+    several benches share one workload file)."""
+    methods: list[AlgorithmName] = []
+    """Methods compared on the base configuration, each run as it is (its `algorithm` swapped)."""
+    ablations: list[VariantConfig] = []
+    target_fid: PositiveFloat
+    """The quality bar on `fid/overall`: wall-clock to reach it is the speed figure."""
+    time_budget_s: PositiveFloat
+    """Training wall-clock each run gets; a run ends after the round that passes it."""
+    eval_every_s: PositiveFloat | None = None
+    """Evaluate whenever the training clock advanced this much (default: every 5% of the budget),
+    in addition to the base's `eval.every` rounds. Sets the time resolution of time-to-target."""
+    target_confirmations: PositiveInt = 1
+    """Evaluations in a row that must be at or below the target for it to count as reached (the
+    time is that of the first of them). Above 1, a lucky dip of a noisy FID curve does not count."""
+    stop_at_target: bool = False
+    """End a run as soon as it reaches the target FID (quicker; the FID within the budget is then
+    unknown, and the report says so). Needs `target_confirmations: 1`: the engine stops at the
+    first evaluation at or below the target."""
+    max_rounds: PositiveInt = 100_000
+    """Round cap of the timed runs: a safety net, the time budget is what ends them."""
+    reference: Label | None = "entgan"
+    """Row the others are compared with (ratios of time to target and of server memory);
+    ignored when the bench does not run it."""
+    memory_sweep: MemorySweepConfig | None = None
+    network: NetworkConfig | None = None
+    run_timeout_s: PositiveFloat | None = None
+    """Kill a run (and record it as failed) after this much wall-clock; default: 3x the budget
+    plus 10 minutes for start-up and evaluations."""
+
+    @model_validator(mode="after")
+    def _runs_and_stop_consistent(self) -> BenchConfig:
+        if not self.methods and not self.ablations:
+            raise ValueError("a bench needs at least one entry in methods or ablations")
+        if self.stop_at_target and self.target_confirmations != 1:
+            raise ValueError("stop_at_target needs target_confirmations: 1 (runs end at the first evaluation "
+                             f"at or below the target), found target_confirmations: {self.target_confirmations}")
+        return self
+
+    @property
+    def labels(self) -> list[str]:
+        """Row labels of the timed runs, methods first, in the order they run."""
+        return [*self.methods, *(variant.name for variant in self.ablations)]
+
+    @property
+    def evaluation_interval_s(self) -> float:
+        return self.eval_every_s if self.eval_every_s is not None else self.time_budget_s / 20
+
+    @property
+    def timeout_s(self) -> float:
+        return self.run_timeout_s if self.run_timeout_s is not None else 3 * self.time_budget_s + 600
+
+    def swept_methods(self) -> list[str]:
+        if self.memory_sweep is None:
+            return []
+        return list(self.memory_sweep.methods) if self.memory_sweep.methods is not None else list(self.methods)
+
+    def quick(self) -> BenchConfig:
+        """A smoke run of the same bench: every step exercised, no figure meaningful."""
+        budget = min(self.time_budget_s, QUICK_TIME_BUDGET_S)
+        sweep = self.memory_sweep
+        if sweep is not None:
+            sweep = sweep.model_copy(update={"rounds": min(sweep.rounds, QUICK_SWEEP_ROUNDS)})
+        return self.model_copy(
+            update={"time_budget_s": budget, "eval_every_s": budget / 3, "memory_sweep": sweep, "run_timeout_s": None}
+        )
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of `data` with each dotted path set to its value (list items by index).
+
+    Missing mapping keys are created, so a misspelt field reaches the run configuration's own
+    validation and comes back as an 'unknown field' error naming it.
+    """
+    result = copy.deepcopy(data)
+    for path, value in overrides.items():
+        parts = path.split(".")
+        if not all(parts):
+            raise ValueError(f"'{path}' is not a dotted path")
+        node: Any = result
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ValueError(f"'{path}': {where} needs a list index below {len(node)}")
+                key: int | str = int(part)
+            elif isinstance(node, dict):
+                key = part
+                if not last and node.get(key) is None:
+                    node[key] = {}
+            else:
+                raise ValueError(f"'{path}': {'.'.join(parts[:depth])} is a value, not a section")
+            if last:
+                node[key] = copy.deepcopy(value)
+            else:
+                node = node[key]
+    return result
+
+
+def variant_config_data(base: RunConfig, variant: VariantConfig) -> dict[str, Any]:
+    """The run configuration mapping of an ablation variant (before the bench's timing settings)."""
+    data = apply_overrides(base.model_dump(mode="json"), variant.overrides)
+    data["algorithm"] = variant.algorithm
+    return data
+
+
+def split_workers(total: int, task_count: int) -> list[int]:
+    """`total` workers over `task_count` tasks, as evenly as possible, the first tasks taking the rest."""
+    if total < task_count:
+        raise ValueError(f"{total} workers cannot serve {task_count} tasks (each task needs one)")
+    share, rest = divmod(total, task_count)
+    return [share + (1 if index < rest else 0) for index in range(task_count)]
+
+
+def _cross_check(bench: BenchConfig) -> list[str]:
+    """Problems pydantic cannot see field by field, as '  - location: message' lines."""
+    problems: list[str] = []
+    labels = bench.labels
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        problems.append(
+            f"  - ablations: names must differ from each other and from the methods, duplicated: {duplicates}"
+        )
+    for index, variant in enumerate(bench.ablations):
+        location = f"ablations.{index}.overrides"
+        try:
+            data = variant_config_data(bench.base, variant)
+        except ValueError as error:
+            problems.append(f"  - {location}: {error}")
+            continue
+        try:
+            RunConfig.model_validate(data)
+        except ValidationError as error:
+            for line in _format_validation_error(error, location).splitlines()[1:]:
+                problems.append(line.replace("  - ", f"  - {location}: ", 1))
+    if bench.memory_sweep is not None:
+        for index, count in enumerate(bench.memory_sweep.workers):
+            try:
+                split_workers(count, len(bench.base.tasks))
+            except ValueError as error:
+                problems.append(f"  - memory_sweep.workers.{index}: {error}")
+    return problems
+
+
+def parse_bench_config(data: object, origin: str = "<bench config>", relative_to: Path | None = None) -> BenchConfig:
+    """Validate a mapping (e.g. parsed YAML) into a `BenchConfig`, or raise `ConfigError`.
+
+    A string `base` is a path to a run YAML, read relative to `relative_to` (the bench file's folder).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level, found {type(data).__name__}")
+    data = dict(data)
+    if isinstance(data.get("base"), str):
+        base_path = Path(data["base"])
+        if not base_path.is_absolute() and relative_to is not None:
+            base_path = relative_to / base_path
+        try:
+            data["base"] = load_config(base_path).model_dump(mode="json")
+        except ConfigError as error:
+            raise ConfigError(f"{origin}: base: {error}") from None
+    base_overrides = data.get("base_overrides")
+    if isinstance(data.get("base"), dict) and isinstance(base_overrides, dict) and base_overrides:
+        try:
+            data["base"] = apply_overrides(data["base"], base_overrides)
+        except ValueError as error:
+            raise ConfigError(f"{origin}: invalid configuration\n  - base_overrides: {error}") from None
+    try:
+        bench = BenchConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, origin)) from None
+    problems = _cross_check(bench)
+    if problems:
+        raise ConfigError("\n".join([f"{origin}: invalid configuration", *problems]))
+    return bench
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    """Read and validate a bench YAML file, or raise `ConfigError` naming the file and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: bench config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_bench_config(data, origin=str(path), relative_to=path.parent)

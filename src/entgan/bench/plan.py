@@ -1,0 +1,102 @@
+"""From a bench configuration to the list of runs it launches, each with its full run configuration.
+
+Three groups of runs, in this order:
+- `methods`: every listed method on the base configuration, under the bench's time budget;
+- `ablations`: every variant (the base with overrides), under the same budget;
+- `memory_sweep`: each swept method at each worker count, for a fixed number of rounds.
+
+Timed runs evaluate every `eval_every_s` of training clock and stop after the round that passes the
+budget (or, with `stop_at_target`, at the first evaluation at or below the target FID).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from entgan.bench.config import BenchConfig, VariantConfig, split_workers, variant_config_data
+from entgan.config import ConfigError, RunConfig, parse_config
+
+RunGroup = Literal["methods", "ablations", "memory_sweep"]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the bench: where it goes, what row it fills, and its complete configuration."""
+
+    key: str
+    """Unique name: the run directory, the config file and the log are named after it."""
+    group: RunGroup
+    label: str
+    """Row label: the method's name, or the ablation variant's."""
+    config: RunConfig
+
+    @property
+    def algorithm(self) -> str:
+        return self.config.algorithm
+
+    @property
+    def workers(self) -> int:
+        return self.config.num_workers
+
+
+def _timed(bench: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
+    data = {**data, "rounds": bench.max_rounds}
+    data["stop"] = {
+        "time_budget_s": bench.time_budget_s,
+        "target_fid": bench.target_fid,
+        "end_at_target": bench.stop_at_target,
+    }
+    data["eval"] = {**data["eval"], "every_seconds": bench.evaluation_interval_s}
+    return data
+
+
+def _validated(data: dict[str, Any], key: str) -> RunConfig:
+    """The bench builds these itself, so a failure here means the bench and the engine disagree."""
+    return parse_config(data, origin=f"run '{key}' built by the bench")
+
+
+def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_sweep: bool = True) -> list[PlannedRun]:
+    """Every run of `bench`, optionally restricted to the rows named in `only` (methods or variants).
+
+    Raises ConfigError if `only` names a row the bench does not have.
+    """
+    if only is not None:
+        known = [*bench.labels, *(m for m in bench.swept_methods() if m not in bench.labels)]
+        unknown = sorted(set(only) - set(known))
+        if unknown:
+            raise ConfigError(f"--methods: {unknown} not in this bench; it has {known}")
+    wanted = (lambda label: label in only) if only is not None else (lambda label: True)
+    base = bench.base.model_dump(mode="json")
+    runs: list[PlannedRun] = []
+    for method in filter(wanted, bench.methods):
+        key = method
+        data = {**base, "algorithm": method, "name": f"{bench.name}-{key}"}
+        runs.append(PlannedRun(key, "methods", method, _validated(_timed(bench, data), key)))
+    for variant in bench.ablations:
+        if wanted(variant.name):
+            runs.append(_ablation_run(bench, variant))
+    if with_sweep and bench.memory_sweep is not None:
+        for method in filter(wanted, bench.swept_methods()):
+            for count in bench.memory_sweep.workers:
+                key = f"sweep-{method}-k{count}"
+                tasks = [
+                    {**task, "workers": workers}
+                    for task, workers in zip(base["tasks"], split_workers(count, len(base["tasks"])), strict=True)
+                ]
+                data = {
+                    **base,
+                    "algorithm": method,
+                    "name": f"{bench.name}-{key}",
+                    "rounds": bench.memory_sweep.rounds,
+                    "tasks": tasks,
+                }
+                runs.append(PlannedRun(key, "memory_sweep", method, _validated(data, key)))
+    return runs
+
+
+def _ablation_run(bench: BenchConfig, variant: VariantConfig) -> PlannedRun:
+    data = variant_config_data(bench.base, variant)
+    data["name"] = f"{bench.name}-{variant.name}"
+    return PlannedRun(variant.name, "ablations", variant.name, _validated(_timed(bench, data), variant.name))

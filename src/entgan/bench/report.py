@@ -1,0 +1,451 @@
+"""What a bench leaves behind: `bench.md` (tables a person reads), `bench.json` (every figure, for
+scripts) and plots (FID against training wall-clock per method; server memory against workers).
+
+The report is rewritten after every run, so an interrupted bench still shows what it measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from entgan.bench.config import OVERALL_FID, BenchConfig
+from entgan.bench.network import NetworkStatus
+from entgan.bench.results import RunResult
+from entgan.rundir import atomic_write
+
+MIB = 2**20
+REPORT_MARKDOWN = "bench.md"
+REPORT_JSON = "bench.json"
+FID_PLOT = "plots/fid_vs_time.png"
+ABLATION_FID_PLOT = "plots/ablations_fid_vs_time.png"
+MEMORY_PLOT = "plots/server_memory_vs_workers.png"
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """Circumstances of a bench: how it was started, on what, when."""
+
+    command: str
+    started: str
+    machine: dict[str, Any]
+    network: NetworkStatus
+    quick: bool = False
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the figures were measured on (they mean little without it)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "entgan": _version("entgan"),
+        "load_average_at_start": _load_average(),
+    }
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load_average() -> list[float] | None:
+    return [round(value, 2) for value in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+# --- comparisons ---------------------------------------------------------------------------------
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def reference_ratios(results: Sequence[RunResult], reference: str | None) -> list[dict[str, Any]]:
+    """For every other row: the reference's time to target and server RSS increase divided by the
+    row's (below 1: the reference needs less). Empty when the reference did not run."""
+    by_label = {result.label: result for result in results if result.ok}
+    ref = by_label.get(reference) if reference else None
+    if ref is None:
+        return []
+    return [
+        {
+            "label": result.label,
+            "time_to_target_ratio": _ratio(ref.target.train_clock_s if ref.target else None,
+                                           result.target.train_clock_s if result.target else None),
+            "rss_increase_ratio": _ratio(ref.server_rss_increase_bytes, result.server_rss_increase_bytes),
+        }
+        for result in results
+        if result.ok and result.label != reference
+    ]
+
+
+def memory_sweep_table(results: Sequence[RunResult], reference: str | None) -> dict[str, Any]:
+    """Server peak RSS and its increase per method and worker count, and the reference's increase
+    divided by each other method's at the same count."""
+    swept = [result for result in results if result.group == "memory_sweep"]
+    workers = sorted({result.workers for result in swept})
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for result in swept:
+        by_method.setdefault(result.label, {})[str(result.workers)] = {
+            "status": result.status,
+            "server_peak_rss_bytes": result.server_peak_rss_bytes,
+            "server_rss_increase_bytes": result.server_rss_increase_bytes,
+            "error": result.error,
+        }
+    ratios: dict[str, dict[str, float | None]] = {}
+    if reference in by_method:
+        for method, cells in by_method.items():
+            if method == reference:
+                continue
+            ratios[method] = {
+                count: _ratio(
+                    by_method[reference].get(count, {}).get("server_rss_increase_bytes"),
+                    cell.get("server_rss_increase_bytes"),
+                )
+                for count, cell in cells.items()
+            }
+    return {"workers": workers, "by_method": by_method, "reference": reference, "reference_ratios": ratios}
+
+
+# --- bench.json ----------------------------------------------------------------------------------
+
+
+def report_data(bench: BenchConfig, results: Sequence[RunResult], context: BenchContext) -> dict[str, Any]:
+    groups = {group: [r for r in results if r.group == group] for group in ("methods", "ablations", "memory_sweep")}
+    return {
+        "name": bench.name,
+        "started": context.started,
+        "written": now_iso(),
+        "command": context.command,
+        "quick": context.quick,
+        "machine": {**context.machine, "load_average_at_write": _load_average()},
+        "network": {
+            "requested": bench.network.model_dump(mode="json") if bench.network else None,
+            "active": context.network.active,
+            "description": context.network.describe(),
+        },
+        "target_fid": bench.target_fid,
+        "fid_key": OVERALL_FID,
+        "time_budget_s": bench.time_budget_s,
+        "eval_every_s": bench.evaluation_interval_s,
+        "target_confirmations": bench.target_confirmations,
+        "stop_at_target": bench.stop_at_target,
+        "reference": bench.reference,
+        "base_config": bench.base.model_dump(mode="json"),
+        "runs": {group: [result.to_dict() for result in members] for group, members in groups.items()},
+        "comparison": {
+            "methods": reference_ratios(groups["methods"], bench.reference),
+            "ablations": reference_ratios(groups["ablations"], bench.reference),
+        },
+        "memory_sweep": memory_sweep_table(groups["memory_sweep"], bench.reference),
+        "failures": [{"key": r.key, "error": r.error} for r in results if not r.ok],
+    }
+
+
+# --- bench.md ------------------------------------------------------------------------------------
+
+
+def _number(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mib(value: float | None) -> str:
+    return "–" if value is None else f"{value / MIB:.1f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def _time_to_target(result: RunResult) -> str:
+    if result.target is not None:
+        return f"{result.target.train_clock_s:.1f} (round {result.target.round})"
+    return "not reached"
+
+
+Column = tuple[str, Callable[[RunResult], str]]
+
+
+def main_columns(bench: BenchConfig) -> list[Column]:
+    return [
+        (f"time to FID ≤ {bench.target_fid:g} (s)", _time_to_target),
+        ("FID at end" if bench.stop_at_target else "FID at budget", lambda r: _number(r.final_fid)),
+        ("best FID", lambda r: _number(r.best_fid)),
+        ("rounds", lambda r: str(r.rounds)),
+        ("stopped by", lambda r: r.stopped_because or "–"),
+        ("server peak RSS (MiB)", lambda r: _mib(r.server_peak_rss_bytes)),
+        ("server RSS increase (MiB)", lambda r: _mib(r.server_rss_increase_bytes)),
+        ("server sent (MiB)", lambda r: _mib(r.server_bytes_sent)),
+        ("server received (MiB)", lambda r: _mib(r.server_bytes_received)),
+        ("workers sent (MiB)", lambda r: _mib(r.workers_bytes_sent)),
+        ("workers received (MiB)", lambda r: _mib(r.workers_bytes_received)),
+        ("server comm wait", lambda r: _percent(r.server_comm_wait_share)),
+    ]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _results_section(
+    title: str, row_header: str, results: Sequence[RunResult], bench: BenchConfig, tasks: list[str]
+) -> list[str]:
+    if not results:
+        return []
+    columns = main_columns(bench)
+    lines = [f"## {title}", ""]
+    rows = []
+    for result in results:
+        if result.ok:
+            rows.append([result.label, *(render(result) for _, render in columns)])
+        else:
+            rows.append([result.label, "**failed**", *("–" for _ in columns[1:])])
+    lines += _table([row_header, *(header for header, _ in columns)], rows)
+    lines += ["", "Per task, at the last evaluation:", ""]
+    task_header = [row_header, *(f"FID {task}" for task in tasks), *(f"fidelity {task}" for task in tasks)]
+    task_rows = [
+        [
+            r.label,
+            *(_number(r.fid_by_task.get(task)) for task in tasks),
+            *(_number(r.fidelity_by_task.get(task), 3) for task in tasks),
+        ]
+        for r in results
+        if r.ok
+    ]
+    lines += _table(task_header, task_rows)
+    ratios = reference_ratios(results, bench.reference)
+    if ratios:
+        ref = bench.reference
+        lines += ["", f"Relative to `{ref}` (its figure divided by the row's; below 1: `{ref}` needs less):", ""]
+        lines += _table(
+            [row_header, f"time to target: {ref} ÷ row", f"server RSS increase: {ref} ÷ row"],
+            [[row["label"], _number(row["time_to_target_ratio"], 2), _number(row["rss_increase_ratio"], 2)]
+             for row in ratios],
+        )
+    shaped = [r for r in results if r.shaped_link is not None]
+    if shaped:
+        lines += ["", "Traffic through the shaped link (tbf counters at the end of each run):", ""]
+        lines += _table(
+            [row_header, "bytes", "packets", "dropped"],
+            [[r.label, str(r.shaped_link["bytes"]), str(r.shaped_link["packets"]), str(r.shaped_link["dropped"])]
+             for r in shaped if r.shaped_link],
+        )
+    return [*lines, ""]
+
+
+def _sweep_section(sweep: dict[str, Any]) -> list[str]:
+    if not sweep["by_method"]:
+        return []
+    counts = [str(count) for count in sweep["workers"]]
+    lines = ["## Server memory against the number of workers", "",
+             "Server RSS increase over the idle runtime, MiB (peak RSS in brackets):", ""]
+    rows = []
+    for method, cells in sweep["by_method"].items():
+        row = [method]
+        for count in counts:
+            cell = cells.get(count)
+            if cell is None:
+                row.append("–")
+            elif cell["status"] != "ok":
+                row.append("**failed**")
+            else:
+                row.append(f"{_mib(cell['server_rss_increase_bytes'])} ({_mib(cell['server_peak_rss_bytes'])})")
+        rows.append(row)
+    lines += _table(["method", *(f"K={count}" for count in counts)], rows)
+    if sweep["reference_ratios"]:
+        ref = sweep["reference"]
+        lines += ["", f"`{ref}`'s increase divided by the method's at the same K (below 1: `{ref}` needs less):", ""]
+        lines += _table(
+            ["method", *(f"K={count}" for count in counts)],
+            [[method, *(_number(ratios.get(count), 2) for count in counts)]
+             for method, ratios in sweep["reference_ratios"].items()],
+        )
+    return [*lines, ""]
+
+
+def _workload_lines(bench: BenchConfig) -> list[str]:
+    base = bench.base
+    tasks = "; ".join(
+        f"{t.name}: labels {t.labels}, {t.workers} worker(s), {t.partition}"
+        + (f" (alpha {t.dirichlet_alpha:g})" if t.partition == "dirichlet" else "")
+        for t in base.tasks
+    )
+    stop = "stops at the target" if bench.stop_at_target else "runs the whole budget"
+    streak = (
+        f" that stays there for {bench.target_confirmations} evaluations in a row"
+        if bench.target_confirmations > 1
+        else ""
+    )
+    return [
+        f"- Workload: {base.data.source}, {tasks}; model {base.model.family} (hidden {base.model.hidden_dim}, "
+        f"latent {base.model.latent_dim}); batch {base.optimizer.batch_size}; seed {base.seed}.",
+        f"- Target: `{OVERALL_FID}` ≤ {bench.target_fid:g}. Time budget: {bench.time_budget_s:g} s of training "
+        f"clock per run (evaluation time excluded), evaluation every {bench.evaluation_interval_s:g} s; "
+        f"each run {stop}.",
+        f"- Time to target is the training clock at the first evaluation at or below the target{streak}. "
+        "FID at budget is the last evaluation of the run. Server memory: peak RSS of the server process, and its "
+        "increase over the idle runtime measured before set-up. Comm wait: the server's time blocked on "
+        "transfers, as a share of its training clock after round 1 (set-up transfers excluded).",
+    ]
+
+
+def render_markdown(bench: BenchConfig, results: Sequence[RunResult], context: BenchContext) -> str:
+    data = report_data(bench, results, context)
+    machine = context.machine
+    tasks = [task.name for task in bench.base.tasks]
+    lines = [f"# Bench `{bench.name}`", ""]
+    if context.quick:
+        lines += ["**Quick smoke run (--quick): budgets cut short, figures not meaningful.**", ""]
+    lines += [
+        f"- Command: `{context.command}` (started {context.started}).",
+        f"- Machine: {machine['cpu']}, {machine['usable_cpus']} usable of {machine['logical_cpus']} logical CPUs, "
+        f"{machine['memory_gib']} GiB; {machine['platform']}; Python {machine['python']}, torch {machine['torch']}. "
+        f"Load average at start {machine['load_average_at_start']}, at this writing {_load_average()}.",
+        f"- Network: {context.network.describe()}.",
+        *_workload_lines(bench),
+        "",
+    ]
+    lines += _results_section("Methods", "method", [r for r in results if r.group == "methods"], bench, tasks)
+    lines += _results_section("Ablations", "variant", [r for r in results if r.group == "ablations"], bench, tasks)
+    lines += _sweep_section(data["memory_sweep"])
+    plots = [path for path in (FID_PLOT, ABLATION_FID_PLOT, MEMORY_PLOT) if path in context_plots(bench, results)]
+    if plots:
+        lines += ["## Plots", "", *(f"![{Path(path).stem}]({path})" for path in plots), ""]
+    failures = data["failures"]
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [f"- `{failure['key']}`: {_one_line(failure['error'])}" for failure in failures]
+        lines += [""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str | None, limit: int = 400) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else "…" + flat[-limit:]
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def context_plots(bench: BenchConfig, results: Sequence[RunResult]) -> list[str]:
+    """Which plots this set of results has something to show in."""
+    plots = []
+    if any(r.ok and r.curve for r in results if r.group == "methods"):
+        plots.append(FID_PLOT)
+    if any(r.ok and r.curve for r in results if r.group == "ablations"):
+        plots.append(ABLATION_FID_PLOT)
+    if any(r.ok for r in results if r.group == "memory_sweep"):
+        plots.append(MEMORY_PLOT)
+    return plots
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fid_against_time(results: Sequence[RunResult], bench: BenchConfig, path: Path, title: str) -> Path:
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for result in results:
+        if result.ok and result.curve:
+            clocks, fids = zip(*result.curve)
+            axis.plot(clocks, fids, marker="o", markersize=3, label=result.label)
+    axis.axhline(bench.target_fid, color="black", linestyle="--", linewidth=1, label=f"target {bench.target_fid:g}")
+    axis.axvline(bench.time_budget_s, color="grey", linestyle=":", linewidth=1, label="time budget")
+    axis.set_xlabel("training wall-clock (s)")
+    axis.set_ylabel("FID overall (domain-classifier features)")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, ncol=2)
+    axis.set_title(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_memory_against_workers(results: Sequence[RunResult], path: Path, title: str) -> Path:
+    plt = _pyplot()
+    figure, (increase_axis, peak_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    methods = list(dict.fromkeys(r.label for r in results if r.group == "memory_sweep"))
+    for method in methods:
+        points = sorted((r.workers, r) for r in results if r.group == "memory_sweep" and r.label == method and r.ok)
+        if not points:
+            continue
+        counts = [count for count, _ in points]
+        increase_axis.plot(counts, [r.server_rss_increase_bytes / MIB for _, r in points], marker="o", label=method)
+        peak_axis.plot(counts, [r.server_peak_rss_bytes / MIB for _, r in points], marker="o", label=method)
+    counts = sorted({r.workers for r in results if r.group == "memory_sweep"})
+    for axis, label in ((increase_axis, "server RSS increase over idle (MiB)"), (peak_axis, "server peak RSS (MiB)")):
+        axis.set_xticks(counts)
+        axis.set_ylim(bottom=0)
+        axis.set_xlabel("number of workers K")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def write_report(out_dir: Path, bench: BenchConfig, results: Sequence[RunResult], context: BenchContext) -> Path:
+    """Write bench.json, the plots and bench.md into `out_dir`; return the Markdown file's path."""
+    plots = context_plots(bench, results)
+    if FID_PLOT in plots:
+        plot_fid_against_time([r for r in results if r.group == "methods"], bench, out_dir / FID_PLOT,
+                              f"{bench.name}: FID against training wall-clock")
+    if ABLATION_FID_PLOT in plots:
+        plot_fid_against_time([r for r in results if r.group == "ablations"], bench, out_dir / ABLATION_FID_PLOT,
+                              f"{bench.name}: ablations")
+    if MEMORY_PLOT in plots:
+        plot_memory_against_workers(results, out_dir / MEMORY_PLOT, f"{bench.name}: server memory against workers")
+    data = report_data(bench, results, context)
+    atomic_write(out_dir / REPORT_JSON, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
+    markdown = render_markdown(bench, results, context)
+    atomic_write(out_dir / REPORT_MARKDOWN, lambda handle: handle.write(markdown.encode()))
+    return out_dir / REPORT_MARKDOWN
