@@ -270,3 +270,15 @@ def test_peak_rss_monitor_does_not_count_paused_work() -> None:
     time.sleep(0.02)
     monitor.stop()
     assert monitor.increase_bytes < 32 * 2**20
+
+
+def test_memory_left_resident_by_paused_work_raises_the_baseline_not_the_increase() -> None:
+    monitor = PeakRSSMonitor(interval_s=0.005).start()
+    with monitor.paused():
+        harness = torch.ones(64 * 2**20 // 4)  # stays resident after the pause, like an allocator cache
+    time.sleep(0.05)
+    work = torch.ones(24 * 2**20 // 4)  # the monitored work: 24 MiB
+    time.sleep(0.05)
+    monitor.stop()
+    assert 16 * 2**20 < monitor.increase_bytes < 48 * 2**20
+    del harness, work

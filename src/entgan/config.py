@@ -183,12 +183,22 @@ class CompressionConfig(_Strict):
     in float64; models are kept and trained in float32 everywhere."""
 
 
+class MemoryLayoutConfig(_Strict):
+    """How the server lays out its work in memory."""
+
+    enabled: bool = True
+    generator_microbatch: PositiveInt = 16
+    """G steps run through G and D this many samples at a time, accumulating gradients: the server
+    holds one micro-batch's activations instead of a whole batch's (same update)."""
+
+
 class ControlConfig(_Strict):
     worker_scheduler: WorkerSchedulerConfig = WorkerSchedulerConfig()
     server_scheduler: ServerSchedulerConfig = ServerSchedulerConfig()
     noniid: NonIIDConfig = NonIIDConfig()
     overlap: OverlapConfig = OverlapConfig()
     compression: CompressionConfig = CompressionConfig()
+    memory: MemoryLayoutConfig = MemoryLayoutConfig()
 
 
 class EvalConfig(_Strict):

@@ -160,20 +160,33 @@ class EntGAN(Algorithm):
         return reports, refused
 
     def train_generator(self, steps: int) -> tuple[float, float]:
-        """Step 4: `steps` G updates against the averaged D, every task in every batch."""
+        """Step 4: `steps` G updates against the averaged D, every task in every batch.
+
+        Memory layout: each step's batch goes through G and D in micro-batches whose gradients
+        accumulate, so the server holds one micro-batch's activations at a time, not the batch's;
+        the update is the same (the loss is the batch mean either way)."""
         batch_size = self.config.optimizer.batch_size
+        micro = self.config.control.memory.generator_microbatch if self.config.control.memory.enabled else batch_size
         losses, realness = [], []
         for _ in range(steps):
             tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
-            fakes = self.G(self.G.sample_latent(batch_size), tasks)
-            loss, fooled = generator_loss(self.D, fakes, tasks)
-            if self.warm_start is not None:
-                loss = loss + self.warm_start.replay_loss(self.G)  # old tasks: no forgetting
+            latents = self.G.sample_latent(batch_size)
             self.g_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            step_loss = step_fooled = 0.0
+            for z, task in zip(latents.split(micro), tasks.split(micro), strict=True):
+                share = z.shape[0] / batch_size
+                loss, fooled = generator_loss(self.D, self.G(z, task), task)
+                (loss * share).backward()
+                step_loss += loss.item() * share
+                step_fooled += fooled * share
+            if self.warm_start is not None:  # old tasks: no forgetting
+                replay = self.warm_start.replay_loss(self.G)
+                if replay.requires_grad:
+                    replay.backward()
+                step_loss += replay.item()
             self.g_optimizer.step()
-            losses.append(loss.item())
-            realness.append(fooled)
+            losses.append(step_loss)
+            realness.append(step_fooled)
         return sum(losses) / len(losses), sum(realness) / len(realness)
 
     def send_discriminator(self, round_index: int) -> Transfer | None:

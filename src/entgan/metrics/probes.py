@@ -47,24 +47,33 @@ class PeakRSSMonitor:
         self._thread: threading.Thread | None = None
         self._baseline = 0
         self._peak = 0
+        self._increase = 0
         self._paused = False
 
     def _sample(self) -> None:
         rss = int(self._process.memory_info().rss)
         with self._lock:
-            if rss > self._peak and not self._paused:
-                self._peak = rss
+            if not self._paused:
+                self._peak = max(self._peak, rss)
+                self._increase = max(self._increase, rss - self._baseline)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """Do not count what happens inside (e.g. the evaluation harness, which is not the method)."""
+        """Do not count what happens inside (e.g. the evaluation harness, which is not the method).
+
+        Memory the paused work leaves resident (the allocator keeps freed pages) raises the
+        baseline by as much, so it is not charged to the monitored work either."""
+        self._sample()
+        before = current_rss_bytes()
         with self._lock:
             self._paused = True
         try:
             yield
         finally:
+            left_behind = current_rss_bytes() - before
             with self._lock:
                 self._paused = False
+                self._baseline += max(0, left_behind)
 
     def _run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
@@ -78,6 +87,7 @@ class PeakRSSMonitor:
         self._baseline = current_rss_bytes()
         with self._lock:
             self._peak = self._baseline
+            self._increase = 0
         self._thread = threading.Thread(target=self._run, name="peak-rss-monitor", daemon=True)
         self._thread.start()
         return self
@@ -108,7 +118,7 @@ class PeakRSSMonitor:
 
     @property
     def baseline_bytes(self) -> int:
-        """RSS when `start()` was called: the idle runtime's footprint."""
+        """RSS when `start()` was called (the idle runtime's footprint), plus what paused work left."""
         return self._baseline
 
     @property
@@ -119,8 +129,10 @@ class PeakRSSMonitor:
 
     @property
     def increase_bytes(self) -> int:
-        """Peak minus baseline: the memory the monitored work added."""
-        return max(0, self.peak_bytes - self._baseline)
+        """Largest RSS above the baseline seen while sampling: the memory the monitored work added
+        (the baseline rises by whatever paused work leaves resident)."""
+        with self._lock:
+            return max(0, self._increase)
 
     @staticmethod
     def os_peak_bytes() -> int | None:

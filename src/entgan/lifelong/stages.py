@@ -1,0 +1,183 @@
+"""The work of the train and eval stages, as the stage process runs it (see `stage_process`).
+
+Train: freeze the edge data into a snapshot, build the run's config from the job spec (tasks in the
+knowledge base's order, new tasks last; warm start from the deployed version), and run the real
+engine with `launch_local`. Eval: measure the candidate and the deployed model on the snapshot's
+held-out images, per task, with the same domain classifier and the same latents for both.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from entgan.data.errors import DataError
+from entgan.lifelong.edge import Snapshot, SnapshotTask, build_snapshot
+from entgan.lifelong.spec import JobSpec, TaskLocation
+
+SNAPSHOT_DIR = "data"
+RUN_DIR = "run"
+SUMMARY_KEYS = ("rounds", "train_clock_s", "wall_clock_s", "first_eval", "final_eval")
+
+# Files of an attempt's folder (see `stage_process`).
+REQUEST_FILE = "request.json"
+RESULT_FILE = "result.json"
+ERROR_FILE = "error.json"
+LOG_FILE = "stage.log"
+EXIT_USER_ERROR = 3
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, fsync, rename): readers see all of it or nothing."""
+    from entgan.rundir import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+
+
+def read_json(path: Path) -> Any | None:
+    """The JSON in `path`, or None if there is no such file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Message):
+    version: int
+    checkpoint: Path
+
+
+class TrainRequest(_Message):
+    stage: Literal["train"] = "train"
+    job: str
+    cycle: int
+    spec: JobSpec
+    tasks: list[TaskLocation]
+    """The tasks to train, in order: known tasks first (first-seen order), new tasks last."""
+    parent: ModelRef | None
+    """The deployed version the run warm-starts from (None: trained from scratch)."""
+    cache_dir: Path | None = None
+
+
+class CandidateRef(ModelRef):
+    snapshot: dict[str, Any]
+
+
+class EvalRequest(_Message):
+    stage: Literal["eval"] = "eval"
+    job: str
+    cycle: int
+    spec: JobSpec
+    candidate: CandidateRef
+    deployed: ModelRef | None
+    cache_dir: Path | None = None
+
+
+class StageRequest(_Message):
+    """What the controller writes into an attempt's folder for the stage process to do."""
+
+    request: Annotated[Union[TrainRequest, EvalRequest], Field(discriminator="stage")]
+
+
+def run_train(request: TrainRequest, workdir: Path) -> dict[str, Any]:
+    from entgan.engine.launch import launch_local
+    from entgan.engine.warmstart import check_compatible, load_checkpoint
+    from entgan.rundir import RunDirectory
+
+    spec = request.spec
+    snapshot = build_snapshot(
+        request.tasks, spec.edge.holdout, spec.training.image_size, spec.training.channels, workdir / SNAPSHOT_DIR
+    )
+    config = spec.training.run_config(
+        name=f"{request.job}-cycle{request.cycle:04d}",
+        tasks=[(task.name, task.labels) for task in snapshot.tasks],
+        data_path=snapshot.train_dir,
+        warm_start_from=None if request.parent is None else request.parent.checkpoint,
+    )
+    if config.warm_start is not None:  # a missing or unsuitable parent is the user's to fix: say so here
+        check_compatible(load_checkpoint(config.warm_start.checkpoint).config, config, config.warm_start.checkpoint)
+    run_dir = workdir / RUN_DIR
+    summary = launch_local(config, run_dir, cache_dir=request.cache_dir, show_progress=False)
+    return {
+        "checkpoint": str(RunDirectory(run_dir).latest_checkpoint()),
+        "run_dir": str(run_dir),
+        "snapshot": snapshot.as_dict(),
+        "summary": {key: summary[key] for key in SUMMARY_KEYS},
+    }
+
+
+def read_holdout(snapshot: Snapshot, task: SnapshotTask, image_size: int, channels: int) -> Any:
+    """A task's held-out images as (N, C, H, W) in [-1, 1]."""
+    import torch
+
+    from entgan.data.image_folder import image_files, read_image
+    from entgan.data.transforms import to_model_range
+
+    images = []
+    for folder in task.folders:
+        path = snapshot.holdout_dir / folder
+        if path.is_dir():
+            images.extend(read_image(file, channels, image_size) for file in image_files(path))
+    if len(images) < 2:
+        raise DataError(
+            f"task '{task.name}' has {len(images)} held-out image(s); eval needs at least 2 "
+            f"(add images at its edge location or raise edge.holdout)"
+        )
+    return to_model_range(torch.stack(images))
+
+
+def latent_seed(base: int, task: str) -> int:
+    """The eval latents of one task: the same for every model, whatever the task's index."""
+    return base + zlib.crc32(task.encode())
+
+
+def measure(evaluator: Any, checkpoint: Any, tasks: list[str], samples: int, seed: int) -> dict[str, dict[str, float]]:
+    """FID and task fidelity of a checkpoint's generator for `tasks`."""
+    import torch
+
+    generator = checkpoint.generator.eval()
+    fakes = {}
+    for task in tasks:
+        latents = torch.Generator().manual_seed(latent_seed(seed, task))
+        fakes[task] = generator.sample(checkpoint.config.task_index(task), samples, generator=latents)
+    report = evaluator.evaluate(fakes)
+    return {task: {"fid": report.fid[task], "fidelity": report.fidelity[task]} for task in tasks}
+
+
+def run_eval(request: EvalRequest, workdir: Path) -> dict[str, Any]:
+    from entgan.engine.launch import domain_classifier
+    from entgan.engine.warmstart import load_checkpoint
+    from entgan.metrics import QualityEvaluator
+
+    spec = request.spec
+    candidate = load_checkpoint(request.candidate.checkpoint)
+    snapshot = Snapshot.from_dict(request.candidate.snapshot)
+    classifier = domain_classifier(candidate.config, request.cache_dir)
+    reals = {
+        task.name: read_holdout(snapshot, task, spec.training.image_size, spec.training.channels)
+        for task in snapshot.tasks
+    }
+    evaluator = QualityEvaluator(
+        classifier, reals, {task.name: task.labels for task in snapshot.tasks}, max_real_per_task=None
+    )
+    samples, seed = spec.eval.samples_per_task, spec.eval.seed
+    result: dict[str, Any] = {
+        "candidate": measure(evaluator, candidate, candidate.task_names, samples, seed),
+        "deployed": None,
+        "deployed_tasks": None,
+        "holdout": {name: int(images.shape[0]) for name, images in reals.items()},
+    }
+    if request.deployed is not None:
+        deployed = load_checkpoint(request.deployed.checkpoint)
+        common = [task for task in candidate.task_names if task in deployed.task_names]
+        result["deployed"] = measure(evaluator, deployed, common, samples, seed) if common else {}
+        result["deployed_tasks"] = deployed.task_names
+    return result

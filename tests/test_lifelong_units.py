@@ -1,0 +1,570 @@
+"""Lifelong jobs without training: triggers, state machine, store and knowledge base, deploy rule,
+edge snapshots, and the controller's whole cycle driven by a fake stage launcher (no processes)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from entgan.data import load_source
+from entgan.config import DataConfig
+from entgan.lifelong import Controller, Jobs, Reason, Stage, State
+from entgan.lifelong.decision import decide
+from entgan.lifelong.edge import build_snapshot, count_samples, edge_tasks, held_out
+from entgan.lifelong.spec import DeploySpec, TriggerSpec, parse_job_spec
+from entgan.lifelong.states import InvalidTransition, check_transition
+from entgan.lifelong.store import StaleState
+from entgan.lifelong.triggers import Observation, check_due, evaluate_trigger, in_window
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def write_images(folder: Path, count: int, start: int = 0, seed: int = 0) -> list[Path]:
+    """`count` small grey PNGs named start..start+count-1, written under a dot-name and renamed
+    into place, as an edge device should."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed + start)
+    paths = []
+    for number in range(start, start + count):
+        path = folder / f"{number:05d}.png"
+        temporary = folder / f".{path.name}.part"
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(temporary, format="PNG")
+        temporary.rename(path)
+        paths.append(path)
+    return paths
+
+
+def job_data(edge_root: Path, **overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "digits",
+        "edge": {"root": str(edge_root), "holdout": 0.25},
+        "training": {"rounds": 2, "model": {"latent_dim": 8, "hidden_dim": 16, "task_embedding_dim": 4}},
+        "trigger": {"check_period_s": 10, "conditions": [{"kind": "samples", "at_least": 5}]},
+        "eval": {"samples_per_task": 40},
+        "deploy": {"tolerance": 0.25},
+    }
+    data.update(overrides)
+    return data
+
+
+def trigger(conditions: list[dict[str, Any]], combine: str = "or") -> TriggerSpec:
+    return TriggerSpec.model_validate({"check_period_s": 5, "combine": combine, "conditions": conditions})
+
+
+def observation(now: float = 0.0, samples=None, trained=None, figures=None) -> Observation:
+    return Observation(now=now, samples=samples or {}, trained_samples=trained or {}, deployed_figures=figures)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------------------------ triggers
+
+
+def test_sample_trigger_counts_new_samples_per_task_or_in_total() -> None:
+    per_task = trigger([{"kind": "samples", "at_least": 10, "scope": "per-task"}])
+    total = trigger([{"kind": "samples", "at_least": 10, "scope": "total"}])
+    seen = observation(samples={"A": 16, "B": 14}, trained={"A": 10, "B": 10})
+
+    assert not evaluate_trigger(per_task, seen).fired  # +6 and +4: neither task reaches 10
+    assert evaluate_trigger(total, seen).fired  # but 10 in total
+    assert "A +6, B +4" in evaluate_trigger(per_task, seen).describe()
+    unseen_task = observation(samples={"A": 10, "C": 12}, trained={"A": 10})
+    verdict = evaluate_trigger(per_task, unseen_task)
+    assert verdict.fired and "reached by C" in verdict.describe()  # a never-trained task: all new
+
+
+def test_time_window_spans_midnight_and_honours_utc() -> None:
+    def at(hour: int, minute: int) -> datetime.datetime:
+        return datetime.datetime(2026, 1, 1, hour, minute)
+
+    assert in_window("01:00", "05:00", at(1, 0)) and not in_window("01:00", "05:00", at(5, 0))
+    assert in_window("22:00", "02:00", at(23, 30)) and in_window("22:00", "02:00", at(1, 59))
+    assert not in_window("22:00", "02:00", at(12, 0))
+    noon_utc = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.timezone.utc).timestamp()
+    window = trigger([{"kind": "window", "start": "11:30", "end": "12:30", "utc": True}])
+    assert evaluate_trigger(window, observation(now=noon_utc)).fired
+    assert not evaluate_trigger(window, observation(now=noon_utc + 3600)).fired
+
+
+def test_metric_trigger_reads_the_deployed_models_figures() -> None:
+    figures = {"A": {"fid": 50.0, "fidelity": 0.9}, "B": {"fid": 20.0, "fidelity": 0.4}}
+    any_bad = trigger([{"kind": "metric", "metric": "fid", "operator": ">", "threshold": 40}])
+    every_bad = trigger([{"kind": "metric", "metric": "fid", "operator": ">", "threshold": 40, "task": "every"}])
+    named = trigger([{"kind": "metric", "metric": "fidelity", "operator": "<", "threshold": 0.5, "task": "B"}])
+
+    assert evaluate_trigger(any_bad, observation(figures=figures)).fired
+    assert not evaluate_trigger(every_bad, observation(figures=figures)).fired
+    assert evaluate_trigger(named, observation(figures=figures)).fired
+    nothing_deployed = evaluate_trigger(any_bad, observation(figures=None))
+    assert not nothing_deployed.fired and "no model is deployed" in nothing_deployed.describe()
+    missing = trigger([{"kind": "metric", "metric": "fid", "operator": ">", "threshold": 1, "task": "Z"}])
+    assert not evaluate_trigger(missing, observation(figures=figures)).fired
+
+
+def test_and_or_groups_combine_conditions() -> None:
+    samples = {"kind": "samples", "at_least": 5}
+    closed_window = {"kind": "window", "start": "00:00", "end": "00:01", "utc": True}
+    noon = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.timezone.utc).timestamp()
+    seen = observation(now=noon, samples={"A": 9}, trained={"A": 0})
+
+    assert evaluate_trigger(trigger([samples, closed_window], "or"), seen).fired
+    assert not evaluate_trigger(trigger([samples, closed_window], "and"), seen).fired
+    nested = trigger([{"kind": "group", "combine": "and", "conditions": [samples, {"kind": "new-task"}]}])
+    assert evaluate_trigger(nested, observation(samples={"A": 9}, trained={})).fired
+    assert not evaluate_trigger(nested, observation(samples={"A": 9}, trained={"A": 2})).fired  # A is known
+
+
+def test_check_period() -> None:
+    assert check_due(None, 30, 0.0)
+    assert not check_due(100.0, 30, 129.9)
+    assert check_due(100.0, 30, 130.0)
+
+
+# ------------------------------------------------------------------------------- state machine
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ((Stage.TRAIN, State.WAITING), (Stage.TRAIN, State.READY)),
+        ((Stage.TRAIN, State.READY), (Stage.TRAIN, State.STARTING)),
+        ((Stage.EVAL, State.STARTING), (Stage.EVAL, State.FAILED)),
+        ((Stage.TRAIN, State.RUNNING), (Stage.TRAIN, State.READY)),  # interrupted: start again
+        ((Stage.TRAIN, State.COMPLETED), (Stage.EVAL, State.WAITING)),
+        ((Stage.EVAL, State.COMPLETED), (Stage.DEPLOY, State.WAITING)),
+        ((Stage.EVAL, State.COMPLETED), (Stage.TRAIN, State.WAITING)),  # candidate rejected
+        ((Stage.DEPLOY, State.FAILED), (Stage.TRAIN, State.WAITING)),
+    ],
+)
+def test_allowed_transitions(before: tuple, after: tuple) -> None:
+    check_transition(*before, *after)
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        ((Stage.TRAIN, State.WAITING), (Stage.TRAIN, State.RUNNING)),  # skips Ready and Starting
+        ((Stage.TRAIN, State.COMPLETED), (Stage.DEPLOY, State.WAITING)),  # deploy without eval
+        ((Stage.EVAL, State.FAILED), (Stage.DEPLOY, State.WAITING)),  # a failure never deploys
+        ((Stage.DEPLOY, State.COMPLETED), (Stage.DEPLOY, State.RUNNING)),
+        ((Stage.TRAIN, State.READY), (Stage.TRAIN, State.COMPLETED)),
+    ],
+)
+def test_forbidden_transitions(before: tuple, after: tuple) -> None:
+    with pytest.raises(InvalidTransition):
+        check_transition(*before, *after)
+
+
+# ------------------------------------------------------------------------- store and knowledge base
+
+
+@pytest.fixture
+def jobs(tmp_path: Path) -> Jobs:
+    edge = tmp_path / "edge"
+    for task in ("A", "B"):
+        write_images(edge / task / "0", 6)
+        write_images(edge / task / "1", 6)
+    spec_path = tmp_path / "job.yaml"
+    spec_path.write_text(json.dumps(job_data(Path("edge"))))  # JSON is YAML; relative to the spec
+    with Jobs(tmp_path / "jobs", clock=FakeClock()) as opened:
+        opened.create(spec_path)
+        yield opened
+
+
+def test_create_resolves_paths_and_logs_the_first_transition(jobs: Jobs, tmp_path: Path) -> None:
+    job = jobs.job("digits")
+
+    assert job.spec.edge.root == (tmp_path / "edge").resolve()
+    assert (job.stage, job.state, job.cycle) == (Stage.TRAIN, State.WAITING, 0)
+    [created] = jobs.logs("digits")
+    assert created.reason == Reason.JOB_CREATED and created.from_state is None
+
+
+def test_transition_is_checked_and_rolls_back_with_its_transaction(jobs: Jobs) -> None:
+    store, job = jobs.store, jobs.job("digits")
+
+    with pytest.raises(InvalidTransition):
+        with store.transaction() as db:
+            store.add_version(db, job, None, "x.pt", "run", [], {}, 1.0)
+            store.transition(db, job, Stage.TRAIN, State.RUNNING, "Skip", "not allowed", 1.0)
+    assert store.versions("digits") == []  # the version went with the failed transaction
+    with store.transaction() as db:
+        store.transition(db, job, Stage.TRAIN, State.READY, Reason.TRIGGER_FIRED, "go", 2.0, new_cycle=True)
+    with pytest.raises(StaleState):  # `job` still says Waiting: someone moved it meanwhile
+        with store.transaction() as db:
+            store.transition(db, job, Stage.TRAIN, State.READY, Reason.TRIGGER_FIRED, "again", 3.0)
+    assert [(t.state, t.reason, t.cycle) for t in store.transitions("digits")][-1] == ("Ready", "TriggerFired", 1)
+
+
+def test_knowledge_base_records_tasks_versions_figures_and_one_deployed_version(jobs: Jobs) -> None:
+    store = jobs.store
+    store.note_tasks("digits", ["A", "B"], 10.0)
+    store.note_tasks("digits", ["A", "C"], 20.0)  # A keeps its first sighting
+    job = jobs.job("digits")
+    with store.transaction() as db:
+        first = store.add_version(db, job, None, "v1.pt", "run1",
+                                  [{"name": "A", "samples": 12, "fingerprint": "aa"}], {"k": 1}, 30.0)
+        second = store.add_version(db, job, first, "v2.pt", "run2",
+                                   [{"name": "A", "samples": 15, "fingerprint": "ab"},
+                                    {"name": "C", "samples": 7, "fingerprint": "cc"}], {}, 40.0)
+        store.mark_deployed(db, "digits", first, 41.0)
+        store.add_evaluation(db, job, first, "candidate", {"A": {"fid": 9.0, "fidelity": 0.5}}, 42.0)
+        store.add_evaluation(db, job, first, "deployed", {"A": {"fid": 8.0, "fidelity": 0.6}}, 43.0)
+        store.mark_deployed(db, "digits", second, 44.0)
+        store.add_decision(db, job, second, first, True, "rule", "deploy: because", {"tasks": [1]}, 45.0)
+
+    tasks = {task.name: task for task in jobs.tasks("digits")}
+    assert tasks["A"].first_seen == 10.0 and tasks["C"].first_seen == 20.0
+    assert (tasks["A"].samples, tasks["A"].fingerprint, tasks["A"].last_version) == (15, "ab", second)
+    assert tasks["B"].samples is None  # seen, never trained
+    versions = jobs.versions("digits")
+    assert [(v.version, v.parent, v.deployed, v.outcome) for v in versions] == [
+        (1, None, False, "deployed"), (2, 1, True, "deployed")]
+    assert store.latest_figures("digits", first) == {"A": {"fid": 8.0, "fidelity": 0.6}}
+    report = jobs.version("v2")
+    assert report.decisions[0].figures == {"tasks": [1]} and report.decisions[0].deploy
+    with pytest.raises(sqlite3.IntegrityError):  # the database itself allows one deployed version
+        with store.transaction() as db:
+            db.execute("UPDATE versions SET deployed = 1 WHERE job = 'digits'")
+
+
+def test_a_stage_can_be_recorded_completed_only_once_per_cycle(jobs: Jobs, tmp_path: Path) -> None:
+    store, job = jobs.store, jobs.job("digits")
+    with store.transaction() as db:
+        first = store.start_run(db, job, Stage.TRAIN, lambda n: tmp_path / f"t{n}", 1.0)
+        second = store.start_run(db, job, Stage.TRAIN, lambda n: tmp_path / f"t{n}", 2.0)
+        store.finish_run(db, first.id, "completed", 3.0)
+
+    assert (first.attempt, second.attempt) == (1, 2) and first.workdir != second.workdir
+    with pytest.raises(sqlite3.IntegrityError):
+        with store.transaction() as db:
+            store.finish_run(db, second.id, "completed", 4.0)
+
+
+def test_deleting_a_job_removes_its_records_and_names_are_checked(jobs: Jobs) -> None:
+    jobs.delete("digits")
+
+    assert jobs.jobs() == [] and jobs.store.tasks() == [] and jobs.store.transitions("digits") == []
+    with pytest.raises(Exception, match="no job named 'digits'"):
+        jobs.status("digits")
+
+
+# --------------------------------------------------------------------------------- deploy rule
+
+
+def _figures(**fids: float) -> dict[str, dict[str, float]]:
+    return {task: {"fid": value, "fidelity": 0.5} for task, value in fids.items()}
+
+
+def test_every_task_rule_needs_every_task_better() -> None:
+    rule = DeploySpec(require="every-task", min_improvement=0.05)
+
+    assert decide(rule, _figures(A=80, B=80), _figures(A=100, B=100)).deploy
+    rejected = decide(rule, _figures(A=80, B=98), _figures(A=100, B=100))  # B only 2 % better
+    assert not rejected.deploy and "not better on ['B']" in rejected.message
+    assert "A: fid 80 vs 100 (better, +20.0%)" in rejected.message
+
+
+def test_any_task_rule_needs_one_better_and_none_worse_beyond_tolerance() -> None:
+    rule = DeploySpec(require="any-task", tolerance=0.1)
+
+    assert decide(rule, _figures(A=80, B=105), _figures(A=100, B=100)).deploy
+    assert not decide(rule, _figures(A=80, B=120), _figures(A=100, B=100)).deploy
+    fidelity = DeploySpec(metric="fidelity", require="any-task")
+    higher = {"A": {"fid": 1.0, "fidelity": 0.9}}
+    assert decide(fidelity, higher, {"A": {"fid": 1.0, "fidelity": 0.5}}).deploy  # higher is better
+
+
+def test_new_tasks_deploy_unless_an_old_task_got_worse_beyond_tolerance() -> None:
+    rule = DeploySpec(require="every-task", tolerance=0.2)
+
+    kept = decide(rule, _figures(A=110, B=95, C=70), _figures(A=100, B=100))
+    assert kept.deploy and "adds tasks ['C']" in kept.message
+    assert [t.verdict for t in kept.tasks] == ["within-tolerance", "better", "new"]
+    forgot = decide(rule, _figures(A=130, B=95, C=70), _figures(A=100, B=100))
+    assert not forgot.deploy and "['A'] got worse" in forgot.message
+    dropped = decide(rule, _figures(A=50), _figures(A=100, B=100))
+    assert not dropped.deploy and "lacks deployed tasks ['B']" in dropped.message
+    first = decide(rule, _figures(A=300), None)
+    assert first.deploy and "nothing is deployed yet" in first.message
+
+
+# --------------------------------------------------------------------------------- edge snapshot
+
+
+def test_snapshot_labels_match_the_image_folder_reader_and_holdout_is_stable(tmp_path: Path) -> None:
+    edge = tmp_path / "edge"
+    write_images(edge / "A" / "zero", 10)
+    write_images(edge / "A" / "one", 10, seed=1)
+    (edge / "A" / "one" / "broken.png").write_bytes(b"not a png")
+    (edge / "A" / "one" / ".incoming.png").write_bytes(b"half")  # dot-files are never read
+    spec = parse_job_spec(
+        job_data(edge, edge={"root": str(edge), "tasks": [
+            {"name": "B", "source": "mnist-subset", "labels": [3, 5], "max_per_class": 6}]}),
+        base=tmp_path,
+    )
+    locations = edge_tasks(spec.edge)
+    assert [location.name for location in locations] == ["B", "A"]
+    assert count_samples(locations[1]) == 21  # 20 images + the broken file (a file is a sample)
+
+    snapshot = build_snapshot(locations, 0.3, 28, 1, tmp_path / "snap")
+
+    by_name = {task.name: task for task in snapshot.tasks}
+    assert by_name["A"].samples == 21 and by_name["A"].skipped == [str(edge / "A" / "one" / "broken.png")]
+    assert by_name["A"].train + by_name["A"].holdout == 20
+    assert by_name["B"].train + by_name["B"].holdout == 12
+    source = load_source(DataConfig(source="image-folder", path=snapshot.train_dir))
+    for task in snapshot.tasks:  # every task's labels are its folders as the reader numbers them
+        for folder, label in zip(task.folders, task.labels):
+            files = sorted((snapshot.train_dir / folder).iterdir())
+            assert int((source.labels == label).sum()) == len(files)
+    held = {p.name for p in (snapshot.holdout_dir / by_name["A"].folders[0]).iterdir()}
+    write_images(edge / "A" / "one", 10, start=10, seed=1)  # more data arrives
+    later = build_snapshot(edge_tasks(spec.edge), 0.3, 28, 1, tmp_path / "snap2")
+    later_a = next(task for task in later.tasks if task.name == "A")
+    later_held = {p.name for p in (later.holdout_dir / later_a.folders[0]).iterdir()}
+    old_names = {f"{number:05d}.png" for number in range(10)}
+    assert later_held & old_names == held  # no old image changed sides
+    assert later_a.fingerprint != by_name["A"].fingerprint
+    assert held_out("x/1.png", 0.3) == held_out("x/1.png", 0.3)
+
+
+# ------------------------------------------------------------------------ controller, faked stages
+
+
+class FakeStage:
+    pid = 2**22 + 12345  # above any real pid limit here: recovery finds no such process
+    started = 0.0
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+
+    def poll(self) -> int | None:
+        return self.status
+
+    def kill(self) -> None:
+        self.status = -9
+
+
+class FakeLauncher:
+    """Plays the stage process: writes the result (or an error) a real one would, instantly."""
+
+    def __init__(self, figures: list[dict[str, float]]) -> None:
+        self.figures = list(figures)  # FID per task for each successive eval's candidate
+        self.started: list[Path] = []
+        self.fail_next: dict[str, str] | None = None
+        self.hang = False
+
+    def start(self, workdir: Path) -> FakeStage:
+        self.started.append(workdir)
+        request = json.loads((workdir / "request.json").read_text())["request"]
+        if self.hang:
+            return FakeStage(None)
+        if self.fail_next is not None:
+            (workdir / "error.json").write_text(json.dumps(self.fail_next))
+            self.fail_next = None
+            return FakeStage(3)
+        result = self._train(request, workdir) if request["stage"] == "train" else self._eval(request)
+        (workdir / "result.json").write_text(json.dumps(result))
+        return FakeStage(0)
+
+    @staticmethod
+    def _train(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
+        from entgan.lifelong.spec import TaskLocation
+
+        run = workdir / "run"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "config.yaml").write_text("name: fake\n")
+        (run / "checkpoints" / "latest.pt").write_bytes(b"weights of " + str(workdir).encode())
+        tasks = [
+            {"name": t["name"], "folders": [], "labels": [], "samples": count_samples(TaskLocation(**t)),
+             "train": 8, "holdout": 4, "fingerprint": "f" + t["name"], "skipped": []}
+            for t in request["tasks"]
+        ]
+        return {"checkpoint": str(run / "checkpoints" / "latest.pt"), "run_dir": str(run),
+                "snapshot": {"root": str(workdir / "data"), "tasks": tasks},
+                "summary": {"rounds": 2, "train_clock_s": 0.5, "wall_clock_s": 1.0, "first_eval": {}, "final_eval": {}}}
+
+    def _eval(self, request: dict[str, Any]) -> dict[str, Any]:
+        fids = self.figures.pop(0)
+        tasks = [task["name"] for task in request["candidate"]["snapshot"]["tasks"]]
+        candidate = {task: {"fid": fids[task], "fidelity": 0.5} for task in tasks}
+        deployed = request["deployed"]
+        return {
+            "candidate": candidate,
+            "deployed": None if deployed is None else {t: {"fid": 100.0, "fidelity": 0.5} for t in tasks if t != "C"},
+            "deployed_tasks": None if deployed is None else ["A", "B"],
+            "holdout": {task: 4 for task in tasks},
+        }
+
+
+def _drive(controller: Controller, clock: FakeClock, ticks: int = 12) -> None:
+    for _ in range(ticks):
+        controller.tick()
+        clock.now += 1.0
+
+
+def test_controller_runs_a_whole_cycle_and_records_every_transition(jobs: Jobs) -> None:
+    clock = jobs.clock
+    launcher = FakeLauncher([{"A": 120.0, "B": 130.0}])
+    controller = jobs.controller(launcher=launcher)
+
+    _drive(controller, clock)
+
+    job = jobs.job("digits")
+    assert (job.stage, job.state, job.cycle) == (Stage.TRAIN, State.WAITING, 1)
+    path = [(t.stage, t.state, t.reason) for t in jobs.logs("digits")]
+    assert path == [
+        ("train", "Waiting", "JobCreated"), ("train", "Ready", "TriggerFired"),
+        ("train", "Starting", "Launching"), ("train", "Running", "ProcessStarted"),
+        ("train", "Completed", "StageSucceeded"), ("eval", "Waiting", "ModelTrained"),
+        ("eval", "Ready", "StageReady"), ("eval", "Starting", "Launching"), ("eval", "Running", "ProcessStarted"),
+        ("eval", "Completed", "StageSucceeded"), ("deploy", "Waiting", "CandidateAccepted"),
+        ("deploy", "Ready", "StageReady"), ("deploy", "Starting", "Launching"),
+        ("deploy", "Running", "ProcessStarted"), ("deploy", "Completed", "StageSucceeded"),
+        ("train", "Waiting", "ModelDeployed"),
+    ]
+    assert jobs.status("digits").deployed.version == 1
+    deployed_dir = job.workdir / "deployed"
+    assert (deployed_dir / "checkpoints" / "latest.pt").read_bytes().startswith(b"weights of")
+    assert json.loads((deployed_dir / "version.json").read_text())["version"] == 1
+    assert controller.is_idle()  # checked again after deploying, nothing new at the edge
+
+
+def test_trigger_is_checked_once_per_check_period_whatever_the_tick(jobs: Jobs, tmp_path: Path) -> None:
+    clock = jobs.clock
+    controller = jobs.controller(launcher=FakeLauncher([{"A": 1.0, "B": 1.0}]))
+    _drive(controller, clock)  # first cycle; the job is checked at the end of it
+    checked_at = jobs.job("digits").last_check_at
+
+    write_images(tmp_path / "edge" / "A" / "0", 5, start=100)  # enough new samples for the trigger
+    for offset in (0.5, 2.0, 5.0, 9.9):  # ticks inside the 10 s check period: no check, no new cycle
+        clock.now = checked_at + offset
+        controller.tick()
+        assert jobs.job("digits").last_check_at == checked_at and jobs.job("digits").cycle == 1
+    clock.now = checked_at + 10.0
+    controller.tick()
+    job = jobs.job("digits")
+    assert job.cycle == 2 and job.state is State.READY and job.last_check_at == clock.now
+    assert "A +5" in jobs.logs("digits")[-1].message and "B +0" in jobs.logs("digits")[-1].message
+
+
+def test_rejected_candidate_and_failed_stage_return_to_train_waiting_with_reasons(jobs: Jobs, tmp_path: Path) -> None:
+    clock = jobs.clock
+    launcher = FakeLauncher([{"A": 120.0, "B": 130.0}, {"A": 90.0, "B": 150.0}])
+    controller = jobs.controller(launcher=launcher)
+    _drive(controller, clock)
+    write_images(tmp_path / "edge" / "A" / "0", 5, start=100)
+    clock.now += 10
+    _drive(controller, clock)  # cycle 2: B got worse than the deployed model's 100
+
+    [first, second] = jobs.decisions("digits")
+    assert first.deploy and not second.deploy
+    assert "not better on ['B']" in second.message
+    assert {t["task"]: t["verdict"] for t in second.figures["tasks"]} == {"A": "better", "B": "worse"}
+    assert jobs.versions("digits")[1].outcome == "rejected" and jobs.status("digits").deployed.version == 1
+    assert jobs.logs("digits")[-1].reason == Reason.CANDIDATE_REJECTED
+
+    write_images(tmp_path / "edge" / "B" / "0", 5, start=100)
+    launcher.fail_next = {"reason": "DataError", "message": "task 'B' has 1 held-out image(s)"}
+    clock.now += 10
+    _drive(controller, clock, ticks=4)  # cycle 3: the train stage fails
+    failed, back = jobs.logs("digits")[-2:]
+    assert (failed.stage, failed.state, failed.reason) == ("train", "Failed", "DataError")
+    assert "held-out" in failed.message
+    assert (back.stage, back.state, back.reason) == ("train", "Waiting", Reason.STAGE_FAILED)
+    assert [r.status for r in jobs.attempts("digits") if r.cycle == 3] == ["failed"]
+
+
+def test_restarted_controller_restarts_an_interrupted_stage_in_a_fresh_folder(jobs: Jobs) -> None:
+    clock = jobs.clock
+    launcher = FakeLauncher([{"A": 1.0, "B": 1.0}])
+    launcher.hang = True
+    first = jobs.controller(launcher=launcher)
+    _drive(first, clock, ticks=3)  # trigger, start, running... and this controller "dies"
+    assert jobs.job("digits").state is State.RUNNING
+    old_folder = launcher.started[-1]
+    (old_folder / "marker").write_text("left by the first attempt")
+
+    launcher.hang = False
+    second = jobs.controller(launcher=launcher)
+    second.recover()
+    assert jobs.logs("digits")[-1].reason == Reason.CONTROLLER_RESTARTED
+    _drive(second, clock)
+
+    runs = [(r.stage.value, r.attempt, r.status) for r in jobs.attempts("digits")]
+    assert runs == [("train", 1, "interrupted"), ("train", 2, "completed"),
+                    ("eval", 1, "completed"), ("deploy", 1, "completed")]
+    assert launcher.started[-2] != old_folder and (old_folder / "marker").read_text() == "left by the first attempt"
+    assert jobs.status("digits").deployed.version == 1
+
+
+def test_restarted_controller_adopts_a_result_written_before_it_died(jobs: Jobs) -> None:
+    clock = jobs.clock
+    launcher = FakeLauncher([{"A": 1.0, "B": 1.0}])
+    launcher.hang = True
+    _drive(jobs.controller(launcher=launcher), clock, ticks=3)
+    folder = launcher.started[-1]
+    launcher.hang = False
+    request = json.loads((folder / "request.json").read_text())["request"]
+    (folder / "result.json").write_text(json.dumps(launcher._train(request, folder)))  # finished, unrecorded
+
+    jobs.controller(launcher=launcher).recover()
+
+    assert [(r.attempt, r.status) for r in jobs.attempts("digits")] == [(1, "completed")]
+    assert jobs.job("digits").stage is Stage.EVAL and jobs.versions("digits")[0].checkpoint.startswith(str(folder))
+
+
+def test_a_second_controller_on_the_same_database_is_refused(jobs: Jobs) -> None:
+    import fcntl
+
+    from entgan.config import ConfigError
+
+    lock_path = jobs.store.path.with_name(jobs.store.path.name + ".controller.lock")
+    with open(lock_path, "a+") as held:  # as a live controller holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242")
+        held.flush()
+        with pytest.raises(ConfigError, match=r"another controller is running \(pid 4242\)"):
+            jobs.controller(launcher=FakeLauncher([])).run(once=True)
+    jobs.controller(launcher=FakeLauncher([])).run(once=True)  # released: runs
+
+
+def test_train_stage_reports_a_missing_parent_checkpoint_before_launching(jobs: Jobs, tmp_path: Path) -> None:
+    from entgan.config import ConfigError
+    from entgan.lifelong.edge import edge_tasks
+    from entgan.lifelong.stages import ModelRef, TrainRequest, run_train
+
+    job = jobs.job("digits")
+    request = TrainRequest(
+        job="digits", cycle=1, spec=job.spec, tasks=edge_tasks(job.spec.edge),
+        parent=ModelRef(version=1, checkpoint=tmp_path / "gone.pt"),
+    )
+
+    with pytest.raises(ConfigError, match="gone.pt: checkpoint file not found"):
+        run_train(request, tmp_path / "attempt")
+    assert not (tmp_path / "attempt" / "run").exists()  # no run directory was started
+
+
+def test_edge_folders_that_cannot_be_tasks_are_reported_in_the_trigger_check(jobs: Jobs, tmp_path: Path) -> None:
+    write_images(tmp_path / "edge" / "no spaces please" / "0", 6)
+    controller = jobs.controller(launcher=FakeLauncher([]))
+
+    controller.tick()
+
+    assert [task.name for task in jobs.tasks("digits")] == ["A", "B"]
+    notes = [part["detail"] for part in jobs.job("digits").last_check["parts"]]
+    assert any("['no spaces please']" in note for note in notes)
