@@ -98,3 +98,31 @@ def test_update_is_trunk_plus_one_head() -> None:
 
     total = sum(t.numel() for t in model.state_dict().values())
     assert update.numel() == layout.update_size == total - layout.head_size
+
+
+def test_in_place_average_equals_the_running_average_and_keeps_parts_without_updates() -> None:
+    from entgan.algorithms.aggregation import DiscriminatorAverager, InPlaceDiscriminatorAverage
+    from entgan.config import ModelConfig
+    from entgan.engine.parameters import flatten, model_tensors
+    from entgan.models import build_discriminator
+
+    torch.manual_seed(0)
+    config = ModelConfig(family="mlp", hidden_dim=8)
+    reference, in_place = (build_discriminator(config, (1, 28, 28), 3) for _ in range(2))
+    in_place.load_state_dict(reference.state_dict())
+    untouched_head = [t.clone() for t in model_tensors(in_place.heads[2])]
+    layout = DiscriminatorLayout(reference)
+    updates = [(torch.randn(layout.update_size), task, weight) for task, weight in [(0, 3.0), (1, 1.0), (0, 5.0)]]
+
+    running = DiscriminatorAverager(layout, 3)
+    accumulate = InPlaceDiscriminatorAverage(layout, 3)
+    accumulate.reset()
+    for update, task, weight in updates:
+        running.add(update, task, weight)
+        accumulate.add(in_place, update, task, weight)
+    running.write_into(reference)
+    accumulate.finish(in_place)
+
+    assert torch.allclose(flatten(model_tensors(in_place)), flatten(model_tensors(reference)), atol=1e-6)
+    for before, after in zip(untouched_head, model_tensors(in_place.heads[2]), strict=True):
+        assert torch.equal(before, after)  # task 2 had no update this round

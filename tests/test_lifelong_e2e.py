@@ -52,6 +52,13 @@ def write_digits(
             partial.rename(folder / f"{index}.png")
 
 
+def write_first_two_tasks(mnist: tuple[np.ndarray, np.ndarray], edge: Path, count: int) -> Path:
+    """`edge` holding task A (digits 0, 1) and task B (digits 7, 8), `count` images of each digit."""
+    write_digits(mnist, edge / "A", [0, 1], start=0, count=count)
+    write_digits(mnist, edge / "B", [7, 8], start=0, count=count)
+    return edge
+
+
 def write_spec(path: Path, edge: Path, rounds: int) -> Path:
     spec: dict[str, Any] = {
         "name": "digits",
@@ -75,9 +82,7 @@ def write_spec(path: Path, edge: Path, rounds: int) -> Path:
 def test_job_retrains_on_new_data_and_adds_a_task_without_forgetting(
     tmp_path: Path, cache_dir: Path, mnist: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    edge = tmp_path / "edge"
-    write_digits(mnist, edge / "A", [0, 1], start=0, count=30)
-    write_digits(mnist, edge / "B", [7, 8], start=0, count=30)
+    edge = write_first_two_tasks(mnist, tmp_path / "edge", count=30)
     jobs = Jobs(tmp_path / "jobs")
     jobs.create(write_spec(tmp_path / "job.yaml", edge, rounds=40))
 
@@ -149,9 +154,7 @@ def _wait_for(condition: Any, timeout_s: float, what: str) -> None:
 def test_controller_killed_mid_stage_resumes_and_completes_each_stage_once(
     tmp_path: Path, cache_dir: Path, mnist: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    edge = tmp_path / "edge"
-    write_digits(mnist, edge / "A", [0, 1], start=0, count=20)
-    write_digits(mnist, edge / "B", [7, 8], start=0, count=20)
+    edge = write_first_two_tasks(mnist, tmp_path / "edge", count=20)
     root = tmp_path / "jobs"
     with Jobs(root) as jobs:
         jobs.create(write_spec(tmp_path / "job.yaml", edge, rounds=100))

@@ -10,13 +10,8 @@ import pytest
 import torch
 
 from entgan.algorithms.base import generator_loss
-from entgan.algorithms.mdgan import (
-    average_gradients,
-    backpropagate_feedback,
-    error_feedback,
-    swap_partners,
-    swap_period,
-)
+from entgan.algorithms.local_training import error_feedback
+from entgan.algorithms.mdgan import average_gradients, backpropagate_feedback, swap_partners, swap_period
 from entgan.api import load_generator
 from entgan.config import ModelConfig
 from entgan.engine.launch import launch_local

@@ -28,7 +28,7 @@ from entgan.algorithms.dgan import (
     selected_count,
     unpack_selected,
 )
-from entgan.algorithms.server_generator import StepsPerRound, reject_entgan_only_features
+from entgan.algorithms.server_generator import StepsPerRound
 from entgan.api import load_generator
 from entgan.config import ConfigError, ModelConfig
 from entgan.data import build_tasks, load_source
@@ -188,11 +188,11 @@ def test_steps_per_round_are_entgans_with_its_schedulers_off() -> None:
 
 
 def test_baselines_refuse_features_they_do_not_implement(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="privacy.enabled"):
-        reject_entgan_only_features(tiny_config(algorithm="dgan-2", privacy={"enabled": True}), "dgan-2")
-    warm = tiny_config(algorithm="central", warm_start={"checkpoint": str(tmp_path / "latest.pt")})
-    with pytest.raises(ConfigError, match="warm_start"):
-        reject_entgan_only_features(warm, "central")
+    with pytest.raises(ConfigError, match="privacy.enabled"):  # refused by the config itself
+        tiny_config(algorithm="dgan-2", privacy={"enabled": True})
+    for algorithm in ("central", "mdgan", "flgan", "ren-serial", "acgan-dance"):
+        with pytest.raises(ConfigError, match="warm_start"):
+            tiny_config(algorithm=algorithm, warm_start={"checkpoint": str(tmp_path / "latest.pt")})
 
 
 def test_pooled_batches_hold_every_task_equally_with_matching_task_ids() -> None:

@@ -129,6 +129,9 @@ class ServerSchedulerConfig(_Strict):
     """If D's mean probability that G's samples are real falls below this, G is behind: one more G step."""
     ahead_above: Probability = 0.6
     """If that probability rises above this, G is ahead of D: one G step fewer."""
+    g_batch_per_task: bool = True
+    """G steps draw `optimizer.batch_size` samples of every task (as each task's workers see per D
+    step); off: `batch_size` samples shared by all tasks."""
 
     @model_validator(mode="after")
     def _ordered(self) -> ServerSchedulerConfig:
@@ -391,9 +394,11 @@ class RunConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _privacy_supported(self) -> RunConfig:
+    def _entgan_only_features(self) -> RunConfig:
         if self.privacy.enabled and self.algorithm != "entgan":
             raise ValueError(f"privacy.enabled: DP-SGD is implemented for 'entgan' only, not '{self.algorithm}'")
+        if self.warm_start is not None and self.algorithm != "entgan":
+            raise ValueError(f"warm_start: only algorithm 'entgan' supports it, not '{self.algorithm}'")
         return self
 
     @property
@@ -423,7 +428,9 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(error: ValidationError, origin: str) -> str:
+def format_validation_error(error: ValidationError, origin: str) -> str:
+    """A pydantic error as `origin: invalid configuration` and one line per problem, each naming
+    the field by its dotted path (the form every EntGAN config file's errors take)."""
     lines = [f"{origin}: invalid configuration"]
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -445,7 +452,7 @@ def parse_config(data: object, origin: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, origin)) from None
+        raise ConfigError(format_validation_error(error, origin)) from None
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -40,14 +40,28 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int | None = None
     return path
 
 
-def plot_training(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Losses per round (left) and FID per task against wall-clock (right)."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (it loads slowly)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (losses_axis, fid_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    return plt
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Lay out `figure`, write it to `path` (folders made as needed) and free it."""
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    pyplot().close(figure)
+    return path
+
+
+def plot_training(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Losses per round (left) and FID per task against wall-clock (right)."""
+    figure, (losses_axis, fid_axis) = pyplot().subplots(1, 2, figsize=(11, 4))
     rounds = [row["round"] for row in rows]
     for key, label in (("g_loss", "G loss"), ("d_loss", "D loss (mean over workers)")):
         values = [row.get(key) for row in rows]
@@ -72,8 +86,4 @@ def plot_training(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     fid_axis.grid(alpha=0.3)
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -150,3 +150,66 @@ class DiscriminatorAverager:
         for head in self._heads:
             head.reset()
 
+
+
+class InPlaceDiscriminatorAverage:
+    """The same multi-task weighted average, accumulated straight into D's own tensors.
+
+    No buffer beyond D: the first accepted update of a part (trunk, or a task's head) overwrites it
+    scaled by its weight, later ones are added, and `finish` divides by the weight total. Updates
+    must be added in a fixed order (e.g. by rank) for float32 sums to be reproducible run to run.
+    A part that receives no update keeps its previous values.
+    """
+
+    def __init__(self, layout: DiscriminatorLayout, num_tasks: int) -> None:
+        self.layout = layout
+        self._trunk_weight = 0.0
+        self._head_weights = [0.0] * num_tasks
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def reset(self) -> None:
+        self._trunk_weight = 0.0
+        self._head_weights = [0.0] * len(self._head_weights)
+        self._count = 0
+
+    def add(self, discriminator: Discriminator, update: torch.Tensor, task: int, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"update weight must be positive, found {weight}")
+        if update.numel() != self.layout.update_size:
+            raise ValueError(f"update has {update.numel()} values, expected {self.layout.update_size}")
+        state = discriminator.state_dict(keep_vars=True)
+        trunk, head = update.reshape(-1).split([self.layout.trunk_size, self.layout.head_size])
+        self._accumulate([state[name].data for name in self.layout.trunk_names], trunk, weight, self._trunk_weight == 0)
+        names = self.layout.head_names[task]
+        self._accumulate([state[name].data for name in names], head, weight, self._head_weights[task] == 0)
+        self._trunk_weight += weight
+        self._head_weights[task] += weight
+        self._count += 1
+
+    def finish(self, discriminator: Discriminator) -> None:
+        """Turn the weighted sums into means (parts without an update are left as they were)."""
+        state = discriminator.state_dict(keep_vars=True)
+        with torch.no_grad():
+            if self._trunk_weight:
+                for name in self.layout.trunk_names:
+                    state[name].data.div_(self._trunk_weight)
+            for task, total in enumerate(self._head_weights):
+                if total:
+                    for name in self.layout.head_names[task]:
+                        state[name].data.div_(total)
+
+    @staticmethod
+    def _accumulate(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float, first: bool) -> None:
+        offset = 0
+        with torch.no_grad():
+            for tensor in tensors:
+                part = values[offset : offset + tensor.numel()].view_as(tensor)
+                if first:
+                    torch.mul(part, weight, out=tensor)
+                else:
+                    tensor.add_(part, alpha=weight)
+                offset += tensor.numel()

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from entgan.config import OptimizerConfig
+from entgan.config import ConfigError, OptimizerConfig, RunConfig
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import RunContext
+from entgan.engine.parameters import flatten, model_tensors
+from entgan.models import build_discriminator, build_generator
 from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
 
@@ -129,6 +131,34 @@ def summarise_reports(reports: dict[int, WorkerReport]) -> dict[str, float]:
         metrics["workers/bytes_sent"] = sum(r.bytes_sent for r in values)
         metrics["workers/bytes_received"] = sum(r.bytes_received for r in values)
     return metrics
+
+
+def round_metrics(
+    g_loss: float, g_steps: float, g_fake_realness: float, refused: int, reports: dict[int, WorkerReport]
+) -> dict[str, float]:
+    """A server round's row: G's loss, steps and realness, refused uploads, the workers' reports."""
+    return {
+        "g_loss": g_loss,
+        "g_steps": float(g_steps),
+        "g_fake_realness": g_fake_realness,
+        "refused_updates": float(refused),
+        **summarise_reports(reports),
+    }
+
+
+def build_models(config: RunConfig, device: torch.device) -> tuple[Generator, Discriminator]:
+    """The run's G and D on `device`, G first: under the same seed, every method starts from the
+    same pair."""
+    num_tasks = len(config.tasks)
+    generator = build_generator(config.model, config.image_shape, num_tasks).to(device)
+    discriminator = build_discriminator(config.model, config.image_shape, num_tasks).to(device)
+    return generator, discriminator
+
+
+def model_digest(module: nn.Module, name: str) -> dict[str, float]:
+    """Sum and absolute sum of a model's state, in float64 (tests compare copies with them)."""
+    values = flatten(model_tensors(module)).double()
+    return {f"{name}_sum": float(values.sum()), f"{name}_abs_sum": float(values.abs().sum())}
 
 
 def adam(parameters: Any, lr: float, config: OptimizerConfig) -> torch.optim.Adam:

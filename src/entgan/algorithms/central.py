@@ -24,17 +24,11 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.base import Algorithm, RealBatches, adam, balanced_tasks
-from entgan.algorithms.server_generator import (
-    StepsPerRound,
-    reject_entgan_only_features,
-    train_discriminator,
-    train_generator,
-)
+from entgan.algorithms.base import Algorithm, RealBatches, adam, balanced_tasks, build_models
+from entgan.algorithms.server_generator import StepsPerRound, train_discriminator, train_generator
 from entgan.data import build_tasks, load_source
 from entgan.data.sources import ImageDataset
 from entgan.data.tasks import TaskData
-from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
 
@@ -68,12 +62,10 @@ class Central(Algorithm):
 
     # ------------------------------------------------------------------ server
     def server_setup(self) -> None:
-        reject_entgan_only_features(self.config, self.name)
         config = self.config
         device = self.context.device
         torch.manual_seed(config.seed)  # the same initial G and D as every other method
-        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
-        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.G, self.D = build_models(config, device)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
         self.steps = StepsPerRound.from_config(config)

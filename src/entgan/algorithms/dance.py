@@ -49,16 +49,23 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, generator_loss, summarise_reports
+from entgan.algorithms.base import (
+    Algorithm,
+    RealBatches,
+    WorkerReport,
+    adam,
+    model_digest,
+    round_metrics,
+)
 from entgan.algorithms.local_training import (
-    ArrivingUpdates,
     StepMeans,
+    UploadedFigures,
     UploadMeter,
     discriminator_step,
-    model_digest,
-    upload,
+    error_feedback,
+    upload_extras,
 )
-from entgan.algorithms.server_generator import reject_entgan_only_features
+from entgan.algorithms.uploads import ArrivingUpdates, upload
 from entgan.config import DanceConfig, NonIIDConfig
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
@@ -187,7 +194,6 @@ class DanceACGAN(Algorithm):
 
     # ------------------------------------------------------------------ G-node (server)
     def server_setup(self) -> None:
-        reject_entgan_only_features(self.config, self.name)
         torch.manual_seed(self.config.seed)
         device = self.context.device
         self.G = build_generator(self.config.model, self.config.image_shape, len(self.config.tasks)).to(device)
@@ -199,7 +205,7 @@ class DanceACGAN(Algorithm):
         self.transport.send_to_many(model_tensors(initial_D), workers, "discriminator").wait()
         del initial_D
         layout = self._feedback_layout()
-        self.feedbacks = ArrivingUpdates(
+        self.feedbacks = ArrivingUpdates.checked(
             self.context, "feedback", GENERATOR_FIGURES + WorkerReport.SIZE, layout_of=lambda rank: layout
         )
         self.fakes_in_flight: list[Transfer] = []
@@ -221,40 +227,31 @@ class DanceACGAN(Algorithm):
             )
         ]
 
-        feedback, reports, figures = self.collect_feedback(g_fakes, round_index)
+        feedback, uploaded = self.collect_feedback(g_fakes, round_index)
+        reports = uploaded.reports
         if reports:  # leader's move: the mean G loss over the D-nodes heard from, through G
             self.g_optimizer.zero_grad(set_to_none=True)
             g_fakes.backward(feedback / len(reports))
             self.g_optimizer.step()
-        g_loss, g_realness = figures.means()
-        return {
-            "g_loss": g_loss,
-            "g_steps": 1.0 if reports else 0.0,
-            "g_fake_realness": g_realness,
-            "refused_updates": float(self.feedbacks.refused),
-            **summarise_reports(reports),
-        }
+        g_loss, g_realness = uploaded.figures.means()
+        g_steps = 1 if reports else 0
+        return round_metrics(g_loss, g_steps, g_realness, self.feedbacks.refused, reports)
 
     def _generate(self, tasks: torch.Tensor) -> torch.Tensor:
         return self.G(self.G.sample_latent(tasks.numel(), generator=self.latents), tasks)
 
-    def collect_feedback(
-        self, g_fakes: torch.Tensor, round_index: int
-    ) -> tuple[torch.Tensor, dict[int, WorkerReport], StepMeans]:
+    def collect_feedback(self, g_fakes: torch.Tensor, round_index: int) -> tuple[torch.Tensor, UploadedFigures]:
         """dL_G/dX_k^g from every D-node, in arrival order, placed at k's rows of X^g; the rows of
         a refused upload stay zero, so that D-node does not steer G this round."""
         workers = self.context.worker_ranks
         batch_size = self.config.optimizer.batch_size
         feedback = torch.zeros_like(g_fakes)
-        reports: dict[int, WorkerReport] = {}
-        figures = StepMeans(GENERATOR_FIGURES)
+        uploaded = UploadedFigures(GENERATOR_FIGURES)
         for update in self.feedbacks.round(round_index):
             rows = workers.index(update.rank) * batch_size
             feedback[rows : rows + batch_size] = update.values.view(self._fake_batch_shape)
-            worker_figures, report = update.extras.split([GENERATOR_FIGURES, WorkerReport.SIZE])
-            figures.add(*worker_figures.tolist())
-            reports[update.rank] = WorkerReport.from_tensor(report)
-        return feedback, reports, figures
+            uploaded.add(update)
+        return feedback, uploaded
 
     def server_finish(self) -> None:
         settle(*self.fakes_in_flight)
@@ -265,7 +262,6 @@ class DanceACGAN(Algorithm):
 
     # ------------------------------------------------------------------ D-node (worker)
     def worker_setup(self, shard: ImageDataset) -> None:
-        reject_entgan_only_features(self.config, self.name)
         torch.manual_seed(self.config.seed + self.context.rank)
         self.D = self._new_discriminator()
         self.peer_D = self._new_discriminator()  # scratch module the peer's estimate is loaded into
@@ -300,11 +296,12 @@ class DanceACGAN(Algorithm):
 
         d_figures = self.local_update(d_fakes)
         self.gossip_round(round_index)
-        feedback, g_loss, g_realness = self.generator_feedback(g_fakes)
+        # The follower's response for the leader: dL_G/dX^g under D_k (non-saturating loss).
+        feedback, g_loss, g_realness = error_feedback(self.D, g_fakes, self.context.task)
 
         settle(self.upload_in_flight)
         report = self.meter.report(*d_figures.means())
-        extras = torch.cat([torch.tensor([g_loss, g_realness]), report.to_tensor()]).to(feedback.device)
+        extras = upload_extras([g_loss, g_realness], report, feedback.device)
         self.upload_in_flight = upload(self.context, feedback, extras, self.feedback_layout, round_index, "feedback")
         self.meter.restart()  # this upload's bytes go into the next report
 
@@ -324,14 +321,6 @@ class DanceACGAN(Algorithm):
         peer_estimate = self.gossip.exchange(flatten(model_tensors(self.D)), send_to, receive_from)
         unflatten_into(peer_estimate, model_tensors(self.peer_D))
         self.peers.mix(self.D, self.peer_D)
-
-    def generator_feedback(self, g_fakes: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """The follower's response for the leader: dL_G/dX^g under D_k (non-saturating loss)."""
-        fakes = g_fakes.detach().requires_grad_(True)
-        tasks = torch.full((fakes.shape[0],), self.context.task, device=fakes.device)
-        loss, realness = generator_loss(self.D, fakes, tasks)
-        (gradient,) = torch.autograd.grad(loss, fakes)
-        return gradient, loss.item(), realness
 
     def worker_finish(self) -> None:
         settle(self.upload_in_flight)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLayout
+from entgan.algorithms.aggregation import DiscriminatorLayout, InPlaceDiscriminatorAverage
 from entgan.algorithms.base import (
     Algorithm,
     RealBatches,
@@ -40,6 +40,7 @@ from entgan.algorithms.base import (
     real_loss,
     summarise_reports,
 )
+from entgan.algorithms.uploads import ArrivingUpdates, receive_hellos, send_hello
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import OverlapController, settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerPlan, WorkerTaskScheduler
@@ -47,7 +48,7 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import Refusal, UpdateLayout, UpdateReceiver, send_update, update_problem
+from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update, update_problem
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
@@ -85,7 +86,7 @@ class EntGAN(Algorithm):
         self.D.requires_grad_(False)  # the server never trains D; it only averages it
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
-        self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
+        self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
         update_layouts = [
             UpdateLayout.of(self.layout.named_update_tensors(self.D, task)) for task in range(len(self.config.tasks))
         ]
@@ -108,15 +109,8 @@ class EntGAN(Algorithm):
         self.discriminator_in_flight: Transfer | None = None
 
     def _receive_sample_counts(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
-        for rank in self.context.worker_ranks:
-            hello = torch.zeros(2, dtype=torch.int64, device=self.context.device)
-            self.transport.receive([hello], rank, "hello").wait()
-            task, count = (int(v) for v in hello)
-            if task != self.context.task_of(rank):
-                raise RuntimeError(f"worker {rank} serves task {task}, the server's config says {self.context.task_of(rank)}")
-            counts[rank] = count
-        return counts
+        """Each worker's task, checked against the config, and sample count (the averaging weights)."""
+        return receive_hellos(self.context)
 
     def server_round(self, round_index: int) -> dict[str, float]:
         reports, refused = self.average_discriminators(round_index)
@@ -135,29 +129,25 @@ class EntGAN(Algorithm):
         }
 
     def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
-        """Step 3: D := weighted average of the D_k, accumulated in arrival order (one buffer).
+        """Step 3: D := weighted average of the D_k, accumulated straight into D as they are received.
 
-        Updates that fail validation (see `engine.updates`) are refused and logged; the average is
-        then taken over the accepted ones, and a task head with no accepted update stays as it was.
+        No buffer beyond D and one update: updates are read in rank order (they are all in flight
+        by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
+        the sum the same on every run. Updates that fail validation (`engine.updates`) are refused
+        and logged; the average is over the accepted ones, and a part (trunk, a task's head) with
+        no accepted update keeps its values.
         """
-        self.averager.reset()
-        reports: dict[int, WorkerReport] = {}
-        refused = 0
-        waiting = list(self.context.worker_ranks)
-        while waiting:
-            received = self.updates.receive("discriminator-update", waiting, round_index)
-            waiting.remove(received.rank)
-            if isinstance(received, Refusal):
-                self.context.log_event(received.as_event())
-                refused += 1
-                continue
-            self.averager.add(received.values, self.context.task_of(received.rank), self.sample_counts[received.rank])
-            reports[received.rank] = WorkerReport.from_tensor(received.extras)
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
-        if self.averager.count:
-            self.averager.write_into(self.D)
-        return reports, refused
+        self.averager.reset()
+        reports: dict[int, WorkerReport] = {}
+        uploads = ArrivingUpdates(self.context, "discriminator-update", self.updates)
+        for update in uploads.round(round_index, in_order=True):
+            task = self.context.task_of(update.rank)
+            self.averager.add(self.D, update.values, task, self.sample_counts[update.rank])
+            reports[update.rank] = WorkerReport.from_tensor(update.extras)
+        self.averager.finish(self.D)
+        return reports, uploads.refused
 
     def train_generator(self, steps: int) -> tuple[float, float]:
         """Step 4: `steps` G updates against the averaged D, every task in every batch.
@@ -165,7 +155,7 @@ class EntGAN(Algorithm):
         Memory layout: each step's batch goes through G and D in micro-batches whose gradients
         accumulate, so the server holds one micro-batch's activations at a time, not the batch's;
         the update is the same (the loss is the batch mean either way)."""
-        batch_size = self.config.optimizer.batch_size
+        batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
         micro = self.config.control.memory.generator_microbatch if self.config.control.memory.enabled else batch_size
         losses, realness = [], []
         for _ in range(steps):
@@ -260,8 +250,7 @@ class EntGAN(Algorithm):
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
         )
-        hello = torch.tensor([self.context.task, len(shard)], dtype=torch.int64, device=self.context.device)
-        self.transport.send([hello], SERVER_RANK, "hello").wait()
+        send_hello(self.context, len(shard))
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
         if self.context.resume is not None:  # G_k := G came from the server; D_k is this worker's own

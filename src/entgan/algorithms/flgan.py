@@ -35,17 +35,20 @@ from typing import Any
 import torch
 
 from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLayout, RunningAverage
-from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, summarise_reports
+from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, build_models, model_digest, round_metrics
 from entgan.algorithms.local_training import (
-    ArrivingUpdates,
     StepMeans,
+    UploadedFigures,
     UploadMeter,
     discriminator_step,
     generator_step,
-    model_digest,
     named_state,
+    upload_extras,
+)
+from entgan.algorithms.uploads import (
+    ArrivingUpdates,
+    discriminator_update_layouts,
     receive_hellos,
-    reject_privacy,
     send_hello,
     upload,
 )
@@ -55,7 +58,6 @@ from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import UpdateLayout
-from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
 GENERATOR_FIGURES = 2
@@ -66,15 +68,10 @@ class FLGAN(Algorithm):
     name = "flgan"
 
     def _build_models(self) -> None:
-        config = self.config
-        device = self.context.device
-        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
-        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.G, self.D = build_models(self.config, self.context.device)
         self.layout = DiscriminatorLayout(self.D)
         self.generator_layout = UpdateLayout.of(named_state(self.G))
-        self.update_layouts = [
-            UpdateLayout.of(self.layout.named_update_tensors(self.D, task)) for task in range(len(config.tasks))
-        ]
+        self.update_layouts = discriminator_update_layouts(self.layout, self.D)
 
     @property
     def generator(self) -> Generator:
@@ -82,7 +79,6 @@ class FLGAN(Algorithm):
 
     # ------------------------------------------------------------------ server
     def server_setup(self) -> None:
-        reject_privacy(self.config)
         torch.manual_seed(self.config.seed)
         self._build_models()
         self.G.requires_grad_(False)  # the server only averages
@@ -90,8 +86,10 @@ class FLGAN(Algorithm):
         device = self.context.device
         self.generator_average = RunningAverage(numel(model_tensors(self.G)), device)
         self.discriminator_average = DiscriminatorAverager(self.layout, len(self.config.tasks), device)
-        self.generators = ArrivingUpdates(self.context, "generator", 0, layout_of=lambda rank: self.generator_layout)
-        self.discriminators = ArrivingUpdates(
+        self.generators = ArrivingUpdates.checked(
+            self.context, "generator", 0, layout_of=lambda rank: self.generator_layout
+        )
+        self.discriminators = ArrivingUpdates.checked(
             self.context,
             "discriminator-update",
             GENERATOR_FIGURES + WorkerReport.SIZE,
@@ -109,28 +107,20 @@ class FLGAN(Algorithm):
         for update in self.generators.round(round_index):
             self.generator_average.add(update.values, float(self.sample_counts[update.rank]))
         self.discriminator_average.reset()
-        reports: dict[int, WorkerReport] = {}
-        figures = StepMeans(GENERATOR_FIGURES)
+        uploaded = UploadedFigures(GENERATOR_FIGURES)
         for update in self.discriminators.round(round_index):
             weight = float(self.sample_counts[update.rank])
             self.discriminator_average.add(update.values, self.context.task_of(update.rank), weight)
-            worker_figures, report = update.extras.split([GENERATOR_FIGURES, WorkerReport.SIZE])
-            figures.add(*worker_figures.tolist())
-            reports[update.rank] = WorkerReport.from_tensor(report)
+            uploaded.add(update)
         settle(*self.downloads_in_flight)  # the last round's models must be out before they change
         if self.generator_average.count:
             unflatten_into(self.generator_average.mean(), model_tensors(self.G))
         if self.discriminator_average.count:
             self.discriminator_average.write_into(self.D)
         self.send_models()
-        g_loss, g_realness = figures.means()
-        return {
-            "g_loss": g_loss,
-            "g_steps": float(self.config.baselines.flgan.local_steps),
-            "g_fake_realness": g_realness,
-            "refused_updates": float(self.generators.refused + self.discriminators.refused),
-            **summarise_reports(reports),
-        }
+        g_loss, g_realness = uploaded.figures.means()
+        refused = self.generators.refused + self.discriminators.refused
+        return round_metrics(g_loss, self.config.baselines.flgan.local_steps, g_realness, refused, uploaded.reports)
 
     def send_models(self) -> None:
         workers = self.context.worker_ranks
@@ -149,7 +139,6 @@ class FLGAN(Algorithm):
     # ------------------------------------------------------------------ worker
     def worker_setup(self, shard: ImageDataset) -> None:
         config = self.config
-        reject_privacy(config)
         torch.manual_seed(config.seed + self.context.rank)
         self._build_models()
         self.real = RealBatches(shard, config.optimizer.batch_size, self.context.generator_seed(1), self.context.device)
@@ -183,7 +172,7 @@ class FLGAN(Algorithm):
         update = flatten(self.layout.update_tensors(self.D, self.context.task)).to(self.context.device)
         report = self.meter.report(*d_figures.means())
         self.meter.restart()  # the uploads below are booked in the next report
-        extras = torch.cat([torch.tensor(g_figures.means()), report.to_tensor()]).to(self.context.device)
+        extras = upload_extras(g_figures.means(), report, self.context.device)
         no_extras = torch.zeros(0, device=self.context.device)
         update_layout = self.update_layouts[self.context.task]
         self.uploads = [

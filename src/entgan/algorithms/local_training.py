@@ -1,54 +1,26 @@
 """Mechanics shared by the baselines whose workers train locally and upload to a server (MD-GAN,
-FL-GAN), kept here once so that `mdgan.py` and `flgan.py` read like their papers.
+FL-GAN, DANCE), kept here once so that `mdgan.py`, `flgan.py` and `dance.py` read like their papers.
 
-- the handshake that tells the server each worker's task and sample count;
 - one local D step and one local G step, on the shared losses of `base.py`;
-- the `WorkerReport` a worker piggybacks on each upload (`UploadMeter`);
-- uploads in the engine's authenticated envelopes (`engine.updates`), received by the server in
-  arrival order, with refused ones logged and skipped (`ArrivingUpdates`);
-- digests of a worker's models for the end-of-run check.
+- the error feedback dL_G/dx a worker returns for the server's fakes (MD-GAN, DANCE);
+- the `WorkerReport` a worker piggybacks on each upload (`UploadMeter`), after the method's own
+  per-round figures (`upload_extras`), and the server's side of both (`UploadedFigures`).
+
+The handshake and the upload envelopes are in `uploads.py` (EntGAN and every baseline use them).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from entgan.algorithms.base import WorkerReport, discriminator_loss, generator_loss
-from entgan.config import RunConfig
-from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.parameters import flatten, model_tensors
-from entgan.engine.transport import TrafficCounters, Transfer
-from entgan.engine.updates import Refusal, Update, UpdateLayout, UpdateReceiver, send_update
+from entgan.engine.transport import TrafficCounters
+from entgan.engine.updates import Update
 from entgan.models.discriminator import Discriminator
-
-
-def reject_privacy(config: RunConfig) -> None:
-    """These baselines train D without DP-SGD; refuse a private run instead of silently ignoring it."""
-    if config.privacy.enabled:
-        raise ValueError(f"privacy.enabled is not supported by algorithm '{config.algorithm}' (only by 'entgan')")
-
-
-def send_hello(context: RunContext, num_samples: int) -> None:
-    """Worker: tell the server which task it serves and how many samples it holds (averaging weights)."""
-    hello = torch.tensor([context.task, num_samples], dtype=torch.int64, device=context.device)
-    context.transport.send([hello], SERVER_RANK, "hello").wait()
-
-
-def receive_hellos(context: RunContext) -> dict[int, int]:
-    """Server: every worker's sample count, after checking it serves the task the config gives it."""
-    counts: dict[int, int] = {}
-    for rank in context.worker_ranks:
-        hello = torch.zeros(2, dtype=torch.int64, device=context.device)
-        context.transport.receive([hello], rank, "hello").wait()
-        task, count = (int(value) for value in hello)
-        if task != context.task_of(rank):
-            raise RuntimeError(f"worker {rank} serves task {task}, the server's config says {context.task_of(rank)}")
-        counts[rank] = count
-    return counts
 
 
 def discriminator_step(
@@ -79,6 +51,17 @@ def generator_step(
     loss.backward()
     optimizer.step()
     return loss.item(), realness
+
+
+def error_feedback(discriminator: Discriminator, fakes: torch.Tensor, task: int) -> tuple[torch.Tensor, float, float]:
+    """Worker: F = dL_G/dx for every image x of `fakes` (the generator loss on D's `task` head).
+
+    Only the images get gradients; D is not updated by this pass. Returns (F, loss, realness).
+    """
+    images = fakes.detach().requires_grad_(True)
+    loss, realness = generator_loss(discriminator, images, task)  # type: ignore[arg-type]
+    (feedback,) = torch.autograd.grad(loss, images)
+    return feedback, loss.item(), realness
 
 
 class StepMeans:
@@ -134,52 +117,21 @@ def named_state(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(name, tensor.data) for name, tensor in module.state_dict(keep_vars=True).items()]
 
 
-def upload(
-    context: RunContext, values: torch.Tensor, extras: torch.Tensor, layout: UpdateLayout, round_index: int, kind: str
-) -> Transfer:
-    """Worker: send `values` (+ `extras`) to the server in an authenticated envelope, asynchronously."""
-    key = context.session_keys[SERVER_RANK]
-    return send_update(context.transport, key, values, extras, layout, round_index, SERVER_RANK, kind)
+def upload_extras(figures: Sequence[float], report: WorkerReport, device: torch.device) -> torch.Tensor:
+    """Worker: an upload's extras, the method's own per-round figures followed by the report."""
+    return torch.cat([torch.tensor(list(figures)), report.to_tensor()]).to(device)
 
 
-class ArrivingUpdates:
-    """Server: one `kind` upload from each worker, yielded in arrival order once accepted.
+class UploadedFigures:
+    """Server: the figures and `WorkerReport`s that one round's accepted uploads carry in their
+    extras (`upload_extras`), each upload `width` figures wide."""
 
-    Each upload is checked (`engine.updates`); a refused one is logged to the run's events and
-    skipped, so what the method averages or back-propagates comes from accepted uploads only.
-    Uploads are consumed one at a time: never K of them held at once.
-    """
+    def __init__(self, width: int) -> None:
+        self.width = width
+        self.figures = StepMeans(width)
+        self.reports: dict[int, WorkerReport] = {}
 
-    def __init__(
-        self, context: RunContext, kind: str, extras_size: int, layout_of: Callable[[int], UpdateLayout]
-    ) -> None:
-        """`layout_of(rank)`: the layout of the values that worker `rank` uploads."""
-        self.context = context
-        self.kind = kind
-        self.receiver = UpdateReceiver(
-            context.transport,
-            context.session_keys,
-            extras_size,
-            layout_of=layout_of,
-            max_norm=context.config.security.max_update_norm,
-        )
-        self.refused = 0
-        """Uploads refused in the round being received."""
-
-    def round(self, round_index: int) -> Iterator[Update]:
-        self.refused = 0
-        waiting = list(self.context.worker_ranks)
-        while waiting:
-            received = self.receiver.receive(self.kind, waiting, round_index)
-            waiting.remove(received.rank)
-            if isinstance(received, Refusal):
-                self.context.log_event(received.as_event())
-                self.refused += 1
-                continue
-            yield received
-
-
-def model_digest(module: nn.Module, name: str) -> dict[str, float]:
-    """Sum and absolute sum of a model's state, in float64 (tests compare copies with them)."""
-    values = flatten(model_tensors(module)).double()
-    return {f"{name}_sum": float(values.sum()), f"{name}_abs_sum": float(values.abs().sum())}
+    def add(self, update: Update) -> None:
+        figures, report = update.extras.split([self.width, WorkerReport.SIZE])
+        self.figures.add(*figures.tolist())
+        self.reports[update.rank] = WorkerReport.from_tensor(report)

@@ -46,18 +46,16 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, generator_loss, summarise_reports
+from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, model_digest, round_metrics
 from entgan.algorithms.local_training import (
-    ArrivingUpdates,
     StepMeans,
+    UploadedFigures,
     UploadMeter,
     discriminator_step,
-    model_digest,
-    receive_hellos,
-    reject_privacy,
-    send_hello,
-    upload,
+    error_feedback,
+    upload_extras,
 )
+from entgan.algorithms.uploads import ArrivingUpdates, receive_hellos, send_hello, upload
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
@@ -65,7 +63,6 @@ from entgan.engine.parameters import flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import UpdateLayout
 from entgan.models import build_discriminator, build_generator
-from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
 
 FEEDBACK_FIGURES = 2
@@ -73,17 +70,7 @@ FEEDBACK_FIGURES = 2
 
 
 # ---------------------------------------------------------------------- the method's math
-def error_feedback(discriminator: Discriminator, fakes: torch.Tensor, task: int) -> tuple[torch.Tensor, float, float]:
-    """Worker: F = dL_G/dx for every image x of `fakes` (the generator loss on D's `task` head).
-
-    Only the images get gradients; D is not updated by this pass. Returns (F, loss, realness).
-    """
-    images = fakes.detach().requires_grad_(True)
-    loss, realness = generator_loss(discriminator, images, task)  # type: ignore[arg-type]
-    (feedback,) = torch.autograd.grad(loss, images)
-    return feedback, loss.item(), realness
-
-
+# The worker's half, F_n = dL_G/dx, is `local_training.error_feedback` (DANCE returns the same).
 def backpropagate_feedback(fakes: torch.Tensor, feedback: torch.Tensor) -> None:
     """Server: add sum_x F(x) . dx/dw to G's gradients through `fakes`' graph (the chain rule), and
     free that graph. Summed over the workers and divided by their number (`average_gradients`),
@@ -135,13 +122,12 @@ class MDGAN(Algorithm):
     # ------------------------------------------------------------------ server
     def server_setup(self) -> None:
         config = self.config
-        reject_privacy(config)
         torch.manual_seed(config.seed)
         self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(self.context.device)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
         self.latent_stream = self.context.generator_seed(2)
         layout = self._feedback_layout()
-        self.feedbacks = ArrivingUpdates(
+        self.feedbacks = ArrivingUpdates.checked(
             self.context, "feedback", FEEDBACK_FIGURES + WorkerReport.SIZE, layout_of=lambda rank: layout
         )
         counts = receive_hellos(self.context)
@@ -152,26 +138,18 @@ class MDGAN(Algorithm):
     def server_round(self, round_index: int) -> dict[str, float]:
         graphs, sends = self.generate_and_send()
         self.g_optimizer.zero_grad(set_to_none=True)
-        reports: dict[int, WorkerReport] = {}
-        figures = StepMeans(FEEDBACK_FIGURES)
+        uploaded = UploadedFigures(FEEDBACK_FIGURES)
         for update in self.feedbacks.round(round_index):
             backpropagate_feedback(graphs.pop(update.rank), update.values)
-            worker_figures, report = update.extras.split([FEEDBACK_FIGURES, WorkerReport.SIZE])
-            figures.add(*worker_figures.tolist())
-            reports[update.rank] = WorkerReport.from_tensor(report)
+            uploaded.add(update)
         graphs.clear()  # the graphs of refused feedback are dropped unused
-        if reports:
-            average_gradients(self.G, len(reports))
+        if uploaded.reports:
+            average_gradients(self.G, len(uploaded.reports))
             self.g_optimizer.step()
         settle(*sends)
-        g_loss, g_realness = figures.means()
-        return {
-            "g_loss": g_loss,
-            "g_steps": 1.0 if reports else 0.0,
-            "g_fake_realness": g_realness,
-            "refused_updates": float(self.feedbacks.refused),
-            **summarise_reports(reports),
-        }
+        g_loss, g_realness = uploaded.figures.means()
+        g_steps = 1 if uploaded.reports else 0
+        return round_metrics(g_loss, g_steps, g_realness, self.feedbacks.refused, uploaded.reports)
 
     def generate_and_send(self) -> tuple[dict[int, torch.Tensor], list[Transfer]]:
         """Two batches of its own task for every worker; X(g)_n keeps its graph for the feedback.
@@ -198,7 +176,6 @@ class MDGAN(Algorithm):
     # ------------------------------------------------------------------ worker
     def worker_setup(self, shard: ImageDataset) -> None:
         config = self.config
-        reject_privacy(config)
         device = self.context.device
         torch.manual_seed(config.seed + self.context.rank)  # the paper initialises each D_n locally
         self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
@@ -238,7 +215,7 @@ class MDGAN(Algorithm):
         settle(self.upload_in_flight)
         report = self.meter.report(*d_figures.means())
         self.meter.restart()  # the upload below is booked in the next report
-        extras = torch.cat([torch.tensor([g_loss, g_realness]), report.to_tensor()]).to(feedback.device)
+        extras = upload_extras([g_loss, g_realness], report, feedback.device)
         self.upload_in_flight = upload(self.context, feedback, extras, self.feedback_layout, round_index, "feedback")
 
     def start_swap(self, round_number: int) -> None:

@@ -40,18 +40,26 @@ from entgan.algorithms.base import (
     WorkerReport,
     adam,
     balanced_tasks,
+    build_models,
     discriminator_loss,
     generator_loss,
-    summarise_reports,
+    model_digest,
+    round_metrics,
 )
-from entgan.config import ConfigError, RunConfig
+from entgan.algorithms.uploads import (
+    ArrivingUpdates,
+    discriminator_update_layouts,
+    receive_hellos,
+    send_hello,
+    upload,
+)
+from entgan.config import RunConfig
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.parameters import flatten, model_tensors
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import Refusal, UpdateLayout, UpdateReceiver, send_update
-from entgan.models import build_discriminator, build_generator
+from entgan.engine.updates import UpdateLayout
 from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
 
@@ -135,21 +143,6 @@ def train_generator(
     return sum(losses) / len(losses), sum(realness) / len(realness)
 
 
-def reject_entgan_only_features(config: RunConfig, algorithm: str) -> None:
-    """Warm starts (lifelong jobs) and differential privacy are implemented for EntGAN only; a
-    baseline asked for them must say so rather than silently run without them."""
-    if config.warm_start is not None:
-        raise ConfigError(f"warm_start: only algorithm 'entgan' supports it, not '{algorithm}'")
-    if config.privacy.enabled:
-        raise ConfigError(f"privacy.enabled: only algorithm 'entgan' supports it, not '{algorithm}'")
-
-
-def model_digest(prefix: str, module: nn.Module) -> dict[str, float]:
-    """Sum and absolute sum of a model's state, for checking that two ranks hold the same model."""
-    flat = flatten(model_tensors(module)).double()
-    return {f"{prefix}_sum": float(flat.sum()), f"{prefix}_abs_sum": float(flat.abs().sum())}
-
-
 class ServerGenerator(Algorithm):
     """Server: G (and D, where the method has one global D); worker k: a copy of G and its D_k.
 
@@ -168,14 +161,9 @@ class ServerGenerator(Algorithm):
         self.steps = StepsPerRound.from_config(self.config)
 
     def _build_models(self) -> None:
-        config = self.config
-        device = self.context.device
-        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
-        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.G, self.D = build_models(self.config, self.context.device)
         self.layout = DiscriminatorLayout(self.D)
-        self._update_layouts = [
-            UpdateLayout.of(self.layout.named_update_tensors(self.D, task)) for task in range(len(config.tasks))
-        ]
+        self._update_layouts = discriminator_update_layouts(self.layout, self.D)
 
     @property
     def generator(self) -> Generator:
@@ -183,18 +171,16 @@ class ServerGenerator(Algorithm):
 
     # ------------------------------------------------------------------ server
     def server_setup(self) -> None:
-        reject_entgan_only_features(self.config, self.name)
         torch.manual_seed(self.config.seed)  # the same initial G and D as every other method
         self._build_models()
         self.D.requires_grad_(False)  # the server never trains a discriminator
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
-        self.sample_counts = self._receive_sample_counts()
-        self.uploads = UpdateReceiver(
-            self.transport,
-            self.context.session_keys,
+        self.sample_counts = receive_hellos(self.context)
+        self.uploads = ArrivingUpdates.checked(
+            self.context,
+            "discriminator-update",
             WorkerReport.SIZE,
             layout_of=lambda rank: self.upload_layout(self.context.task_of(rank)),
-            max_norm=self.config.security.max_update_norm,
         )
         # Initialisation: every worker starts from the same G and D.
         workers = self.context.worker_ranks
@@ -202,18 +188,6 @@ class ServerGenerator(Algorithm):
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
         self.generator_in_flight: Transfer | None = None
         self.discriminator_in_flight: Transfer | None = None
-
-    def _receive_sample_counts(self) -> dict[int, int]:
-        """Each worker says which task it serves and how many images it holds (the averaging weights)."""
-        counts: dict[int, int] = {}
-        for rank in self.context.worker_ranks:
-            hello = torch.zeros(2, dtype=torch.int64, device=self.context.device)
-            self.transport.receive([hello], rank, "hello").wait()
-            task, count = (int(v) for v in hello)
-            if task != self.context.task_of(rank):
-                raise RuntimeError(f"worker {rank} serves task {task}, the server's config says {self.context.task_of(rank)}")
-            counts[rank] = count
-        return counts
 
     def upload_layout(self, task: int) -> UpdateLayout:
         """What a task-`task` worker's upload is made of: by default D_k's trunk and its head."""
@@ -227,18 +201,10 @@ class ServerGenerator(Algorithm):
         """Receive one upload from every worker, in arrival order; return the reports of the
         accepted ones and how many were refused (each refusal is logged as a run event)."""
         reports: dict[int, WorkerReport] = {}
-        refused = 0
-        waiting = list(self.context.worker_ranks)
-        while waiting:
-            received = self.uploads.receive("discriminator-update", waiting, round_index)
-            waiting.remove(received.rank)
-            if isinstance(received, Refusal):
-                self.context.log_event(received.as_event())
-                refused += 1
-                continue
-            self.absorb_upload(received.rank, received.values)
-            reports[received.rank] = WorkerReport.from_tensor(received.extras)
-        return reports, refused
+        for update in self.uploads.round(round_index):
+            self.absorb_upload(update.rank, update.values)
+            reports[update.rank] = WorkerReport.from_tensor(update.extras)
+        return reports, self.uploads.refused
 
     def train_generator(self, critics: Sequence[nn.Module]) -> tuple[float, float]:
         """One G step per critic; G's last broadcast must have left before G changes."""
@@ -253,13 +219,7 @@ class ServerGenerator(Algorithm):
     ) -> dict[str, float]:
         """The round's row: G's loss and realness, the workers' reports, refused uploads."""
         g_loss, realness = generator_step
-        return {
-            "g_loss": g_loss,
-            "g_steps": float(g_steps),
-            "g_fake_realness": realness,
-            "refused_updates": float(refused),
-            **summarise_reports(reports),
-        }
+        return round_metrics(g_loss, g_steps, realness, refused, reports)
 
     def settle_discriminator_send(self) -> None:
         """Call before the server's D changes: its last broadcast must have left."""
@@ -293,7 +253,6 @@ class ServerGenerator(Algorithm):
 
     # ------------------------------------------------------------------ worker
     def worker_setup(self, shard: ImageDataset) -> None:
-        reject_entgan_only_features(self.config, self.name)
         torch.manual_seed(self.config.seed + self.context.rank)
         self._build_models()
         self.real = RealBatches(
@@ -301,8 +260,7 @@ class ServerGenerator(Algorithm):
         )
         self.latent_stream = self.context.generator_seed(2)
         self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
-        hello = torch.tensor([self.context.task, len(shard)], dtype=torch.int64, device=self.context.device)
-        self.transport.send([hello], SERVER_RANK, "hello").wait()
+        send_hello(self.context, len(shard))
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
         self.G.requires_grad_(False)  # the worker's G only generates; G is trained at the server
@@ -341,14 +299,12 @@ class ServerGenerator(Algorithm):
             comm_wait_s=comm_wait_s,
             compute_s=time.perf_counter() - started,
         )
-        self.upload_in_flight = send_update(
-            self.transport,
-            self.context.session_keys[SERVER_RANK],
+        self.upload_in_flight = upload(
+            self.context,
             self.upload_payload(),
             report.to_tensor().to(self.context.device),
             self.upload_layout(self.context.task),
             round_index,
-            SERVER_RANK,
             "discriminator-update",
         )
         # The next round's models land straight in G's (and D_k's) own tensors, which stay
@@ -378,4 +334,4 @@ class ServerGenerator(Algorithm):
         self.incoming, self.upload_in_flight = [], None
 
     def worker_digest(self) -> dict[str, float]:
-        return {**model_digest("generator", self.G), **model_digest("discriminator", self.D)}
+        return {**model_digest(self.G, "generator"), **model_digest(self.D, "discriminator")}

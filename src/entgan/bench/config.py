@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from entgan.config import AlgorithmName, ConfigError, RunConfig, _format_validation_error, load_config
+from entgan.config import AlgorithmName, ConfigError, RunConfig, format_validation_error, load_config
 
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -234,7 +234,7 @@ def _cross_check(bench: BenchConfig) -> list[str]:
         try:
             RunConfig.model_validate(data)
         except ValidationError as error:
-            for line in _format_validation_error(error, location).splitlines()[1:]:
+            for line in format_validation_error(error, location).splitlines()[1:]:
                 problems.append(line.replace("  - ", f"  - {location}: ", 1))
     if bench.memory_sweep is not None:
         for index, count in enumerate(bench.memory_sweep.workers):
@@ -270,7 +270,7 @@ def parse_bench_config(data: object, origin: str = "<bench config>", relative_to
     try:
         bench = BenchConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, origin)) from None
+        raise ConfigError(format_validation_error(error, origin)) from None
     problems = _cross_check(bench)
     if problems:
         raise ConfigError("\n".join([f"{origin}: invalid configuration", *problems]))

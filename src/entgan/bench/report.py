@@ -22,6 +22,7 @@ import psutil
 from entgan.bench.config import OVERALL_FID, BenchConfig
 from entgan.bench.network import NetworkStatus
 from entgan.bench.results import RunResult
+from entgan.plots import pyplot, save_figure
 from entgan.rundir import atomic_write
 
 MIB = 2**20
@@ -372,18 +373,8 @@ def context_plots(bench: BenchConfig, results: Sequence[RunResult]) -> list[str]
     return plots
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_fid_against_time(results: Sequence[RunResult], bench: BenchConfig, path: Path, title: str) -> Path:
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(8, 5))
+    figure, axis = pyplot().subplots(figsize=(8, 5))
     for result in results:
         if result.ok and result.curve:
             clocks, fids = zip(*result.curve)
@@ -396,16 +387,11 @@ def plot_fid_against_time(results: Sequence[RunResult], bench: BenchConfig, path
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
     axis.set_title(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def plot_memory_against_workers(results: Sequence[RunResult], path: Path, title: str) -> Path:
-    plt = _pyplot()
-    figure, (increase_axis, peak_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (increase_axis, peak_axis) = pyplot().subplots(1, 2, figsize=(11, 4))
     methods = list(dict.fromkeys(r.label for r in results if r.group == "memory_sweep"))
     for method in methods:
         points = sorted((r.workers, r) for r in results if r.group == "memory_sweep" and r.label == method and r.ok)
@@ -423,11 +409,7 @@ def plot_memory_against_workers(results: Sequence[RunResult], path: Path, title:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 # --- writing -------------------------------------------------------------------------------------

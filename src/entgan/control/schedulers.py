@@ -96,6 +96,13 @@ class ServerTaskScheduler:
             self._steps = max(self._steps - 1, self.config.min_g_steps)
         return self._steps
 
+    def generator_batch(self, batch_size: int, num_tasks: int) -> int:
+        """Samples per G step: `batch_size` of every task, so each task's part of G learns from as
+        many samples per step as that task's D steps see; `batch_size` in all when off."""
+        if self.config.enabled and self.config.g_batch_per_task:
+            return batch_size * num_tasks
+        return batch_size
+
     def state_dict(self) -> dict[str, int]:
         return {"steps": self._steps}
 

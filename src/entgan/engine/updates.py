@@ -182,8 +182,14 @@ class UpdateReceiver:
             )
         return self._body
 
-    def receive(self, kind: str, expected: Sequence[int], round_index: int) -> Update | Refusal:
-        rank = self.transport.receive_from_any(self._header, kind, expected)
+    def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
+        """The next update from one of `expected`: whichever arrives first, or with `in_order` the
+        first rank listed (a fixed order, for reproducible float32 accumulation)."""
+        if in_order:
+            rank = expected[0]
+            self.transport.receive([self._header], rank, kind).wait()
+        else:
+            rank = self.transport.receive_from_any(self._header, kind, expected)
         header = [int(v) for v in self._header.tolist()]
         magic, version, count, precision = header[0], header[1], header[5], header[6]
         if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= precision < len(WIRE_DTYPES):

@@ -49,7 +49,7 @@ from entgan.config import (
     RunConfig,
     TaskConfig,
     WarmStartConfig,
-    _format_validation_error,
+    format_validation_error,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -313,7 +313,7 @@ class JobSpec(_Strict):
 def _format_errors(error: ValidationError, origin: str) -> str:
     """The run config's error format, without the tag pydantic puts into the path of a condition
     (`trigger.conditions.1.metric.operator` reads better as `trigger.conditions.1.operator`)."""
-    text = _format_validation_error(error, origin).replace(": invalid configuration", ": invalid job spec", 1)
+    text = format_validation_error(error, origin).replace(": invalid configuration", ": invalid job spec", 1)
     kinds = "|".join(re.escape(kind) for kind in CONDITION_KINDS)
     return re.sub(rf"(conditions\.\d+)\.(?:{kinds})(?=[.:])", r"\1", text)
 

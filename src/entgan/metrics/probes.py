@@ -7,6 +7,7 @@ communication). These probes are deliberately cheap and dependency-light (psutil
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +27,18 @@ _PROC_STATUS = Path("/proc/self/status")
 def current_rss_bytes() -> int:
     """Resident set size of this process, in bytes."""
     return int(psutil.Process().memory_info().rss)
+
+
+def release_free_memory() -> None:
+    """Hand memory the allocator holds but no object uses back to the OS (glibc `malloc_trim`).
+
+    Without it, pages freed by earlier work (e.g. an evaluation) stay resident and are silently
+    reused by later allocations, so RSS growth would under-count whatever runs next. A no-op where
+    glibc is not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakRSSMonitor:
@@ -70,6 +83,7 @@ class PeakRSSMonitor:
         try:
             yield
         finally:
+            release_free_memory()
             left_behind = current_rss_bytes() - before
             with self._lock:
                 self._paused = False
@@ -84,6 +98,7 @@ class PeakRSSMonitor:
         if self._thread is not None:
             raise RuntimeError("PeakRSSMonitor is already running")
         self._stop_event.clear()
+        release_free_memory()
         self._baseline = current_rss_bytes()
         with self._lock:
             self._peak = self._baseline
