@@ -25,7 +25,7 @@ from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.transport import Transfer
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
 from entgan.metrics.classifier import DomainClassifier
-from entgan.models import build_generator
+from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 from entgan.plots import plot_training, save_image_grid
 from entgan.rundir import RunDirectory
@@ -67,14 +67,20 @@ class Evaluation:
         torch.set_rng_state(rng_state)
 
 
-def warm_up_runtime() -> None:
+def warm_up_runtime(config: RunConfig) -> None:
     """Pay torch's one-time costs before the memory baseline is taken: the first optimizer imports
-    torch._dynamo and sympy (about 70 MiB of modules) and the first backward pass starts autograd's
-    machinery. Every method pays them alike; they are the runtime's, not the method's."""
-    parameter = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.Adam([parameter])
-    parameter.sum().backward()
+    torch._dynamo and sympy (about 70 MiB of modules), and the first forward and backward pass of
+    each kind of layer sets up autograd and the CPU kernels' caches. Every method pays these alike;
+    they are the runtime's, not the method's. Done on throwaway models of the run's architecture
+    and a batch of two, with the random state put back afterwards."""
+    rng_state = torch.get_rng_state()
+    generator = build_generator(config.model, config.image_shape, len(config.tasks))
+    discriminator = build_discriminator(config.model, config.image_shape, len(config.tasks))
+    optimizer = torch.optim.Adam(list(generator.parameters()) + list(discriminator.parameters()))
+    tasks = torch.zeros(2, dtype=torch.long)
+    discriminator(generator(generator.sample_latent(2), tasks), tasks).mean().backward()
     optimizer.step()
+    torch.set_rng_state(rng_state)
 
 
 def build_evaluation(context: RunContext, classifier: DomainClassifier) -> Evaluation:
@@ -171,7 +177,7 @@ def serve(
     run_dir = RunDirectory(context.run_dir)
     evaluation = build_evaluation(context, classifier)
     evaluation.warm_up(config)
-    warm_up_runtime()
+    warm_up_runtime(config)
     # Baseline = the idle runtime (interpreter, torch, a warmed-up evaluation harness); the increase
     # over it is what the method itself costs the server: models, optimizer state, buffers,
     # activations. Evaluation and checkpoint writing are paused out of the window.
