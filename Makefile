@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 # server-memory sweep at 2/4/8 workers) and the ablations under IID and Dirichlet data, one report
 # per config in $(BENCH_OUT)/<config name>/bench.md. About 37 minutes on 2 CPU cores (benchmarks/README.md).
 # Every config runs even if one has a failed run; the target fails at the end if any did.
-BENCH_CONFIGS ?= benchmarks/mnist-2tasks-4workers.yaml benchmarks/ablations-iid.yaml benchmarks/ablations-dirichlet.yaml
+BENCH_CONFIGS ?= benchmarks/mnist-2tasks-4workers.yaml benchmarks/server-memory-dcgan.yaml benchmarks/ablations-iid.yaml benchmarks/ablations-dirichlet.yaml
 BENCH_OUT ?= runs/bench
 bench: $(STAMP)
 	@status=0; for config in $(BENCH_CONFIGS); do \
