@@ -104,7 +104,12 @@ def test_torchrun_launch_runs_the_same_engine(tmp_path: Path, cache_dir: Path) -
     """The multi-machine entry point, on one machine: torchrun picks the port, 4 ranks join."""
     config = write_config(tmp_path / "c.yaml", rounds=2)
     run_dir = tmp_path / "run"
-    environment = {**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir), "GLOO_SOCKET_IFNAME": "lo"}
+    environment = {
+        **os.environ,
+        "ENTGAN_CACHE_DIR": str(cache_dir),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "ENTGAN_JOB_SECRET": "a-job-secret-for-this-test-only",  # every machine of a torchrun job needs it
+    }
     torchrun = Path(sys.executable).with_name("torchrun")
 
     result = subprocess.run(
@@ -128,3 +133,14 @@ def test_torchrun_entry_refuses_to_run_outside_torchrun(tmp_path: Path) -> None:
     )
 
     assert result.returncode == 2 and "torchrun" in result.stderr
+
+
+def test_torchrun_entry_needs_the_job_secret(tmp_path: Path) -> None:
+    environment = {k: v for k, v in os.environ.items() if k != "ENTGAN_JOB_SECRET"}
+    environment.update(RANK="1", WORLD_SIZE="4")
+    result = subprocess.run(
+        [sys.executable, "-m", "entgan.run", str(write_config(tmp_path / "c.yaml")), "--run-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )
+
+    assert result.returncode == 2 and "ENTGAN_JOB_SECRET" in result.stderr
