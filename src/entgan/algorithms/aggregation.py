@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from entgan.engine.parameters import numel, unflatten_into
+from entgan.engine.parameters import numel
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 
 

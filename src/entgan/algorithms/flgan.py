@@ -55,7 +55,7 @@ from entgan.algorithms.uploads import (
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
-from entgan.engine.parameters import flatten, model_tensors, numel, unflatten_into
+from entgan.engine.parameters import flatten, model_tensors, numel
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import UpdateLayout
 from entgan.models.generator import Generator
@@ -114,7 +114,7 @@ class FLGAN(Algorithm):
             uploaded.add(update)
         settle(*self.downloads_in_flight)  # the last round's models must be out before they change
         if self.generator_average.count:
-            unflatten_into(self.generator_average.mean(), model_tensors(self.G))
+            self.generator_average.write_mean_into(model_tensors(self.G))
         if self.discriminator_average.count:
             self.discriminator_average.write_into(self.D)
         self.send_models()
