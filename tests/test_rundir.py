@@ -57,3 +57,18 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> 
         atomic_write(path, fail_halfway)
     assert path.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [path]  # no temporary left behind
+
+
+def test_latest_checkpoint_is_the_newest_round_even_before_latest_pt_is_written(tmp_path: Path) -> None:
+    run = RunDirectory.create(tmp_path / "run", tiny_config())
+    with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
+        run.latest_checkpoint()
+    run.save_checkpoint({"round": 1}, 1)
+    run.save_checkpoint({"round": 2}, 2, rank=1)  # a worker's part does not count
+    # A server killed after renaming round 2 into place but before writing latest.pt:
+    atomic_write(run.checkpoint_path(2), lambda handle: handle.write(b"round 2"))
+
+    assert run.latest_checkpoint() == run.checkpoint_path(2)
+    (run.checkpoints / "round-0001.pt").unlink()
+    (run.checkpoints / "round-0002.pt").unlink()
+    assert run.latest_checkpoint() == run.checkpoints / "latest.pt"  # a deployed copy has only this

@@ -136,6 +136,15 @@ class RunDirectory:
         return rows
 
     def latest_checkpoint(self) -> Path:
+        """The server's newest checkpoint: its newest `round-NNNN.pt`, else `latest.pt`.
+
+        `latest.pt` is written after the round file, so a server killed between the two
+        leaves it one round behind (or missing); the round files are the authority.
+        A deployed model directory holds only `latest.pt`.
+        """
+        rounds = self.checkpoint_rounds(0) if self.checkpoints.is_dir() else []
+        if rounds:
+            return self.checkpoint_path(rounds[-1], 0)
         path = self.checkpoints / "latest.pt"
         if not path.is_file():
             raise FileNotFoundError(f"{self.root}: no checkpoint yet ({path} is missing)")
