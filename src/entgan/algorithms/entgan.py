@@ -36,6 +36,7 @@ from entgan.algorithms.base import (
     balanced_tasks,
     discriminator_loss,
     fake_loss,
+    fake_loss_from_logits,
     generator_loss,
     real_loss,
     summarise_reports,
@@ -383,8 +384,11 @@ class EntGAN(Algorithm):
                 real = self.private.sample_real(self.real.images)
                 self.private.step(real, fakes, regulariser=lambda: self.noniid.regulariser(self.D, self.peer_D, fakes))
                 continue
-            loss, _, _ = discriminator_loss(self.D, self.real.next(), fakes, task)
-            loss = loss + self.noniid.regulariser(self.D, self.peer_D, fakes)
+            # One forward of D_k on the fakes serves both its own loss (its task's head) and the
+            # distillation term (every head).
+            fake_heads = self.D.all_heads(fakes)
+            loss = real_loss(self.D, self.real.next(), task)[0] + fake_loss_from_logits(fake_heads[:, task])
+            loss = loss + self.noniid.regulariser(self.D, self.peer_D, fakes, local_fake_logits=fake_heads)
             self.d_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.d_optimizer.step()

@@ -57,10 +57,18 @@ class NonIIDOptimizer:
             for own, theirs in zip(local.parameters(), peer.parameters(), strict=True):
                 own.mul_(1 - weight).add_(theirs, alpha=weight)
 
-    def regulariser(self, local: Discriminator, peer: Discriminator, fakes: torch.Tensor) -> torch.Tensor:
+    def regulariser(
+        self,
+        local: Discriminator,
+        peer: Discriminator,
+        fakes: torch.Tensor,
+        local_fake_logits: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The continual-learning term added to the local D loss after an exchange.
 
         `peer` is the teacher and should be in eval mode (no dropout), so its targets are stable.
+        `local_fake_logits`, all of `local`'s heads on `fakes`, saves a forward pass when the
+        caller has already computed them for its own loss.
         """
         if self.config.method == "l2sp":
             squared = [
@@ -70,4 +78,6 @@ class NonIIDOptimizer:
             return self.config.weight * torch.stack(squared).sum()
         with torch.no_grad():
             teacher = torch.sigmoid(peer.all_heads(fakes))
-        return self.config.weight * F.binary_cross_entropy_with_logits(local.all_heads(fakes), teacher)
+        if local_fake_logits is None:
+            local_fake_logits = local.all_heads(fakes)
+        return self.config.weight * F.binary_cross_entropy_with_logits(local_fake_logits, teacher)

