@@ -25,7 +25,7 @@ from entgan.api import load_generator
 from entgan.config import ConfigError, SecurityConfig
 from entgan.engine.launch import LaunchOptions, _spawned_rank, launch_local, resume_local
 from entgan.engine.security import load_secret, message_mac
-from entgan.engine.updates import HEADER_SIZE, MAGIC, VERSION, UpdateLayout, refusal_reason
+from entgan.engine.updates import HEADER_SIZE, MAGIC, VERSION, UpdateLayout, refusal_reason, update_problem
 from entgan.rundir import RunDirectory
 
 from conftest import tiny_config, tiny_config_data
@@ -71,6 +71,18 @@ def test_refusal_reasons_name_the_problem() -> None:
     assert "HMAC" in refusal_reason(b"x" * 32, *_update(key, good, layout), 1, 0, layout, None)
     assert "replayed" in refusal_reason(key, *_update(key, good, layout, round_index=0), 1, 5, layout, None)
     assert "replayed" in refusal_reason(key, *_update(key, good, layout, rank=2), 1, 0, layout, None)
+
+
+def test_update_problem_tells_huge_finite_values_from_non_finite_ones() -> None:
+    # Squares of 1e30 overflow float32, so the one-pass norm is infinite although every value is finite.
+    huge = torch.full((7,), 1e30)
+    assert update_problem(huge, None) is None
+    assert "L2 norm 2.646e+30 exceeds" in update_problem(huge, 1e6)
+    huge[2] = float("inf")
+    assert "holds 1 non-finite" in update_problem(huge, None)
+    assert "holds 2 non-finite" in update_problem(torch.tensor([float("nan"), 1.0, float("-inf")]).half(), 1e6)
+    assert update_problem(torch.ones(4).half(), 2.0) is None
+    assert "exceeds" in update_problem(torch.ones(4).half(), 1.9)
 
 
 @settings(max_examples=150, deadline=None)
