@@ -30,7 +30,7 @@ test-fast: $(STAMP)
 
 # The figures quoted in the README's Results: the headline bench (every method, 2 tasks, 4 workers,
 # server-memory sweep at 2/4/8 workers) and the ablations under IID and Dirichlet data, one report
-# per config in $(BENCH_OUT)/<config name>/bench.md. About 37 minutes on 2 CPU cores (benchmarks/README.md).
+# per config in $(BENCH_OUT)/<config name>/bench.md. About 42 minutes on 2 CPU cores (benchmarks/README.md).
 # Every config runs even if one has a failed run; the target fails at the end if any did.
 BENCH_CONFIGS ?= benchmarks/mnist-2tasks-4workers.yaml benchmarks/server-memory-dcgan.yaml benchmarks/ablations-iid.yaml benchmarks/ablations-dirichlet.yaml
 BENCH_OUT ?= runs/bench
