@@ -142,7 +142,7 @@ class RunDirectory:
         leaves it one round behind (or missing); the round files are the authority.
         A deployed model directory holds only `latest.pt`.
         """
-        rounds = self.checkpoint_rounds(0) if self.checkpoints.is_dir() else []
+        rounds = self.checkpoint_rounds(0)
         if rounds:
             return self.checkpoint_path(rounds[-1], 0)
         path = self.checkpoints / "latest.pt"

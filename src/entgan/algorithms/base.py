@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from entgan.config import ConfigError, OptimizerConfig, RunConfig
+from entgan.config import OptimizerConfig, RunConfig
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import RunContext
 from entgan.engine.parameters import flatten, model_tensors

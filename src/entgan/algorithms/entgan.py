@@ -34,14 +34,22 @@ from entgan.algorithms.base import (
     WorkerReport,
     adam,
     balanced_tasks,
+    build_models,
     discriminator_loss,
     fake_loss,
     fake_loss_from_logits,
     generator_loss,
+    model_digest,
     real_loss,
-    summarise_reports,
+    round_metrics,
 )
-from entgan.algorithms.uploads import ArrivingUpdates, receive_hellos, send_hello
+from entgan.algorithms.uploads import (
+    ArrivingUpdates,
+    discriminator_update_layouts,
+    receive_hellos,
+    send_hello,
+    update_receiver,
+)
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import OverlapController, settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerPlan, WorkerTaskScheduler
@@ -49,8 +57,8 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update, update_problem
-from entgan.models import build_discriminator, build_generator
+from entgan.engine.updates import send_update, update_problem
+from entgan.models import build_discriminator
 from entgan.models.generator import Generator
 
 
@@ -60,13 +68,11 @@ class EntGAN(Algorithm):
 
     # ------------------------------------------------------------------ common
     def _build_models(self) -> None:
-        config = self.config
-        device = self.context.device
-        self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(device)
-        self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
+        self.G, self.D = build_models(self.config, self.context.device)
         self.layout = DiscriminatorLayout(self.D)
-        self.overlap = OverlapController(config.control.overlap)
-        compression = config.control.compression
+        self.update_layouts = discriminator_update_layouts(self.layout, self.D)
+        self.overlap = OverlapController(self.config.control.overlap)
+        compression = self.config.control.compression
         # Per-round traffic travels in half precision when compression is on (the start is exact).
         self.wire_dtype: torch.dtype | None = getattr(torch, compression.wire_dtype) if compression.enabled else None
 
@@ -88,30 +94,19 @@ class EntGAN(Algorithm):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
-        update_layouts = [
-            UpdateLayout.of(self.layout.named_update_tensors(self.D, task)) for task in range(len(self.config.tasks))
-        ]
-        self.updates = UpdateReceiver(
-            self.transport,
-            self.context.session_keys,
-            WorkerReport.SIZE,
-            layout_of=lambda rank: update_layouts[self.context.task_of(rank)],
-            max_norm=self.config.security.max_update_norm,
+        self.updates = update_receiver(
+            self.context, WorkerReport.SIZE, layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)]
         )
         self.feedback: GeneratorFeedback | None = None
         if self.context.resume is not None:
             self.load_server_state(self.context.resume["server"])
-        self.sample_counts = self._receive_sample_counts()
+        self.sample_counts = receive_hellos(self.context)
         # Initialisation: G_k := G, D_k := D.
         workers = self.context.worker_ranks
         self.transport.send_to_many(model_tensors(self.G), workers, "generator").wait()
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
         self.generator_in_flight: Transfer | None = None
         self.discriminator_in_flight: Transfer | None = None
-
-    def _receive_sample_counts(self) -> dict[int, int]:
-        """Each worker's task, checked against the config, and sample count (the averaging weights)."""
-        return receive_hellos(self.context)
 
     def server_round(self, round_index: int) -> dict[str, float]:
         reports, refused = self.average_discriminators(round_index)
@@ -121,13 +116,7 @@ class EntGAN(Algorithm):
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
         self.generator_in_flight = self.broadcast_generator()
-        return {
-            "g_loss": g_loss,
-            "g_steps": float(steps),
-            "g_fake_realness": realness,
-            "refused_updates": float(refused),
-            **summarise_reports(reports),
-        }
+        return round_metrics(g_loss, steps, realness, refused, reports)
 
     def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
         """Step 3: D := weighted average of the D_k, accumulated straight into D as they are received.
@@ -396,13 +385,12 @@ class EntGAN(Algorithm):
     def upload_discriminator(self, report: WorkerReport, round_index: int) -> Transfer | None:
         """Send (trunk_k, head_k) plus the round report to the server, asynchronously, in an
         authenticated envelope the server validates before averaging."""
-        named = self.layout.named_update_tensors(self.D, self.context.task)
         transfer = send_update(
             self.transport,
             self.context.session_keys[SERVER_RANK],
-            flatten([tensor for _, tensor in named]),
+            flatten(self.layout.update_tensors(self.D, self.context.task)),
             report.to_tensor(),
-            UpdateLayout.of(named),
+            self.update_layouts[self.context.task],
             round_index,
             SERVER_RANK,
             "discriminator-update",
@@ -437,7 +425,4 @@ class EntGAN(Algorithm):
             self.private.load_state_dict(state["private"])
 
     def worker_digest(self) -> dict[str, float]:
-        return {
-            "generator_sum": float(flatten(model_tensors(self.G)).double().sum()),
-            "generator_abs_sum": float(flatten(model_tensors(self.G)).double().abs().sum()),
-        }
+        return model_digest(self.G, "generator")
