@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import signal
@@ -71,6 +72,22 @@ def test_refusal_reasons_name_the_problem() -> None:
     assert "HMAC" in refusal_reason(b"x" * 32, *_update(key, good, layout), 1, 0, layout, None)
     assert "replayed" in refusal_reason(key, *_update(key, good, layout, round_index=0), 1, 5, layout, None)
     assert "replayed" in refusal_reason(key, *_update(key, good, layout, rank=2), 1, 0, layout, None)
+
+
+def test_message_mac_is_hmac_sha256_of_the_raw_bytes_in_order() -> None:
+    # The MAC reads tensors in place; it must equal the textbook HMAC over their bytes, whatever the
+    # dtype or memory layout, or a worker and the server could disagree about the same update.
+    key = b"m" * 32
+    header = torch.arange(7, dtype=torch.int64)
+    transposed = torch.randn(3, 5).t()  # not contiguous
+    half = torch.randn(11).half()
+    expected = hmac.new(
+        key,
+        header.numpy().tobytes() + transposed.contiguous().numpy().tobytes() + half.numpy().tobytes(),
+        hashlib.sha256,
+    ).digest()
+    assert bytes(message_mac(key, header, transposed, half).tolist()) == expected
+    assert bytes(message_mac(key, torch.zeros(0)).tolist()) == hmac.new(key, b"", hashlib.sha256).digest()
 
 
 def test_update_problem_tells_huge_finite_values_from_non_finite_ones() -> None:

@@ -167,6 +167,9 @@ class EntGAN(Algorithm):
             self.g_optimizer.step()
             losses.append(step_loss)
             realness.append(step_fooled)
+        # G's gradients are not needed until the next G step: freed now, their memory serves the
+        # next round's upload buffer instead of both being held at once.
+        self.g_optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), sum(realness) / len(realness)
 
     def send_discriminator(self, round_index: int) -> Transfer | None:

@@ -70,7 +70,7 @@ class ArrivingUpdates:
 
     Each upload is checked by `receiver` (`engine.updates`); a refused one is logged to the run's
     events and skipped, so what the method averages or back-propagates comes from accepted uploads
-    only. Uploads are consumed one at a time: never K of them held at once.
+    only. Uploads are consumed one at a time: never K of them held at once, and none between rounds.
     """
 
     def __init__(self, context: RunContext, kind: str, receiver: UpdateReceiver) -> None:
@@ -100,3 +100,4 @@ class ArrivingUpdates:
                 self.refused += 1
                 continue
             yield received
+        self.receiver.release()

@@ -80,10 +80,13 @@ def _as_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def message_mac(key: bytes, *parts: torch.Tensor) -> torch.Tensor:
-    """HMAC-SHA256 of the raw bytes of `parts`, as a uint8 tensor (sent next to the message)."""
+    """HMAC-SHA256 of the raw bytes of `parts`, as a uint8 tensor (sent next to the message).
+
+    The hash reads each tensor's memory in place (numpy's buffer), never a `bytes` copy of it: an
+    update's MAC is checked on the server's critical path, where a copy would cost its size again."""
     mac = hmac.new(key, digestmod=hashlib.sha256)
     for part in parts:
-        mac.update(part.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        mac.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return _as_tensor(mac.digest())
 
 

@@ -187,6 +187,11 @@ class UpdateReceiver:
             )
         return self._body
 
+    def release(self) -> None:
+        """Drop the receive buffers until the next update: between rounds the memory is the
+        model's to use (e.g. for gradients), not held for an update that is not coming yet."""
+        self._body = None
+
     def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
         """The next update from one of `expected`: whichever arrives first, or with `in_order` the
         first rank listed (a fixed order, for reproducible float32 accumulation)."""
