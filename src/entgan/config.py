@@ -192,7 +192,8 @@ class MemoryLayoutConfig(_Strict):
     enabled: bool = True
     generator_microbatch: PositiveInt = 16
     """G steps run through G and D this many samples at a time, accumulating gradients: the server
-    holds one micro-batch's activations instead of a whole batch's (same update)."""
+    holds one micro-batch's activations instead of a whole batch's (the same update, except that a
+    BatchNorm generator's statistics are then per micro-batch)."""
 
 
 class ControlConfig(_Strict):

@@ -143,8 +143,10 @@ class EntGAN(Algorithm):
         """Step 4: `steps` G updates against the averaged D, every task in every batch.
 
         Memory layout: each step's batch goes through G and D in micro-batches whose gradients
-        accumulate, so the server holds one micro-batch's activations at a time, not the batch's;
-        the update is the same (the loss is the batch mean either way)."""
+        accumulate, so the server holds one micro-batch's activations at a time, not the batch's.
+        The update is the same (the loss is the batch mean either way) for generators without
+        batch statistics (the MLP); the DCGAN generator's BatchNorm normalises each micro-batch
+        on its own."""
         batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
         micro = self.config.control.memory.generator_microbatch if self.config.control.memory.enabled else batch_size
         losses, realness = [], []
