@@ -128,3 +128,16 @@ def test_worker_scheduler_sends_a_share_of_fakes_to_other_tasks() -> None:
     assert scheduler.fake_tasks(64, own_task=0, num_tasks=1, generator=generator).eq(0).all()
     off = WorkerTaskScheduler(WorkerSchedulerConfig(enabled=False, other_task_fakes=0.25))
     assert off.fake_tasks(64, own_task=1, num_tasks=3, generator=generator).eq(1).all()
+
+
+def test_a_batch_statistics_generator_draws_fakes_in_the_servers_task_mix() -> None:
+    # With BatchNorm in G, G_k must draw batches like the server's: every task equally represented,
+    # whether the scheduler is on or off.
+    generator = torch.Generator().manual_seed(0)
+    for config in (WorkerSchedulerConfig(other_task_fakes=0.25), WorkerSchedulerConfig(enabled=False)):
+        tasks = WorkerTaskScheduler(config).fake_tasks(64, own_task=1, num_tasks=2, generator=generator, like_server=True)
+        assert torch.bincount(tasks, minlength=2).tolist() == [32, 32]
+    three = WorkerTaskScheduler(WorkerSchedulerConfig()).fake_tasks(
+        60, own_task=2, num_tasks=3, generator=generator, like_server=True
+    )
+    assert torch.bincount(three, minlength=3).tolist() == [20, 20, 20]

@@ -96,6 +96,19 @@ def test_mlp_generator_same_in_train_and_eval() -> None:
     assert torch.equal(train_out, eval_out)
 
 
+def test_only_the_dcgan_generator_normalises_over_its_batch() -> None:
+    # What `normalises_over_batch` promises: a DCGAN sample changes with the rest of its batch
+    # (BatchNorm in training mode), an MLP sample does not.
+    for family, expected in (("mlp", False), ("dcgan", True)):
+        generator, _ = build_pair(family)
+        assert generator.normalises_over_batch is expected
+        z = generator.sample_latent(8)
+        with torch.no_grad():
+            alone = generator.train()(z[:4], torch.zeros(4, dtype=torch.long))
+            mixed = generator(z, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))[:4]
+        assert torch.allclose(alone, mixed, atol=1e-6) is not expected
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_picks_the_task_head(family: str) -> None:
     generator, discriminator = build_pair(family)

@@ -192,8 +192,9 @@ class MemoryLayoutConfig(_Strict):
     enabled: bool = True
     generator_microbatch: PositiveInt = 16
     """G steps run through G and D this many samples at a time, accumulating gradients: the server
-    holds one micro-batch's activations instead of a whole batch's (the same update, except that a
-    BatchNorm generator's statistics are then per micro-batch)."""
+    holds one micro-batch's activations instead of a whole batch's (the same update). A BatchNorm
+    generator's statistics are per micro-batch, so for one the micro-batch is at least
+    `optimizer.batch_size`, a worker's fake batch."""
 
 
 class ControlConfig(_Strict):

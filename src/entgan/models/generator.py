@@ -20,6 +20,9 @@ from entgan.models._common import (
 )
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 class Generator(nn.Module):
     """Base class: maps (latent z, task id) to an image in [-1, 1].
 
@@ -54,6 +57,14 @@ class Generator(nn.Module):
     @property
     def task_embedding_dim(self) -> int:
         return self.task_embedding.embedding_dim
+
+    @property
+    def normalises_over_batch(self) -> bool:
+        """Whether a sample depends on the others in its batch (BatchNorm while training).
+
+        Then where G runs matters as much as its weights: every place that draws samples for the
+        same training (the server's G step, a worker's G_k) must draw batches alike."""
+        return any(isinstance(module, _BATCH_NORMS) for module in self.modules())
 
     @property
     def conditioning_dim(self) -> int:
