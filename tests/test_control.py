@@ -6,7 +6,12 @@ import torch
 
 from entgan.config import ModelConfig, NonIIDConfig, ServerSchedulerConfig, WorkerSchedulerConfig
 from entgan.control.noniid import NonIIDOptimizer
-from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerTaskScheduler
+from entgan.control.schedulers import (
+    GeneratorFeedback,
+    RoundParticipation,
+    ServerTaskScheduler,
+    WorkerTaskScheduler,
+)
 from entgan.models import build_discriminator
 
 
@@ -43,6 +48,51 @@ def test_server_scheduler_off_keeps_fixed_steps() -> None:
     scheduler = ServerTaskScheduler(ServerSchedulerConfig(enabled=False, g_steps=2))
 
     assert scheduler.next_steps(GeneratorFeedback(fake_realness=0.0)) == 2
+
+
+def test_full_participation_takes_every_worker_every_round() -> None:
+    participation = RoundParticipation(ServerSchedulerConfig(), worker_tasks=[0, 0, 1, 1, 1])
+
+    assert participation.everyone
+    assert [participation.workers(r) for r in range(3)] == [[0, 1, 2, 3, 4]] * 3
+    assert participation.includes(3, 7)
+
+
+def test_partial_participation_takes_each_task_in_turn_and_every_worker_equally() -> None:
+    # Tasks: 0 has workers 0-1, 1 has workers 2-4, 2 has worker 5 alone.
+    participation = RoundParticipation(ServerSchedulerConfig(participation=0.5), worker_tasks=[0, 0, 1, 1, 1, 2])
+
+    rounds = [participation.workers(r) for r in range(6)]
+
+    assert not participation.everyone
+    assert rounds[0] == [0, 2, 3, 5]  # ceil(0.5 * 2) = 1, ceil(0.5 * 3) = 2, a lone worker always
+    assert rounds[1] == [1, 2, 4, 5]  # the next in turn: task 1 wraps round to worker 2
+    for chosen in rounds:
+        assert sum(w in (0, 1) for w in chosen) == 1
+        assert sum(w in (2, 3, 4) for w in chosen) == 2
+        assert 5 in chosen  # every task's head is updated every round
+    turns = [sum(worker in chosen for chosen in rounds) for worker in range(6)]
+    assert turns == [3, 3, 4, 4, 4, 6]  # over 6 rounds: 1 of 2 and 2 of 3 workers, evenly
+    assert all(participation.includes(w, r) == (w in rounds[r]) for w in range(6) for r in range(6))
+
+
+def test_partial_participation_needs_the_server_scheduler() -> None:
+    config = ServerSchedulerConfig(enabled=False, participation=0.5)
+
+    assert RoundParticipation(config, worker_tasks=[0, 0, 1, 1]).workers(1) == [0, 1, 2, 3]
+
+
+def test_gossip_pairs_only_the_rounds_participants() -> None:
+    among = [0, 2, 3]
+    optimizers = [NonIIDOptimizer(NonIIDConfig(topology="ring"), w, 4, seed=0) for w in range(4)]
+
+    partners = {w: optimizers[w].partners(0, among=among) for w in range(4)}
+
+    assert partners[1] is None  # sits the round out
+    assert partners[0] == (2, 3) and partners[2] == (3, 0) and partners[3] == (0, 2)
+    assert NonIIDOptimizer(NonIIDConfig(), 0, 4, seed=0).partners(0, among=[0]) is None  # nobody to pair with
+    pairs = [NonIIDOptimizer(NonIIDConfig(topology="random-pairs"), w, 4, seed=0).partners(5, among=[1, 3]) for w in (1, 3)]
+    assert pairs == [(3, 3), (1, 1)]
 
 
 def test_ring_partners_form_a_consistent_ring() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,25 @@ def test_compression_halves_the_traffic_and_keeps_workers_in_step(tmp_path: Path
     for digest in _worker_digests(tmp_path / "half"):  # G_k is G up to float16 rounding
         assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=1e-2, abs=1e-2)
         assert digest["generator_abs_sum"] > 0
+
+
+def test_partial_participation_trains_the_scheduled_workers_and_keeps_them_in_step(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    # Task "low" has workers 1-2 (one of them per round, in turn), task "high" worker 3 (always).
+    config = tiny_config(control={"server_scheduler": {"participation": 0.5}})
+    run_dir = tmp_path / "run"
+
+    summary = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+
+    rows = RunDirectory(run_dir).metrics()
+    reporting = [sorted(int(m[1]) for key in row if (m := re.fullmatch(r"worker(\d+)/bytes_sent", key))) for row in rows]
+    assert reporting == [[1, 3], [2, 3], [1, 3], [2, 3]]
+    digests = {d["rank"]: d for d in _worker_digests(run_dir)}
+    # The final G went to the workers due in the (never run) next round: 1 and 3. Worker 2 last
+    # received G before its round 3 turn, so it holds an older one.
+    for rank in (1, 3):
+        assert digests[rank]["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
+    assert digests[2]["generator_sum"] != pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
+    # A worker that sits out rounds uploads less than one that never does.
+    assert digests[1]["bytes_sent/discriminator-update"] < digests[3]["bytes_sent/discriminator-update"]

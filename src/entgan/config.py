@@ -132,6 +132,10 @@ class ServerSchedulerConfig(_Strict):
     g_batch_per_task: bool = True
     """G steps draw `optimizer.batch_size` samples of every task (as each task's workers see per D
     step); off: `batch_size` samples shared by all tasks."""
+    participation: Annotated[float, Field(gt=0, le=1)] = 1.0
+    """Share of each task's workers that train and upload in a round (rounded up: at least one per
+    task), in turn, so every worker takes the same share of rounds; the others sit the round out.
+    1: every worker, every round. Off (scheduler disabled): every worker."""
 
     @model_validator(mode="after")
     def _ordered(self) -> ServerSchedulerConfig:

@@ -52,7 +52,13 @@ from entgan.algorithms.uploads import (
 )
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import OverlapController, settle
-from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler, WorkerPlan, WorkerTaskScheduler
+from entgan.control.schedulers import (
+    GeneratorFeedback,
+    RoundParticipation,
+    ServerTaskScheduler,
+    WorkerPlan,
+    WorkerTaskScheduler,
+)
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
@@ -72,6 +78,7 @@ class EntGAN(Algorithm):
         self.layout = DiscriminatorLayout(self.D)
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.overlap = OverlapController(self.config.control.overlap)
+        self.participation = RoundParticipation(self.config.control.server_scheduler, self.config.worker_tasks())
         compression = self.config.control.compression
         # Per-round traffic travels in half precision when compression is on (the start is exact).
         self.wire_dtype: torch.dtype | None = getattr(torch, compression.wire_dtype) if compression.enabled else None
@@ -115,7 +122,7 @@ class EntGAN(Algorithm):
         settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
-        self.generator_in_flight = self.broadcast_generator()
+        self.generator_in_flight = self.broadcast_generator(round_index)
         return round_metrics(g_loss, steps, realness, refused, reports)
 
     def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
@@ -132,7 +139,7 @@ class EntGAN(Algorithm):
         self.averager.reset()
         reports: dict[int, WorkerReport] = {}
         uploads = ArrivingUpdates(self.context, "discriminator-update", self.updates)
-        for update in uploads.round(round_index, in_order=True):
+        for update in uploads.round(round_index, in_order=True, ranks=self.participant_ranks(round_index)):
             task = self.context.task_of(update.rank)
             self.averager.add(self.D, update.values, task, self.sample_counts[update.rank])
             reports[update.rank] = WorkerReport.from_tensor(update.extras)
@@ -189,18 +196,25 @@ class EntGAN(Algorithm):
 
     def send_discriminator(self, round_index: int) -> Transfer | None:
         """On sync rounds, D_k := D: the averaged D goes down before G trains, so workers can start
-        the real-data half of their next D step while the server is still busy with G."""
+        the real-data half of their next D step while the server is still busy with G. It goes to
+        the workers that take part in the next round (a worker that sits it out gets D when it
+        is next due)."""
         if not self.is_sync_round(round_index):
             return None
-        transfer = self.transport.send_to_many(
-            model_tensors(self.D), self.context.worker_ranks, "discriminator", self.wire_dtype
-        )
+        next_workers = self.participant_ranks(round_index + 1)
+        transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.wire_dtype)
         return self.overlap.outgoing(transfer)
 
-    def broadcast_generator(self) -> Transfer | None:
-        """Send G to every worker layer by layer; the overlap controller decides when to wait."""
-        transfer = self.transport.send_to_many(model_tensors(self.G), self.context.worker_ranks, "generator", self.wire_dtype)
+    def broadcast_generator(self, round_index: int) -> Transfer | None:
+        """Send G layer by layer to the workers that take part in the next round; the overlap
+        controller decides when to wait."""
+        next_workers = self.participant_ranks(round_index + 1)
+        transfer = self.transport.send_to_many(model_tensors(self.G), next_workers, "generator", self.wire_dtype)
         return self.overlap.outgoing(transfer)
+
+    def participant_ranks(self, round_index: int) -> list[int]:
+        """Ranks of the workers that train and upload in round `round_index` (server task scheduler)."""
+        return [self.context.rank_of_worker(index) for index in self.participation.workers(round_index)]
 
     def is_sync_round(self, round_index: int) -> bool:
         every = self.config.aggregation.sync_every
@@ -269,6 +283,15 @@ class EntGAN(Algorithm):
         self.upload_in_flight: Transfer | None = None
 
     def worker_round(self, round_index: int) -> None:
+        """Train and upload if this worker takes part in the round; then, if it takes part in the
+        next one, post the receives of the models the server sends for it."""
+        me = self.context.worker_index
+        if self.participation.includes(me, round_index):
+            self.train_round(round_index)
+        if self.participation.includes(me, round_index + 1):
+            self.expect_models(round_index)
+
+    def train_round(self, round_index: int) -> None:
         started = time.perf_counter()
         counters = self.transport.counters
         bytes_before = (counters.bytes_sent, counters.bytes_received, counters.wait_seconds)
@@ -300,6 +323,10 @@ class EntGAN(Algorithm):
             epsilon=self.private.epsilon() if self.private is not None else 0.0,
         )
         self.upload_in_flight = self.upload_discriminator(report, round_index)
+
+    def expect_models(self, round_index: int) -> None:
+        """Post the receives of what the server sends after round `round_index`: D on sync rounds
+        and G (consumed layer by layer as it arrives)."""
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(
@@ -368,7 +395,7 @@ class EntGAN(Algorithm):
 
     def start_gossip(self, round_index: int) -> tuple[Transfer, torch.Tensor] | None:
         """Non-IID optimizer, exchange: send a snapshot of D_k to a peer, receive the peer's."""
-        partners = self.noniid.partners(round_index)
+        partners = self.noniid.partners(round_index, among=self.participation.workers(round_index))
         if partners is None:
             return None
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -88,10 +88,11 @@ class ArrivingUpdates:
         values that worker `rank` uploads."""
         return cls(context, kind, update_receiver(context, extras_size, layout_of))
 
-    def round(self, round_index: int, in_order: bool = False) -> Iterator[Update]:
-        """This round's accepted uploads, as they arrive (or by rank with `in_order`)."""
+    def round(self, round_index: int, in_order: bool = False, ranks: Sequence[int] | None = None) -> Iterator[Update]:
+        """This round's accepted uploads, as they arrive (or by rank with `in_order`), from `ranks`
+        (default: every worker)."""
         self.refused = 0
-        waiting = list(self.context.worker_ranks)
+        waiting = list(self.context.worker_ranks if ranks is None else ranks)
         while waiting:
             received = self.receiver.receive(self.kind, waiting, round_index, in_order=in_order)
             waiting.remove(received.rank)

@@ -10,6 +10,8 @@ fake data (learning without forgetting) or by an L2-SP anchor to the peer's para
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,24 +30,26 @@ class NonIIDOptimizer:
     def is_gossip_round(self, round_index: int) -> bool:
         return self.config.enabled and self.num_workers > 1 and round_index % self.config.every == 0
 
-    def partners(self, round_index: int) -> tuple[int, int] | None:
+    def partners(self, round_index: int, among: Sequence[int] | None = None) -> tuple[int, int] | None:
         """(send_to, receive_from) worker indices this round, or None when this worker sits out.
 
-        Ring: send to the next worker, receive from the previous one. Random pairs: a permutation
-        drawn from (seed, round) that every worker computes identically; partners swap both ways,
-        and with an odd count one worker sits the round out.
+        `among`: the worker indices taking part in this round (ascending; default every worker);
+        gossip pairs only those. Ring: send to the next of them, receive from the previous one.
+        Random pairs: a permutation drawn from (seed, round) that every worker computes
+        identically; partners swap both ways, and with an odd count one worker sits the round out.
         """
-        if not self.is_gossip_round(round_index):
+        peers = list(range(self.num_workers)) if among is None else list(among)
+        if not self.is_gossip_round(round_index) or len(peers) < 2 or self.worker_index not in peers:
             return None
-        me, count = self.worker_index, self.num_workers
+        me, count = peers.index(self.worker_index), len(peers)
         if self.config.topology == "ring":
-            return (me + 1) % count, (me - 1) % count
+            return peers[(me + 1) % count], peers[(me - 1) % count]
         order = np.random.default_rng([self.seed, round_index]).permutation(count)
         position = int(np.flatnonzero(order == me)[0])
         partner_position = position + 1 if position % 2 == 0 else position - 1
         if partner_position >= count:
             return None
-        partner = int(order[partner_position])
+        partner = peers[int(order[partner_position])]
         return partner, partner
 
     def mix(self, local: Discriminator, peer: Discriminator) -> None:

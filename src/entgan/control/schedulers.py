@@ -6,6 +6,8 @@ it buys. Switched off, each falls back to the fixed schedule a plain implementat
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +121,38 @@ class ServerTaskScheduler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._steps = int(state["steps"])
+
+
+class RoundParticipation:
+    """Which workers train and upload in a round: the server task scheduler's choice of whose
+    updates to wait for.
+
+    With `participation` below 1, each round a share of every task's workers (rounded up, so every
+    task's head is updated every round) takes part, in turn, so that over rounds every worker
+    trains equally often; the others sit the round out. Why: D is averaged every round anyway, and
+    its progress per round comes from each participant's few D steps, not from how many are
+    averaged, while a round ends only when its last upload arrives. Waiting for fewer workers makes
+    rounds shorter where workers are slow or share CPUs. Every rank derives the same schedule from
+    the round index and the worker-to-task map, without messages. Scheduler off: every worker.
+    """
+
+    def __init__(self, config: ServerSchedulerConfig, worker_tasks: Sequence[int]) -> None:
+        share = config.participation if config.enabled else 1.0
+        self._task_workers: list[list[int]] = []
+        for worker, task in enumerate(worker_tasks):
+            while len(self._task_workers) <= task:
+                self._task_workers.append([])
+            self._task_workers[task].append(worker)
+        self._per_task = [max(1, math.ceil(share * len(workers) - 1e-9)) for workers in self._task_workers]
+        self.everyone = all(count == len(workers) for count, workers in zip(self._per_task, self._task_workers))
+
+    def workers(self, round_index: int) -> list[int]:
+        """Worker indices (0..K-1, ascending) that take part in round `round_index`."""
+        chosen: list[int] = []
+        for workers, count in zip(self._task_workers, self._per_task):
+            start = round_index * count
+            chosen.extend(workers[(start + offset) % len(workers)] for offset in range(count))
+        return sorted(chosen)
+
+    def includes(self, worker_index: int, round_index: int) -> bool:
+        return self.everyone or worker_index in self.workers(round_index)
