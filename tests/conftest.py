@@ -42,6 +42,15 @@ def tiny_config(**overrides: Any) -> RunConfig:
     return parse_config(tiny_config_data(**overrides), origin="test")
 
 
+def due_ranks(config: RunConfig, round_index: int) -> list[int]:
+    """Ranks of the workers that take part in round `round_index` (0-based) under the config's
+    partial participation; those due in round `config.rounds` received the run's final G."""
+    from entgan.control.schedulers import RoundParticipation
+
+    participation = RoundParticipation(config.control.server_scheduler, config.worker_tasks())
+    return [index + 1 for index in participation.workers(round_index)]
+
+
 @pytest.fixture
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One classifier cache per test session (the classifier for the tiny data trains in ~1 s)."""

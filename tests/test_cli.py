@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config_data
+from entgan.config import load_config
+
+from conftest import due_ranks, tiny_config_data
 
 
 def entgan(*args: str, cache_dir: Path | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -120,7 +122,7 @@ def test_torchrun_launch_runs_the_same_engine(tmp_path: Path, cache_dir: Path) -
 
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
-    for rank in (1, 2, 3):
+    for rank in due_ranks(load_config(config), 2):  # the workers due in the next round hold the final G
         digest = json.loads((run_dir / "workers" / f"rank-{rank}.json").read_text())
         assert digest["generator_sum"] == summary["generator_sum"]
 

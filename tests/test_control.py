@@ -51,7 +51,7 @@ def test_server_scheduler_off_keeps_fixed_steps() -> None:
 
 
 def test_full_participation_takes_every_worker_every_round() -> None:
-    participation = RoundParticipation(ServerSchedulerConfig(), worker_tasks=[0, 0, 1, 1, 1])
+    participation = RoundParticipation(ServerSchedulerConfig(participation=1.0), worker_tasks=[0, 0, 1, 1, 1])
 
     assert participation.everyone
     assert [participation.workers(r) for r in range(3)] == [[0, 1, 2, 3, 4]] * 3

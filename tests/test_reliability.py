@@ -29,7 +29,7 @@ from entgan.engine.security import load_secret, message_mac
 from entgan.engine.updates import HEADER_SIZE, MAGIC, VERSION, UpdateLayout, refusal_reason, update_problem
 from entgan.rundir import RunDirectory
 
-from conftest import tiny_config, tiny_config_data
+from conftest import due_ranks, tiny_config, tiny_config_data
 
 TIMING_KEYS = ("round_s", "train_clock_s", "wall_clock_s", "server/rss", "server/peak", "server/bytes", "server/comm")
 
@@ -167,8 +167,9 @@ def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path
     for a, b in zip(rows_straight, rows_resumed, strict=True):
         assert _comparable(a) == pytest.approx(_comparable(b), rel=1e-5, abs=1e-6), f"round {a['round']}"
     assert resumed["generator_sum"] == pytest.approx(straight["generator_sum"], rel=1e-6)
-    for digest in _digests(interrupted):
-        assert digest["generator_sum"] == pytest.approx(resumed["generator_sum"], rel=1e-9, abs=1e-9)
+    for digest in _digests(interrupted):  # the workers due in the next round hold the final G
+        if digest["rank"] in due_ranks(config, config.rounds):
+            assert digest["generator_sum"] == pytest.approx(resumed["generator_sum"], rel=1e-9, abs=1e-9)
 
 
 def _kill_when(run_dir: Path, rank: int, rounds_done: int, killed: dict[str, int]) -> None:
@@ -201,8 +202,9 @@ def test_sigkilled_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: 
     rows = RunDirectory(run_dir).metrics()
     assert [row["round"] for row in rows] == list(range(1, 25))
     assert summary["rounds"] == 24 and summary["resumed_from_round"] == restarts[0]["resume_round"]
-    for digest in _digests(run_dir):
-        assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
+    for digest in _digests(run_dir):  # the workers due in the next round hold the final G
+        if digest["rank"] in due_ranks(config, summary["rounds"]):
+            assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -260,7 +262,10 @@ def test_nan_and_wrongly_shaped_updates_are_refused_and_training_goes_on(tmp_pat
 
     events = [e for e in RunDirectory(tmp_path / "attacked").events() if e["event"] == "update_refused"]
     assert {e["rank"] for e in events} == {1, 4}
-    assert len(events) == 2 * 40 and attacked["refused_updates"] == 80
+    # One refusal per round each adversary takes part in (partial participation: 2 of 3 per task).
+    expected = sum(len({1, 4} & set(due_ranks(config, round_index))) for round_index in range(40))
+    assert 40 < expected < 80
+    assert len(events) == expected and attacked["refused_updates"] == expected
     assert any("non-finite" in e["reason"] for e in events if e["rank"] == 1)
     assert all("shapes differ" in e["reason"] for e in events if e["rank"] == 4)
     assert clean["refused_updates"] == 0

@@ -268,8 +268,11 @@ def serve(
         "server_baseline_rss_bytes": memory.baseline_bytes,
         "server_rss_increase_bytes": rows[-1]["server/rss_increase_bytes"],
         "refused_updates": sum(row.get("refused_updates", 0.0) for row in rows),
-        # Differential privacy spent by each private worker over the whole run (at privacy.delta).
-        "epsilon_by_worker": {key.split("/")[0]: value for key, value in rows[-1].items() if key.endswith("/epsilon")},
+        # Differential privacy spent by each private worker over the whole run (at privacy.delta):
+        # its latest report (a worker that sat out the last rounds reported in an earlier row).
+        "epsilon_by_worker": {
+            key.split("/")[0]: value for row in rows for key, value in row.items() if key.endswith("/epsilon")
+        },
         "first_eval": _eval_fields(rows[0]),
         "final_eval": _eval_fields(rows[-1]),
         **{f"server/{key}": value for key, value in counters.as_dict().items()},
