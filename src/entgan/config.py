@@ -132,14 +132,16 @@ class ServerSchedulerConfig(_Strict):
     g_batch_per_task: bool = False
     """On: G steps draw `optimizer.batch_size` samples of every task (as each task's workers see per
     D step); off (default): `batch_size` samples shared by all tasks. Off, a G step costs half as
-    much; in the headline benchmark, with `participation: 0.5`, the time to the target FID over
-    three seeds went from 32.6 / 36.5 / 40.6 s (on) to 32.3 / 28.3 / 28.3 s (off)."""
+    much; in the headline workload, with `participation: 0.5`, the time to the target FID over
+    seeds 0-2 went from 36.5 / 28.4 / 36.4 s (on) to 24.4 / 32.3 / 28.2 s (off)
+    (`benchmarks/entgan-seeds.yaml`)."""
     participation: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Share of each task's workers that train and upload in a round (rounded up: at least one per
     task), in turn, so every worker takes the same share of rounds; the others sit the round out.
     1: every worker, every round. Off (scheduler disabled): every worker. Default 0.5: in the
-    headline benchmark (2 tasks x 2 workers on 2 cores) rounds were 1.6x as many and the time to
-    the target FID fell from 36.8 / 48.7 / 44.7 s to 32.6 / 36.5 / 40.6 s over three seeds."""
+    headline workload (2 tasks x 2 workers sharing 2 cores) rounds were 1.6x as many and the time
+    to the target FID over seeds 0-2 fell from 48.8 / 44.8 / 48.9 s to 36.5 / 28.4 / 36.4 s
+    (`benchmarks/entgan-seeds.yaml`, 128-sample G steps in both)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> ServerSchedulerConfig:

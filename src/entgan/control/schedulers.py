@@ -138,11 +138,10 @@ class RoundParticipation:
 
     def __init__(self, config: ServerSchedulerConfig, worker_tasks: Sequence[int]) -> None:
         share = config.participation if config.enabled else 1.0
-        self._task_workers: list[list[int]] = []
+        by_task: dict[int, list[int]] = {}
         for worker, task in enumerate(worker_tasks):
-            while len(self._task_workers) <= task:
-                self._task_workers.append([])
-            self._task_workers[task].append(worker)
+            by_task.setdefault(task, []).append(worker)
+        self._task_workers = [by_task[task] for task in sorted(by_task)]
         self._per_task = [max(1, math.ceil(share * len(workers) - 1e-9)) for workers in self._task_workers]
         self.everyone = all(count == len(workers) for count, workers in zip(self._per_task, self._task_workers))
 
