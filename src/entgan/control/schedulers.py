@@ -142,6 +142,7 @@ class RoundParticipation:
         for worker, task in enumerate(worker_tasks):
             by_task.setdefault(task, []).append(worker)
         self._task_workers = [by_task[task] for task in sorted(by_task)]
+        # The tolerance keeps float products such as 0.3 * 10 = 3.0000000000000004 from rounding up.
         self._per_task = [max(1, math.ceil(share * len(workers) - 1e-9)) for workers in self._task_workers]
         self.everyone = all(count == len(workers) for count, workers in zip(self._per_task, self._task_workers))
 
