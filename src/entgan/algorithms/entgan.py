@@ -25,6 +25,7 @@ by layer, and on sync rounds the averaged D down to them as well.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -63,10 +64,12 @@ from entgan.control.schedulers import (
 )
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
+from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import send_update, update_problem
 from entgan.models import build_discriminator
+from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
 
 
@@ -103,8 +106,12 @@ class EntGAN(Algorithm):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
+        self.shared_buffer = self.gradients_and_upload_buffer()
         self.updates = update_receiver(
-            self.context, WorkerReport.SIZE, layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)]
+            self.context,
+            WorkerReport.SIZE,
+            layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
+            values_storage=self.shared_buffer,
         )
         self.feedback: GeneratorFeedback | None = None
         if self.context.resume is not None:
@@ -148,28 +155,36 @@ class EntGAN(Algorithm):
         self.averager.finish(self.D)
         return reports, uploads.refused
 
+    def gradients_and_upload_buffer(self) -> torch.Tensor | None:
+        """With the memory layout on, one flat buffer that holds G's gradients during the G steps and
+        the upload being averaged before them (`engine.memory_layout`); None: autograd allocates G's
+        gradients and the receiver its own buffer."""
+        if not self.config.control.memory.enabled:
+            return None
+        parameters = list(self.G.parameters())
+        size = max(sum(parameter.numel() for parameter in parameters), self.layout.update_size)
+        buffer = torch.zeros(size, dtype=torch.float32, device=self.context.device)
+        bind_gradients(parameters, buffer)
+        return buffer
+
     def train_generator(self, steps: int) -> tuple[float, float]:
         """Step 4: `steps` G updates against the averaged D, every task in every batch.
 
-        Memory layout: each step's batch goes through G and D in micro-batches whose gradients
-        accumulate, so the server holds one micro-batch's activations at a time, not the batch's.
-        The update is the same (the loss is the batch mean either way) for generators without
-        batch statistics (the MLP); a BatchNorm generator normalises each micro-batch on its own,
-        so for one the micro-batch is as large as a worker's fake batch (`generator_microbatch`)."""
+        Memory layout (`control.memory`): each step's batch goes through G and D in micro-batches
+        whose gradients are added in place into G's gradient buffer, so the server holds one
+        micro-batch's activations at a time, not the batch's. The update is the same (the loss is the
+        batch mean either way) for generators without batch statistics (the MLP); a BatchNorm
+        generator normalises each micro-batch on its own, so for one the micro-batch is as large as a
+        worker's fake batch (`generator_microbatch`)."""
         batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
         micro = self.generator_microbatch(batch_size)
+        gradients_bound = self.shared_buffer is not None
         losses, realness = [], []
         for _ in range(steps):
             tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
             latents = self.G.sample_latent(batch_size)
-            self.g_optimizer.zero_grad(set_to_none=True)
-            step_loss = step_fooled = 0.0
-            for z, task in zip(latents.split(micro), tasks.split(micro), strict=True):
-                share = z.shape[0] / batch_size
-                loss, fooled = generator_loss(self.D, self.G(z, task), task)
-                (loss * share).backward()
-                step_loss += loss.item() * share
-                step_fooled += fooled * share
+            self.g_optimizer.zero_grad(set_to_none=not gradients_bound)
+            step_loss, step_fooled = add_generator_gradients(self.G, self.D, latents, tasks, micro, gradients_bound)
             if self.warm_start is not None:  # old tasks: no forgetting
                 replay = self.warm_start.replay_loss(self.G)
                 if replay.requires_grad:
@@ -178,9 +193,8 @@ class EntGAN(Algorithm):
             self.g_optimizer.step()
             losses.append(step_loss)
             realness.append(step_fooled)
-        # G's gradients are not needed until the next G step: freed now, their memory serves the
-        # next round's upload buffer instead of both being held at once.
-        self.g_optimizer.zero_grad(set_to_none=True)
+        if not gradients_bound:  # not needed until the next G step: their memory can serve the upload
+            self.g_optimizer.zero_grad(set_to_none=True)
         return sum(losses) / len(losses), sum(realness) / len(realness)
 
     def generator_microbatch(self, batch_size: int) -> int:
@@ -475,3 +489,28 @@ class EntGAN(Algorithm):
 
     def worker_digest(self) -> dict[str, float]:
         return model_digest(self.G, "generator")
+
+
+def add_generator_gradients(
+    generator: Generator,
+    discriminator: Discriminator,
+    latents: torch.Tensor,
+    tasks: torch.Tensor,
+    microbatch: int,
+    in_place: bool,
+) -> tuple[float, float]:
+    """Add the gradient of the batch's non-saturating G loss against `discriminator` to G's `.grad`,
+    computed `microbatch` samples at a time; return the batch's loss and the mean realness D gave
+    its samples. `in_place`: G's gradients are bound (`engine.memory_layout.bind_gradients`) and
+    its linear layers add theirs into them directly."""
+    batch_size = latents.shape[0]
+    loss_sum = fooled_sum = 0.0
+    for z, task in zip(latents.split(microbatch), tasks.split(microbatch), strict=True):
+        share = z.shape[0] / batch_size
+        with linear_gradients_in_place(generator) if in_place else nullcontext():
+            fakes = generator(z, task)
+        loss, fooled = generator_loss(discriminator, fakes, task)
+        (loss * share).backward()
+        loss_sum += loss.item() * share
+        fooled_sum += fooled * share
+    return loss_sum, fooled_sum

@@ -53,15 +53,22 @@ def upload(
     return send_update(context.transport, key, values, extras, layout, round_index, SERVER_RANK, kind)
 
 
-def update_receiver(context: RunContext, extras_size: int, layout_of: Callable[[int], UpdateLayout]) -> UpdateReceiver:
+def update_receiver(
+    context: RunContext,
+    extras_size: int,
+    layout_of: Callable[[int], UpdateLayout],
+    values_storage: torch.Tensor | None = None,
+) -> UpdateReceiver:
     """Server: the engine's checking receiver for uploads whose values follow `layout_of(rank)` and
-    carry `extras_size` extra floats, bounded by `security.max_update_norm`."""
+    carry `extras_size` extra floats, bounded by `security.max_update_norm`; the values land in
+    `values_storage` where given (`UpdateReceiver`)."""
     return UpdateReceiver(
         context.transport,
         context.session_keys,
         extras_size,
         layout_of=layout_of,
         max_norm=context.config.security.max_update_norm,
+        values_storage=values_storage,
     )
 
 

@@ -166,12 +166,19 @@ class UpdateReceiver:
         extras_size: int,
         layout_of: Callable[[int], UpdateLayout],
         max_norm: float | None,
+        values_storage: torch.Tensor | None = None,
     ) -> None:
+        """`values_storage`: memory the received values may occupy when they fit (viewed in their
+        wire precision), e.g. a buffer the caller uses for something else between receives; without
+        it the receiver allocates its own."""
+        if values_storage is not None and (values_storage.dim() != 1 or not values_storage.is_contiguous()):
+            raise ValueError("values_storage must be one contiguous flat tensor")
         self.transport = transport
         self.keys = keys
         self.extras_size = extras_size
         self.layout_of = layout_of
         self.max_norm = max_norm
+        self.values_storage = values_storage
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
         self._body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -182,14 +189,22 @@ class UpdateReceiver:
             device = self.transport.device
             self._body = (
                 torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                torch.empty(count, dtype=dtype, device=device),
+                self._values_buffer(count, dtype),
                 torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
         return self._body
 
+    def _values_buffer(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        storage = self.values_storage
+        size = count * dtype.itemsize
+        if storage is not None and size <= storage.numel() * storage.element_size():
+            return storage.view(torch.uint8)[:size].view(dtype)
+        return torch.empty(count, dtype=dtype, device=self.transport.device)
+
     def release(self) -> None:
         """Drop the receive buffers until the next update: between rounds the memory is the
-        model's to use (e.g. for gradients), not held for an update that is not coming yet."""
+        model's to use (e.g. for gradients), not held for an update that is not coming yet.
+        (`values_storage` stays the caller's.)"""
         self._body = None
 
     def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:

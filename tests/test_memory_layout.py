@@ -1,0 +1,164 @@
+"""The server's memory layout: bound gradients, linear layers adding their gradients in place, and
+uploads received into the gradients' buffer (that part on a real two-process gloo group)."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from entgan.algorithms.base import adam, balanced_tasks, build_models, generator_loss
+from entgan.algorithms.entgan import add_generator_gradients
+from entgan.config import OptimizerConfig
+from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.engine.transport import Transport
+from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
+
+from conftest import tiny_config
+
+
+def _models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    generator, discriminator = build_models(tiny_config(), torch.device("cpu"))
+    discriminator.eval().requires_grad_(False)  # no dropout: two passes must see the same D
+    return generator, discriminator
+
+
+def _whole_batch_gradients(generator: nn.Module, discriminator: nn.Module, latents, tasks) -> list[torch.Tensor]:
+    loss, _ = generator_loss(discriminator, generator(latents, tasks), tasks)
+    loss.backward()
+    return [parameter.grad.clone() for parameter in generator.parameters()]
+
+
+def test_bound_gradients_are_zeroed_views_of_one_buffer() -> None:
+    generator, _ = _models()
+    parameters = list(generator.parameters())
+    buffer = torch.full((sum(p.numel() for p in parameters) + 5,), 7.0)
+    bind_gradients(parameters, buffer)
+    offset = 0
+    for parameter in parameters:
+        assert parameter.grad.shape == parameter.shape and not parameter.grad.any()
+        assert parameter.grad.data_ptr() == buffer[offset:].data_ptr()
+        offset += parameter.numel()
+    assert torch.equal(buffer[offset:], torch.full((5,), 7.0))  # the rest untouched
+
+
+def test_binding_refuses_a_buffer_too_small_or_of_another_dtype() -> None:
+    generator, _ = _models()
+    size = sum(p.numel() for p in generator.parameters())
+    with pytest.raises(ValueError, match="holds .* values; the parameters need more"):
+        bind_gradients(generator.parameters(), torch.zeros(size - 1))
+    with pytest.raises(ValueError, match="torch.float64"):
+        bind_gradients(generator.parameters(), torch.zeros(size, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("microbatch", [1, 3, 8, 12])
+def test_in_place_microbatch_gradients_equal_one_whole_batch_pass(microbatch: int) -> None:
+    generator, discriminator = _models()
+    reference = copy.deepcopy(generator)
+    latents = generator.sample_latent(12)
+    tasks = balanced_tasks(12, 2, torch.device("cpu"))
+    expected = _whole_batch_gradients(reference, discriminator, latents, tasks)
+
+    bind_gradients(generator.parameters(), torch.zeros(sum(p.numel() for p in generator.parameters())))
+    loss, _ = add_generator_gradients(generator, discriminator, latents, tasks, microbatch, in_place=True)
+
+    whole_loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
+    assert loss == pytest.approx(whole_loss.item(), rel=1e-5)
+    for parameter, gradient in zip(generator.parameters(), expected, strict=True):
+        torch.testing.assert_close(parameter.grad, gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_in_place_gradients_add_to_what_is_there_and_adam_steps_alike() -> None:
+    """Two accumulations add up (gradient accumulation), and Adam on bound gradients takes the
+    same step as on autograd's own."""
+    generator, discriminator = _models()
+    reference = copy.deepcopy(generator)
+    latents = generator.sample_latent(8)
+    tasks = balanced_tasks(8, 2, torch.device("cpu"))
+    for _ in range(2):
+        loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
+        loss.backward()
+    bind_gradients(generator.parameters(), torch.zeros(sum(p.numel() for p in generator.parameters())))
+    for _ in range(2):
+        add_generator_gradients(generator, discriminator, latents, tasks, 4, in_place=True)
+    optimizer_config = OptimizerConfig()
+    adam(generator.parameters(), 1e-3, optimizer_config).step()
+    adam(reference.parameters(), 1e-3, optimizer_config).step()
+    for parameter, expected in zip(generator.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(parameter, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_layer_of_any_input_rank_and_without_bias() -> None:
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 3, bias=False)
+    reference = copy.deepcopy(layer)
+    inputs = torch.randn(2, 4, 5, requires_grad=True)
+    reference_inputs = inputs.detach().clone().requires_grad_(True)
+    reference(reference_inputs).square().sum().backward()
+    bind_gradients(layer.parameters(), torch.zeros(15))
+    with linear_gradients_in_place(layer):
+        outputs = layer(inputs)
+    outputs.square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(inputs.grad, reference_inputs.grad)
+
+
+def test_in_place_gradients_need_bound_gradients() -> None:
+    generator, _ = _models()
+    with pytest.raises(ValueError, match="bind_gradients"):
+        with linear_gradients_in_place(generator):
+            pass
+
+
+# ------------------------------------------------------------------ real two-process exchange
+LAYOUT = UpdateLayout.of([("trunk.weight", torch.zeros(4, 5)), ("heads.0.bias", torch.zeros(2))])
+KEY = b"k" * 32
+
+
+def _exchange(rank: int, store_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(f"{store_dir}/store", 2), rank=rank, world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    transport = Transport(rank, 2, torch.device("cpu"))
+    values = torch.arange(22, dtype=torch.float32)
+    if rank == 1:
+        for round_index, wire in enumerate([torch.float32, torch.float16]):
+            send_update(transport, KEY, values, torch.ones(3), LAYOUT, round_index, 0, "discriminator-update",
+                        wire_dtype=wire).wait()
+    else:
+        storage = torch.full((22,), -1.0)
+        receiver = UpdateReceiver(transport, {1: KEY}, 3, layout_of=lambda _: LAYOUT, max_norm=None,
+                                  values_storage=storage)
+        result = []
+        for round_index in range(2):
+            update = receiver.receive("discriminator-update", [1], round_index)
+            result.append({
+                "accepted": type(update).__name__ == "Update",
+                "in_storage": update.values.data_ptr() == storage.data_ptr(),
+                "values": update.values.float().tolist(),
+            })
+            receiver.release()
+        Path(store_dir, "result.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_uploads_land_in_the_given_storage_in_their_wire_precision(tmp_path: Path) -> None:
+    mp.start_processes(_exchange, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    result = json.loads((tmp_path / "result.json").read_text())
+    expected = [float(v) for v in range(22)]
+    assert result == [
+        {"accepted": True, "in_storage": True, "values": expected},  # float32
+        {"accepted": True, "in_storage": True, "values": expected},  # float16, viewed in the same bytes
+    ]
