@@ -197,9 +197,13 @@ class CompressionConfig(_Strict):
 
 
 class MemoryLayoutConfig(_Strict):
-    """How the server lays out its work in memory."""
+    """How the server lays out its work in memory (`engine.memory_layout`)."""
 
     enabled: bool = True
+    """On: G's gradients live in one buffer, allocated once, that also receives the upload being
+    averaged (the two never overlap in a round); G's linear layers add their gradients into it in
+    place; G steps run in micro-batches. Off: autograd and the receiver allocate as they go, and a
+    G step is one pass over the batch."""
     generator_microbatch: PositiveInt = 16
     """G steps run through G and D this many samples at a time, accumulating gradients: the server
     holds one micro-batch's activations instead of a whole batch's (the same update). A BatchNorm
