@@ -13,9 +13,10 @@ short-lived allocations. Two devices here keep both down for G's gradients:
   then allocates nothing of a weight's size. (Megatron-LM's gradient-accumulation fusion is the
   same idea.)
 
-Measured on the benchmark's MLP server with 2 workers (20 rounds, three runs each, README Results):
-the server's RSS increase went from 16.1 MiB to 14.4 MiB with both. Neither alone helped: the
-freed gradient temporaries stayed resident as allocator free space either way.
+Measured on the benchmark's MLP server with 2 workers (20-round sweep runs, README Results): the
+server's RSS increase went from 16.1 MiB to 14.4 MiB (medians of three runs each). The shared
+buffer alone did not help: the gradient temporaries that autograd allocates and frees each
+micro-batch stayed resident as allocator free space.
 """
 
 from __future__ import annotations
