@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from entgan.config import ConfigError, load_config, parse_config
+from entgan.engine.launch import select_backend
 
-from conftest import tiny_config_data
+from conftest import tiny_config, tiny_config_data
 
 
 def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
@@ -58,3 +59,22 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     scalar.write_text("42")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(scalar)
+
+
+@pytest.mark.parametrize(
+    ("backend", "processes", "gpus", "expected"),
+    [("auto", 3, 0, "gloo"), ("auto", 3, 1, "gloo"), ("auto", 3, 4, "nccl"), ("gloo", 3, 4, "gloo"), ("nccl", 3, 3, "nccl")],
+)
+def test_backend_follows_the_gpus_each_process_can_have(backend: str, processes: int, gpus: int, expected: str) -> None:
+    config = tiny_config(engine={"backend": backend})
+    assert select_backend(config, local_world_size=processes, cuda_devices=gpus) == expected
+
+
+@pytest.mark.parametrize(
+    ("gpus", "message"),
+    [(0, "needs CUDA, and no CUDA device is available"),
+     (1, "needs a GPU for each of the 3 processes on this machine, and 1 GPU\\(s\\) are visible")],
+)
+def test_nccl_without_a_gpu_per_process_is_refused_before_anything_starts(gpus: int, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        select_backend(tiny_config(engine={"backend": "nccl"}), local_world_size=3, cuda_devices=gpus)

@@ -171,7 +171,7 @@ class EntGAN(Algorithm):
         """Step 4: `steps` G updates against the averaged D, every task in every batch.
 
         Memory layout (`control.memory`): each step's batch goes through G and D in micro-batches
-        whose gradients are added in place into G's gradient buffer, so the server holds one
+        whose gradients are added into G's gradient buffer (on the CPU, in place), so the server holds one
         micro-batch's activations at a time, not the batch's. The update is the same (the loss is the
         batch mean either way) for generators without batch statistics (the MLP); a BatchNorm
         generator normalises each micro-batch on its own, so for one the micro-batch is as large as a
@@ -179,12 +179,16 @@ class EntGAN(Algorithm):
         batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
         micro = self.generator_microbatch(batch_size)
         gradients_bound = self.shared_buffer is not None
+        # The in-place linear gradients are for glibc's heap; on a GPU the caching allocator reuses
+        # autograd's temporaries exactly, and the Python backward was slower (H200, MLP: a 64-sample
+        # step's gradients took 12.3 ms in place against 8.7 ms).
+        in_place = gradients_bound and self.context.device.type == "cpu"
         losses, realness = [], []
         for _ in range(steps):
             tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
             latents = self.G.sample_latent(batch_size)
             self.g_optimizer.zero_grad(set_to_none=not gradients_bound)
-            step_loss, step_fooled = add_generator_gradients(self.G, self.D, latents, tasks, micro, gradients_bound)
+            step_loss, step_fooled = add_generator_gradients(self.G, self.D, latents, tasks, micro, in_place)
             if self.warm_start is not None:  # old tasks: no forgetting
                 replay = self.warm_start.replay_loss(self.G)
                 if replay.requires_grad:

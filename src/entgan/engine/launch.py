@@ -69,13 +69,24 @@ def domain_classifier(config: RunConfig, cache_dir: Path | None = None) -> Domai
     )
 
 
-def select_backend(config: RunConfig, local_world_size: int) -> str:
-    """`auto`: NCCL only when every process on this machine gets a GPU of its own (NCCL refuses
-    two ranks on one device), otherwise gloo on the CPU."""
+def select_backend(config: RunConfig, local_world_size: int, cuda_devices: int | None = None) -> str:
+    """The process group's backend for `local_world_size` processes on this machine, which has
+    `cuda_devices` GPUs (default: those torch sees). `auto`: NCCL only when every process gets a GPU
+    of its own, otherwise gloo on the CPU. `nccl` where that does not hold is refused: NCCL stops
+    two ranks on one device ("Duplicate GPU detected", seen on a one-GPU H200 machine)."""
+    if cuda_devices is None:
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if config.engine.backend == "auto":
-        return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size else "gloo"
-    if config.engine.backend == "nccl" and not torch.cuda.is_available():
-        raise ConfigError("engine.backend: 'nccl' needs CUDA, and no CUDA device is available (use 'gloo' or 'auto')")
+        return "nccl" if cuda_devices >= local_world_size else "gloo"
+    if config.engine.backend == "nccl":
+        if cuda_devices == 0:
+            raise ConfigError("engine.backend: 'nccl' needs CUDA, and no CUDA device is available (use 'gloo' or 'auto')")
+        if cuda_devices < local_world_size:
+            raise ConfigError(
+                f"engine.backend: 'nccl' needs a GPU for each of the {local_world_size} processes on this machine, "
+                f"and {cuda_devices} GPU(s) are visible; NCCL refuses two ranks on one GPU. Use 'auto' or 'gloo' "
+                "here, or torchrun across machines with at most one process per GPU"
+            )
     return config.engine.backend
 
 
@@ -206,6 +217,7 @@ def launch_local(
 ) -> dict[str, Any]:
     """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary."""
     preflight(config)
+    select_backend(config, local_world_size=config.world_size)  # one that cannot run here fails now, once
     load_algorithm(config, algorithm_path)
     RunDirectory.check_available(run_dir, overwrite=overwrite)  # before minutes of classifier training
     domain_classifier(config, cache_dir)  # trained (or loaded) once, before the clock starts
@@ -221,6 +233,7 @@ def resume_local(
     run = RunDirectory(Path(run_dir))
     config = run.config()
     preflight(config)
+    select_backend(config, local_world_size=config.world_size)
     algorithm = load_algorithm(config, algorithm_path)
     if not algorithm.supports_resume:
         raise ConfigError(f"{run_dir}: algorithm '{algorithm.name}' cannot resume from a checkpoint")
