@@ -18,6 +18,7 @@ from entgan.algorithms.base import adam, balanced_tasks, build_models, generator
 from entgan.algorithms.entgan import add_generator_gradients
 from entgan.config import OptimizerConfig
 from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.engine.parameters import numel
 from entgan.engine.transport import Transport
 from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
 
@@ -40,7 +41,7 @@ def _whole_batch_gradients(generator: nn.Module, discriminator: nn.Module, laten
 def test_bound_gradients_are_zeroed_views_of_one_buffer() -> None:
     generator, _ = _models()
     parameters = list(generator.parameters())
-    buffer = torch.full((sum(p.numel() for p in parameters) + 5,), 7.0)
+    buffer = torch.full((numel(parameters) + 5,), 7.0)
     bind_gradients(parameters, buffer)
     offset = 0
     for parameter in parameters:
@@ -52,7 +53,7 @@ def test_bound_gradients_are_zeroed_views_of_one_buffer() -> None:
 
 def test_binding_refuses_a_buffer_too_small_or_of_another_dtype() -> None:
     generator, _ = _models()
-    size = sum(p.numel() for p in generator.parameters())
+    size = numel(list(generator.parameters()))
     with pytest.raises(ValueError, match="holds .* values; the parameters need more"):
         bind_gradients(generator.parameters(), torch.zeros(size - 1))
     with pytest.raises(ValueError, match="torch.float64"):
@@ -67,7 +68,7 @@ def test_in_place_microbatch_gradients_equal_one_whole_batch_pass(microbatch: in
     tasks = balanced_tasks(12, 2, torch.device("cpu"))
     expected = _whole_batch_gradients(reference, discriminator, latents, tasks)
 
-    bind_gradients(generator.parameters(), torch.zeros(sum(p.numel() for p in generator.parameters())))
+    bind_gradients(generator.parameters(), torch.zeros(numel(list(generator.parameters()))))
     loss, _ = add_generator_gradients(generator, discriminator, latents, tasks, microbatch, in_place=True)
 
     whole_loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
@@ -86,7 +87,7 @@ def test_in_place_gradients_add_to_what_is_there_and_adam_steps_alike() -> None:
     for _ in range(2):
         loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
         loss.backward()
-    bind_gradients(generator.parameters(), torch.zeros(sum(p.numel() for p in generator.parameters())))
+    bind_gradients(generator.parameters(), torch.zeros(numel(list(generator.parameters()))))
     for _ in range(2):
         add_generator_gradients(generator, discriminator, latents, tasks, 4, in_place=True)
     optimizer_config = OptimizerConfig()

@@ -65,7 +65,7 @@ from entgan.control.schedulers import (
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
-from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
+from entgan.engine.parameters import LayerStream, flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import send_update, update_problem
 from entgan.models import build_discriminator
@@ -162,7 +162,7 @@ class EntGAN(Algorithm):
         if not self.config.control.memory.enabled:
             return None
         parameters = list(self.G.parameters())
-        size = max(sum(parameter.numel() for parameter in parameters), self.layout.update_size)
+        size = max(numel(parameters), self.layout.update_size)
         buffer = torch.zeros(size, dtype=torch.float32, device=self.context.device)
         bind_gradients(parameters, buffer)
         return buffer
