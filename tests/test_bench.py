@@ -84,6 +84,21 @@ def test_valid_bench_config_plans_timed_runs_and_a_sweep() -> None:
         assert run.config.optimizer == bench.base.optimizer and run.config.data == bench.base.data
 
 
+def test_sweep_repeats_run_the_whole_sweep_again() -> None:
+    bench = parse_bench_config(bench_data(methods=["entgan", "mdgan"], ablations=[],
+                                          memory_sweep={"workers": [2, 4], "rounds": 3, "repeats": 2}))
+
+    sweep = [run for run in plan_runs(bench) if run.group == "memory_sweep"]
+
+    # Round-robin, so that drifts of the machine over the sweep touch every method alike.
+    assert [run.key for run in sweep] == [
+        "sweep-entgan-k2-r1", "sweep-entgan-k4-r1", "sweep-mdgan-k2-r1", "sweep-mdgan-k4-r1",
+        "sweep-entgan-k2-r2", "sweep-entgan-k4-r2", "sweep-mdgan-k2-r2", "sweep-mdgan-k4-r2",
+    ]
+    assert sweep[0].config == sweep[4].config.model_copy(update={"name": sweep[0].config.name})
+    assert len({run.config.name for run in sweep}) == len(sweep)  # each repeat has its own run directory
+
+
 def test_quick_cuts_budgets_but_keeps_every_step() -> None:
     bench = parse_bench_config(bench_data(time_budget_s=100, memory_sweep={"workers": [2, 4], "rounds": 20}))
 
@@ -269,6 +284,39 @@ def test_report_compares_every_row_with_the_reference(tmp_path: Path) -> None:
     assert "| mdgan | 0.25 | 0.50 |" in markdown  # entgan's time and memory over mdgan's
     assert "| entgan | 50.0 (500.0) | 60.0 (500.0) |" in markdown
     assert "| mdgan | 0.50 | 0.25 |" in markdown  # sweep ratios per K
+
+
+def test_sweep_cells_are_the_median_of_their_repeats_and_a_failed_repeat_fails_the_cell(tmp_path: Path) -> None:
+    bench = parse_bench_config(bench_data(methods=["entgan", "mdgan"], ablations=[],
+                                          memory_sweep={"workers": [2, 4], "repeats": 3}))
+
+    def repeat(label: str, workers: int, index: int, increase_mib: float) -> RunResult:
+        result = _result(label, "memory_sweep", workers, server_rss_increase_bytes=int(increase_mib * 2**20),
+                         server_peak_rss_bytes=int((400 + increase_mib) * 2**20))
+        result.key = f"{result.key}-r{index}"
+        return result
+
+    results = [
+        repeat("entgan", 2, 1, 14.0), repeat("entgan", 2, 2, 16.0), repeat("entgan", 2, 3, 13.0),
+        repeat("mdgan", 2, 1, 20.0), repeat("mdgan", 2, 2, 15.0), repeat("mdgan", 2, 3, 16.0),
+        repeat("entgan", 4, 1, 14.0), repeat("entgan", 4, 2, 14.0),
+        RunResult(key="sweep-entgan-k4-r3", group="memory_sweep", label="entgan", algorithm="entgan", workers=4,
+                  status="failed", error="exit status 1: boom"),
+        repeat("mdgan", 4, 1, 21.0), repeat("mdgan", 4, 2, 21.0), repeat("mdgan", 4, 3, 21.0),
+    ]
+
+    sweep = report_data(bench, results, _context())["memory_sweep"]
+    markdown = render_markdown(bench, results, _context())
+
+    k2 = sweep["by_method"]["entgan"]["2"]
+    assert k2["server_rss_increase_bytes"] == 14 * 2**20 and k2["server_peak_rss_bytes"] == 414 * 2**20
+    assert [run["key"] for run in k2["runs"]] == ["sweep-entgan-k2-r1", "sweep-entgan-k2-r2", "sweep-entgan-k2-r3"]
+    assert sweep["reference_ratios"]["mdgan"]["2"] == pytest.approx(14 / 16)  # medians, not the best or worst run
+    failed = sweep["by_method"]["entgan"]["4"]
+    assert failed["status"] == "failed" and failed["server_rss_increase_bytes"] is None
+    assert failed["error"] == "exit status 1: boom" and sweep["reference_ratios"]["mdgan"]["4"] is None
+    assert "| entgan | 14.0 (414.0) [14.0, 16.0, 13.0] | **failed** |" in markdown
+    assert "the median of the repeats" in markdown
 
 
 def test_network_probe_says_plainly_when_it_cannot(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,6 +56,10 @@ class MemorySweepConfig(_Strict):
     """Rounds per sweep run (no time budget: the same work at every count)."""
     methods: list[AlgorithmName] | None = None
     """Methods swept; default: every method of the bench."""
+    repeats: PositiveInt = 1
+    """Runs per method and worker count, each in a fresh process; the report gives the median. An
+    identical run's server RSS varies by an MiB or two (where the C allocator and the math libraries
+    happen to place their buffers), as much as the gap between two methods at small K."""
 
     @field_validator("workers")
     @classmethod

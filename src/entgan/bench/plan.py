@@ -3,7 +3,9 @@
 Three groups of runs, in this order:
 - `methods`: every listed method on the base configuration, under the bench's time budget;
 - `ablations`: every variant (the base with overrides), under the same budget;
-- `memory_sweep`: each swept method at each worker count, for a fixed number of rounds.
+- `memory_sweep`: each swept method at each worker count, for a fixed number of rounds; with
+  `repeats`, the whole sweep again, so that every method's repeats are spread over the same span
+  of the machine's time.
 
 Timed runs evaluate every `eval_every_s` of training clock and stop after the round that passes the
 budget (or, with `stop_at_target`, at the first evaluation at or below the target FID).
@@ -78,21 +80,23 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
         if wanted(variant.name):
             runs.append(_ablation_run(bench, variant))
     if with_sweep and bench.memory_sweep is not None:
-        for method in filter(wanted, bench.swept_methods()):
-            for count in bench.memory_sweep.workers:
-                key = f"sweep-{method}-k{count}"
-                tasks = [
-                    {**task, "workers": workers}
-                    for task, workers in zip(base["tasks"], split_workers(count, len(base["tasks"])), strict=True)
-                ]
-                data = {
-                    **base,
-                    "algorithm": method,
-                    "name": f"{bench.name}-{key}",
-                    "rounds": bench.memory_sweep.rounds,
-                    "tasks": tasks,
-                }
-                runs.append(PlannedRun(key, "memory_sweep", method, _validated(data, key)))
+        sweep = bench.memory_sweep
+        for repeat in range(sweep.repeats):
+            for method in filter(wanted, bench.swept_methods()):
+                for count in sweep.workers:
+                    key = f"sweep-{method}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
+                    tasks = [
+                        {**task, "workers": workers}
+                        for task, workers in zip(base["tasks"], split_workers(count, len(base["tasks"])), strict=True)
+                    ]
+                    data = {
+                        **base,
+                        "algorithm": method,
+                        "name": f"{bench.name}-{key}",
+                        "rounds": sweep.rounds,
+                        "tasks": tasks,
+                    }
+                    runs.append(PlannedRun(key, "memory_sweep", method, _validated(data, key)))
     return runs
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -112,18 +113,17 @@ def reference_ratios(results: Sequence[RunResult], reference: str | None) -> lis
 
 
 def memory_sweep_table(results: Sequence[RunResult], reference: str | None) -> dict[str, Any]:
-    """Server peak RSS and its increase per method and worker count, and the reference's increase
-    divided by each other method's at the same count."""
+    """Server peak RSS and its increase per method and worker count (the median of the repeats,
+    with every run's figures kept), and the reference's increase divided by each other method's
+    at the same count. A cell with a failed repeat is failed: a median of the survivors would hide it."""
     swept = [result for result in results if result.group == "memory_sweep"]
     workers = sorted({result.workers for result in swept})
-    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    repeats: dict[str, dict[str, list[RunResult]]] = {}
     for result in swept:
-        by_method.setdefault(result.label, {})[str(result.workers)] = {
-            "status": result.status,
-            "server_peak_rss_bytes": result.server_peak_rss_bytes,
-            "server_rss_increase_bytes": result.server_rss_increase_bytes,
-            "error": result.error,
-        }
+        repeats.setdefault(result.label, {}).setdefault(str(result.workers), []).append(result)
+    by_method = {
+        method: {count: _sweep_cell(runs) for count, runs in cells.items()} for method, cells in repeats.items()
+    }
     ratios: dict[str, dict[str, float | None]] = {}
     if reference in by_method:
         for method, cells in by_method.items():
@@ -137,6 +137,30 @@ def memory_sweep_table(results: Sequence[RunResult], reference: str | None) -> d
                 for count, cell in cells.items()
             }
     return {"workers": workers, "by_method": by_method, "reference": reference, "reference_ratios": ratios}
+
+
+def _sweep_cell(runs: Sequence[RunResult]) -> dict[str, Any]:
+    ok = all(run.ok for run in runs)
+    return {
+        "status": "ok" if ok else "failed",
+        "server_peak_rss_bytes": _median([run.server_peak_rss_bytes for run in runs]) if ok else None,
+        "server_rss_increase_bytes": _median([run.server_rss_increase_bytes for run in runs]) if ok else None,
+        "error": next((run.error for run in runs if not run.ok), None),
+        "runs": [
+            {
+                "key": run.key,
+                "status": run.status,
+                "server_peak_rss_bytes": run.server_peak_rss_bytes,
+                "server_rss_increase_bytes": run.server_rss_increase_bytes,
+            }
+            for run in runs
+        ],
+    }
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if len(known) == len(values) and known else None
 
 
 # --- bench.json ----------------------------------------------------------------------------------
@@ -271,8 +295,11 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
     if not sweep["by_method"]:
         return []
     counts = [str(count) for count in sweep["workers"]]
+    repeated = any(len(cell["runs"]) > 1 for cells in sweep["by_method"].values() for cell in cells.values())
     lines = ["## Server memory against the number of workers", "",
-             "Server RSS increase over the idle runtime, MiB (peak RSS in brackets):", ""]
+             "Server RSS increase over the idle runtime, MiB (peak RSS in brackets)"
+             + (": the median of the repeats, and every repeat's increase in square brackets:" if repeated else ":"),
+             ""]
     rows = []
     for method, cells in sweep["by_method"].items():
         row = [method]
@@ -283,7 +310,10 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
             elif cell["status"] != "ok":
                 row.append("**failed**")
             else:
-                row.append(f"{_mib(cell['server_rss_increase_bytes'])} ({_mib(cell['server_peak_rss_bytes'])})")
+                text = f"{_mib(cell['server_rss_increase_bytes'])} ({_mib(cell['server_peak_rss_bytes'])})"
+                if repeated:
+                    text += " [" + ", ".join(_mib(run["server_rss_increase_bytes"]) for run in cell["runs"]) + "]"
+                row.append(text)
         rows.append(row)
     lines += _table(["method", *(f"K={count}" for count in counts)], rows)
     if sweep["reference_ratios"]:
@@ -390,17 +420,17 @@ def plot_fid_against_time(results: Sequence[RunResult], bench: BenchConfig, path
     return save_figure(figure, path)
 
 
-def plot_memory_against_workers(results: Sequence[RunResult], path: Path, title: str) -> Path:
+def plot_memory_against_workers(sweep: dict[str, Any], path: Path, title: str) -> Path:
+    """The sweep table's medians (`memory_sweep_table`) against the worker count, per method."""
     figure, (increase_axis, peak_axis) = pyplot().subplots(1, 2, figsize=(11, 4))
-    methods = list(dict.fromkeys(r.label for r in results if r.group == "memory_sweep"))
-    for method in methods:
-        points = sorted((r.workers, r) for r in results if r.group == "memory_sweep" and r.label == method and r.ok)
+    for method, cells in sweep["by_method"].items():
+        points = sorted((int(count), cell) for count, cell in cells.items() if cell["status"] == "ok")
         if not points:
             continue
         counts = [count for count, _ in points]
-        increase_axis.plot(counts, [r.server_rss_increase_bytes / MIB for _, r in points], marker="o", label=method)
-        peak_axis.plot(counts, [r.server_peak_rss_bytes / MIB for _, r in points], marker="o", label=method)
-    counts = sorted({r.workers for r in results if r.group == "memory_sweep"})
+        for axis, figure_key in ((increase_axis, "server_rss_increase_bytes"), (peak_axis, "server_peak_rss_bytes")):
+            axis.plot(counts, [cell[figure_key] / MIB for _, cell in points], marker="o", label=method)
+    counts = sweep["workers"]
     for axis, label in ((increase_axis, "server RSS increase over idle (MiB)"), (peak_axis, "server peak RSS (MiB)")):
         axis.set_xticks(counts)
         axis.set_ylim(bottom=0)
@@ -425,7 +455,8 @@ def write_report(out_dir: Path, bench: BenchConfig, results: Sequence[RunResult]
         plot_fid_against_time([r for r in results if r.group == "ablations"], bench, out_dir / ABLATION_FID_PLOT,
                               f"{bench.name}: ablations")
     if MEMORY_PLOT in plots:
-        plot_memory_against_workers(results, out_dir / MEMORY_PLOT, f"{bench.name}: server memory against workers")
+        plot_memory_against_workers(memory_sweep_table(results, bench.reference), out_dir / MEMORY_PLOT,
+                                    f"{bench.name}: server memory against workers")
     data = report_data(bench, results, context)
     atomic_write(out_dir / REPORT_JSON, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
     markdown = render_markdown(bench, results, context)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from entgan.algorithms.base import Algorithm
+from entgan.algorithms.base import Algorithm, adam
 from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
@@ -76,7 +76,9 @@ def warm_up_runtime(config: RunConfig) -> None:
     rng_state = torch.get_rng_state()
     generator = build_generator(config.model, config.image_shape, len(config.tasks))
     discriminator = build_discriminator(config.model, config.image_shape, len(config.tasks))
-    optimizer = torch.optim.Adam(list(generator.parameters()) + list(discriminator.parameters()))
+    # Every method's optimizer (`adam`: the fused kernel, whose code is paged in on first use).
+    parameters = [*generator.parameters(), *discriminator.parameters()]
+    optimizer = adam(parameters, config.optimizer.lr_generator, config.optimizer)
     tasks = torch.zeros(2, dtype=torch.long)
     discriminator(generator(generator.sample_latent(2), tasks), tasks).mean().backward()
     optimizer.step()
