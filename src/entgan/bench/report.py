@@ -353,8 +353,12 @@ def _workload_lines(bench: BenchConfig) -> list[str]:
     ]
 
 
-def render_markdown(bench: BenchConfig, results: Sequence[RunResult], context: BenchContext) -> str:
-    data = report_data(bench, results, context)
+def render_markdown(
+    bench: BenchConfig, results: Sequence[RunResult], context: BenchContext, data: dict[str, Any] | None = None
+) -> str:
+    """bench.md; `data`: the `report_data` of the same results, where the caller already has it."""
+    if data is None:
+        data = report_data(bench, results, context)
     machine = context.machine
     tasks = [task.name for task in bench.base.tasks]
     lines = [f"# Bench `{bench.name}`", ""]
@@ -447,6 +451,7 @@ def plot_memory_against_workers(sweep: dict[str, Any], path: Path, title: str) -
 
 def write_report(out_dir: Path, bench: BenchConfig, results: Sequence[RunResult], context: BenchContext) -> Path:
     """Write bench.json, the plots and bench.md into `out_dir`; return the Markdown file's path."""
+    data = report_data(bench, results, context)  # once: bench.json and bench.md carry the same figures and time
     plots = context_plots(bench, results)
     if FID_PLOT in plots:
         plot_fid_against_time([r for r in results if r.group == "methods"], bench, out_dir / FID_PLOT,
@@ -455,10 +460,9 @@ def write_report(out_dir: Path, bench: BenchConfig, results: Sequence[RunResult]
         plot_fid_against_time([r for r in results if r.group == "ablations"], bench, out_dir / ABLATION_FID_PLOT,
                               f"{bench.name}: ablations")
     if MEMORY_PLOT in plots:
-        plot_memory_against_workers(memory_sweep_table(results, bench.reference), out_dir / MEMORY_PLOT,
+        plot_memory_against_workers(data["memory_sweep"], out_dir / MEMORY_PLOT,
                                     f"{bench.name}: server memory against workers")
-    data = report_data(bench, results, context)
     atomic_write(out_dir / REPORT_JSON, lambda handle: handle.write(json.dumps(data, indent=2).encode()))
-    markdown = render_markdown(bench, results, context)
+    markdown = render_markdown(bench, results, context, data)
     atomic_write(out_dir / REPORT_MARKDOWN, lambda handle: handle.write(markdown.encode()))
     return out_dir / REPORT_MARKDOWN
