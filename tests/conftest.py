@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,11 @@ def due_ranks(config: RunConfig, round_index: int) -> list[int]:
 
     participation = RoundParticipation(config.control.server_scheduler, config.worker_tasks())
     return [index + 1 for index in participation.workers(round_index)]
+
+
+def worker_digests(run_dir: Path) -> list[dict[str, Any]]:
+    """What each worker wrote about itself at the end of a run (rank, G's checksum, traffic), by rank."""
+    return [json.loads(path.read_text()) for path in sorted((run_dir / "workers").glob("rank-*.json"))]
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -13,13 +12,9 @@ from entgan.api import load_generator
 from entgan.engine.launch import launch_local
 from entgan.rundir import RunDirectory
 
-from conftest import tiny_config
+from conftest import tiny_config, worker_digests
 
 pytestmark = pytest.mark.slow
-
-
-def _worker_digests(run_dir: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted((run_dir / "workers").glob("rank-*.json"))]
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
@@ -31,7 +26,7 @@ def test_run_synchronises_generator_and_completes_run_directory(tmp_path: Path, 
     summary = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
 
     # Every worker ends with exactly the server's final G (layer-by-layer broadcast arrived whole).
-    digests = _worker_digests(run_dir)
+    digests = worker_digests(run_dir)
     assert [d["rank"] for d in digests] == [1, 2, 3]
     for digest in digests:
         assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
@@ -68,7 +63,7 @@ def test_discriminator_sync_makes_workers_agree_and_gossip_moves_bytes(tmp_path:
 
     launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
 
-    digests = _worker_digests(run_dir)
+    digests = worker_digests(run_dir)
     for digest in digests:
         assert digest["bytes_sent/gossip"] > 0  # the non-IID optimizer exchanged D_k with a peer
         assert digest["bytes_received/discriminator"] > 0  # initial sync + per-round syncs
@@ -139,7 +134,7 @@ def test_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_
         since = after["train_clock_s"] - max(r["train_clock_s"] for r in evaluated if r["round"] <= before["round"])
         if since >= 0.5 and after is not rows[-1]:
             assert "fid/overall" in after, after["round"]
-    for digest in _worker_digests(run_dir):  # the workers ran exactly as many rounds: same final G
+    for digest in worker_digests(run_dir):  # the workers ran exactly as many rounds: same final G
         assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
 
 
@@ -154,7 +149,7 @@ def test_compression_halves_the_traffic_and_keeps_workers_in_step(tmp_path: Path
         key = f"server/bytes_sent/{kind}" if kind == "generator" else f"server/bytes_received/{kind}"
         # The start-up sync is exact (float32); every round after it travels in half precision.
         assert compressed[key] < 0.75 * plain[key], kind
-    for digest in _worker_digests(tmp_path / "half"):  # G_k is G up to float16 rounding
+    for digest in worker_digests(tmp_path / "half"):  # G_k is G up to float16 rounding
         assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=1e-2, abs=1e-2)
         assert digest["generator_abs_sum"] > 0
 
@@ -171,7 +166,7 @@ def test_partial_participation_trains_the_scheduled_workers_and_keeps_them_in_st
     rows = RunDirectory(run_dir).metrics()
     reporting = [sorted(int(m[1]) for key in row if (m := re.fullmatch(r"worker(\d+)/bytes_sent", key))) for row in rows]
     assert reporting == [[1, 3], [2, 3], [1, 3], [2, 3]]
-    digests = {d["rank"]: d for d in _worker_digests(run_dir)}
+    digests = {d["rank"]: d for d in worker_digests(run_dir)}
     # The final G went to the workers due in the (never run) next round: 1 and 3. Worker 2 last
     # received G before its round 3 turn, so it holds an older one.
     for rank in (1, 3):

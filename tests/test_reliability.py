@@ -29,7 +29,7 @@ from entgan.engine.security import load_secret, message_mac
 from entgan.engine.updates import HEADER_SIZE, MAGIC, VERSION, UpdateLayout, refusal_reason, update_problem
 from entgan.rundir import RunDirectory
 
-from conftest import due_ranks, tiny_config, tiny_config_data
+from conftest import due_ranks, tiny_config, tiny_config_data, worker_digests
 
 TIMING_KEYS = ("round_s", "train_clock_s", "wall_clock_s", "server/rss", "server/peak", "server/bytes", "server/comm")
 
@@ -42,10 +42,6 @@ def _comparable(row: dict[str, Any]) -> dict[str, Any]:
         for key, value in row.items()
         if not key.startswith(TIMING_KEYS) and not key.endswith(("compute_s", "comm_wait_s", "bytes_received"))
     }
-
-
-def _digests(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(path.read_text()) for path in sorted((run_dir / "workers").glob("rank-*.json"))]
 
 
 # --------------------------------------------------------------------------------------- unit
@@ -167,7 +163,7 @@ def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path
     for a, b in zip(rows_straight, rows_resumed, strict=True):
         assert _comparable(a) == pytest.approx(_comparable(b), rel=1e-5, abs=1e-6), f"round {a['round']}"
     assert resumed["generator_sum"] == pytest.approx(straight["generator_sum"], rel=1e-6)
-    for digest in _digests(interrupted):  # the workers due in the next round hold the final G
+    for digest in worker_digests(interrupted):  # the workers due in the next round hold the final G
         if digest["rank"] in due_ranks(config, config.rounds):
             assert digest["generator_sum"] == pytest.approx(resumed["generator_sum"], rel=1e-9, abs=1e-9)
 
@@ -202,7 +198,7 @@ def test_sigkilled_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: 
     rows = RunDirectory(run_dir).metrics()
     assert [row["round"] for row in rows] == list(range(1, 25))
     assert summary["rounds"] == 24 and summary["resumed_from_round"] == restarts[0]["resume_round"]
-    for digest in _digests(run_dir):  # the workers due in the next round hold the final G
+    for digest in worker_digests(run_dir):  # the workers due in the next round hold the final G
         if digest["rank"] in due_ranks(config, summary["rounds"]):
             assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
 

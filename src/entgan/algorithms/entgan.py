@@ -20,6 +20,7 @@ by layer, and on sync rounds the averaged D down to them as well.
                  4. n := server_task_scheduler.next_steps(feedback)
                     n times: G := G - lr * grad L_G(D(G(z, t), t))
                     send G to P_{r+1} layer by layer, asynchronously (overlap controller)
+                    optionally G_avg := decay * G_avg + (1 - decay) * G: the G that is sampled
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from entgan.control.schedulers import (
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK
 from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.engine.model_average import ModelAverage
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import send_update, update_problem
@@ -80,6 +82,7 @@ class EntGAN(Algorithm):
     # ------------------------------------------------------------------ common
     def _build_models(self) -> None:
         self.G, self.D = build_models(self.config, self.context.device)
+        self.generator_average: ModelAverage | None = None  # the server's, when configured
         self.layout = DiscriminatorLayout(self.D)
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.overlap = OverlapController(self.config.control.overlap)
@@ -90,7 +93,8 @@ class EntGAN(Algorithm):
 
     @property
     def generator(self) -> Generator:
-        return self.G
+        """G, or on the server with `control.generator_average` on, its moving average."""
+        return self.generator_average.model if self.generator_average is not None else self.G
 
     # ------------------------------------------------------------------ server
     def server_setup(self) -> None:
@@ -106,6 +110,9 @@ class EntGAN(Algorithm):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
+        average = self.config.control.generator_average
+        # Copied before G's gradients are bound to the shared buffer, so the copy takes none of it.
+        self.generator_average = ModelAverage(self.G, average.half_life_rounds) if average.enabled else None
         self.shared_buffer = self.gradients_and_upload_buffer()
         self.updates = update_receiver(
             self.context,
@@ -132,6 +139,8 @@ class EntGAN(Algorithm):
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
         self.generator_in_flight = self.broadcast_generator(round_index)
+        if self.generator_average is not None:  # only reads G, so while G is on its way
+            self.generator_average.update(self.G)
         return round_metrics(g_loss, steps, realness, refused, reports)
 
     def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
@@ -244,8 +253,12 @@ class EntGAN(Algorithm):
         settle(self.discriminator_in_flight, self.generator_in_flight)
 
     def server_state(self) -> dict[str, Any]:
+        """Under "generator", the run's generator, the one sampled and deployed: G's moving average
+        when it is on, with G itself under "trained_generator"."""
+        trained = {} if self.generator_average is None else {"trained_generator": self.G.state_dict()}
         return {
-            "generator": self.G.state_dict(),
+            "generator": self.generator.state_dict(),
+            **trained,
             "discriminator": self.D.state_dict(),
             "generator_optimizer": self.g_optimizer.state_dict(),
             "server_scheduler": self.server_scheduler.state_dict(),
@@ -253,7 +266,10 @@ class EntGAN(Algorithm):
         }
 
     def load_server_state(self, state: dict[str, Any]) -> None:
-        self.G.load_state_dict(state["generator"])
+        """A checkpoint without an average (written with it off) starts the average at G."""
+        self.G.load_state_dict(state.get("trained_generator", state["generator"]))
+        if self.generator_average is not None:
+            self.generator_average.model.load_state_dict(state["generator"])
         self.D.load_state_dict(state["discriminator"])
         self.g_optimizer.load_state_dict(state["generator_optimizer"])
         self.server_scheduler.load_state_dict(state["server_scheduler"])
