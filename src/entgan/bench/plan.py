@@ -81,21 +81,19 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
             runs.append(_ablation_run(bench, variant))
     if with_sweep and bench.memory_sweep is not None:
         sweep = bench.memory_sweep
+        tasks_at = {
+            count: [
+                {**task, "workers": workers}
+                for task, workers in zip(base["tasks"], split_workers(count, len(base["tasks"])), strict=True)
+            ]
+            for count in sweep.workers
+        }
         for repeat in range(sweep.repeats):
             for method in filter(wanted, bench.swept_methods()):
-                for count in sweep.workers:
+                for count, tasks in tasks_at.items():
                     key = f"sweep-{method}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
-                    tasks = [
-                        {**task, "workers": workers}
-                        for task, workers in zip(base["tasks"], split_workers(count, len(base["tasks"])), strict=True)
-                    ]
-                    data = {
-                        **base,
-                        "algorithm": method,
-                        "name": f"{bench.name}-{key}",
-                        "rounds": sweep.rounds,
-                        "tasks": tasks,
-                    }
+                    data = {**base, "algorithm": method, "name": f"{bench.name}-{key}", "rounds": sweep.rounds,
+                            "tasks": tasks}
                     runs.append(PlannedRun(key, "memory_sweep", method, _validated(data, key)))
     return runs
 
