@@ -54,11 +54,17 @@ def comparable(row: dict[str, Any]) -> dict[str, Any]:
 
 def run_golden(method: str, run_root: Path, cache_dir: Path | None = None) -> list[dict[str, Any]]:
     """Run one method's golden configuration into `run_root/<method>`; return its comparable rows."""
+    import torch
+
     from entgan.config import parse_config
     from entgan.engine.launch import launch_local
 
+    # The domain classifier is trained in this process: one thread, and a cache of the golden
+    # runs' own, so FIDs do not depend on the caller's thread count or on an older cached classifier.
+    torch.set_num_threads(1)
     config = parse_config(golden_config_data(method), origin=f"golden:{method}")
     run_dir = run_root / method
+    cache_dir = cache_dir if cache_dir is not None else run_root / "classifier-cache"
     launch_local(config, run_dir, overwrite=True, cache_dir=cache_dir, show_progress=False)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [comparable(row) for row in rows]
