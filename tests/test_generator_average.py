@@ -11,7 +11,7 @@ from torch import nn
 from entgan.api import load_generator
 from entgan.config import GeneratorAverageConfig
 from entgan.engine.launch import launch_local, resume_local
-from entgan.engine.model_average import ModelAverage
+from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.rundir import RunDirectory
 
 from conftest import due_ranks, tiny_config, worker_digests

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from entgan.algorithms.base import adam, balanced_tasks, build_models, generator_loss
-from entgan.algorithms.entgan import add_generator_gradients
+from entgan.gan import adam, balanced_tasks, build_models, generator_loss
+from entgan.algorithms.entgan.server import add_generator_gradients
 from entgan.config import OptimizerConfig
-from entgan.engine.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.gan.memory_layout import bind_gradients, linear_gradients_in_place
 from entgan.engine.parameters import numel
 from entgan.engine.transport import Transport
 from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update

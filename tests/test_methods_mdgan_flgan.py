@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from entgan.algorithms.base import generator_loss
+from entgan.gan import generator_loss
 from entgan.algorithms.local_training import error_feedback
 from entgan.algorithms.mdgan import average_gradients, backpropagate_feedback, swap_partners, swap_period
 from entgan.api import load_generator

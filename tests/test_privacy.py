@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from entgan.algorithms.aggregation import DiscriminatorLayout
-from entgan.algorithms.base import discriminator_loss
+from entgan.gan import discriminator_loss
 from entgan.config import OptimizerConfig, PrivacyConfig
 from entgan.models.discriminator import Discriminator, MLPDiscriminator
-from entgan.privacy import PrivateDiscriminatorTraining
+from entgan.algorithms.entgan.privacy import PrivateDiscriminatorTraining
 
 from conftest import tiny_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from entgan.config import ConfigError, RunConfig
-from entgan.engine.warmstart import WarmStart, load_checkpoint
+from entgan.algorithms.entgan.warmstart import WarmStart, load_checkpoint
 from entgan.models import build_discriminator, build_generator
 
 from conftest import tiny_config

@@ -422,14 +422,6 @@ class RunConfig(_Strict):
             raise ValueError(f"task names must be unique, duplicated: {duplicates}")
         return self
 
-    @model_validator(mode="after")
-    def _entgan_only_features(self) -> RunConfig:
-        if self.privacy.enabled and self.algorithm != "entgan":
-            raise ValueError(f"privacy.enabled: DP-SGD is implemented for 'entgan' only, not '{self.algorithm}'")
-        if self.warm_start is not None and self.algorithm != "entgan":
-            raise ValueError(f"warm_start: only algorithm 'entgan' supports it, not '{self.algorithm}'")
-        return self
-
     @property
     def num_workers(self) -> int:
         return sum(t.workers for t in self.tasks)

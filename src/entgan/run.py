@@ -45,14 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         config = load_config(args.config)
-        preflight(config)
+        # torchrun --max-restarts restarts the whole group after a failure: go on from the checkpoint.
+        resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        may_restart = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+        preflight(config, resuming=resume or may_restart)
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         if world_size != config.world_size:
             raise ConfigError(f"{args.config}: needs {config.world_size} processes (1 server + "
                               f"{config.num_workers} workers), torchrun started {world_size}")
         run_dir = Path(args.run_dir)
-        # torchrun --max-restarts restarts the whole group after a failure: go on from the checkpoint.
-        resume = args.resume or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         secret = load_secret(config.security)
         if rank == 0:
             if not resume:

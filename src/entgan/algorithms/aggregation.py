@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from entgan.engine.parameters import numel
+from entgan.engine.updates import UpdateLayout
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 
 
@@ -213,3 +214,10 @@ class InPlaceDiscriminatorAverage:
                 else:
                     tensor.add_(part, alpha=weight)
                 offset += tensor.numel()
+
+
+def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:
+    """Per task t, what a task-t worker's discriminator upload is made of: the trunk and head t."""
+    return [
+        UpdateLayout.of(layout.named_update_tensors(discriminator, task)) for task in range(discriminator.num_tasks)
+    ]

@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.base import Algorithm, RealBatches, adam, balanced_tasks, build_models
 from entgan.algorithms.server_generator import StepsPerRound, train_discriminator, train_generator
 from entgan.data import build_tasks, load_source
 from entgan.data.sources import ImageDataset
 from entgan.data.tasks import TaskData
+from entgan.engine.context import SeedPurpose
+from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, WorkerRole
+from entgan.gan import RealBatches, adam, balanced_tasks, build_models
 from entgan.models.generator import Generator
 
 
@@ -53,15 +55,14 @@ class PooledBatches:
         return torch.cat([batches.next() for batches in self._batches]), self.tasks
 
 
-class Central(Algorithm):
-    name = "central"
+class CentralServer(ServerRole):
+    """G, D and the pooled data of every task; no uploads."""
 
     @property
     def generator(self) -> Generator:
         return self.G
 
-    # ------------------------------------------------------------------ server
-    def server_setup(self) -> None:
+    def setup(self) -> None:
         config = self.config
         device = self.context.device
         torch.manual_seed(config.seed)  # the same initial G and D as every other method
@@ -72,12 +73,15 @@ class Central(Algorithm):
         self.real = PooledBatches(
             build_tasks(config, load_source(config.data)),
             config.optimizer.batch_size,
-            self.context.generator_seed(1),
+            self.context.generator_seed(SeedPurpose.REAL_BATCHES),
             device,
         )
-        self.latent_stream = self.context.generator_seed(2)
+        self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
 
-    def server_round(self, round_index: int) -> dict[str, float]:
+    def participants(self, round_index: int) -> list[int]:
+        return []  # the workers' data is pooled here; nobody uploads
+
+    def train_global(self, round_index: int) -> dict[str, float]:
         d_stats = train_discriminator(
             self.D, self.d_optimizer, self.steps.d_steps, self.real.next, self.G, self.latent_stream
         )
@@ -95,7 +99,7 @@ class Central(Algorithm):
             "d_fake_realness": d_stats.fake_realness,
         }
 
-    def server_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {
             "generator": self.G.state_dict(),
             "discriminator": self.D.state_dict(),
@@ -103,9 +107,22 @@ class Central(Algorithm):
             "discriminator_optimizer": self.d_optimizer.state_dict(),
         }
 
-    # ------------------------------------------------------------------ worker
-    def worker_setup(self, shard: ImageDataset) -> None:
-        """A worker's data is pooled at the server in this method; the worker has nothing to do."""
 
-    def worker_round(self, round_index: int) -> None:
-        """No exchange, no local training."""
+class IdleWorker(WorkerRole):
+    """A worker's data is pooled at the server in this method; the worker takes part in no round."""
+
+    def setup(self, shard: ImageDataset) -> None:
+        """Nothing to prepare."""
+
+    def participates(self, round_index: int) -> bool:
+        return False
+
+    def local_round(self, round_index: int) -> LocalFigures:
+        raise RuntimeError("central: workers take part in no round")
+
+
+class Central(Method):
+    name = "central"
+    capabilities = Capabilities()
+    server = CentralServer
+    worker = IdleWorker

@@ -45,27 +45,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from entgan.algorithms.base import (
-    Algorithm,
-    RealBatches,
-    WorkerReport,
-    adam,
-    model_digest,
-    round_metrics,
-)
-from entgan.algorithms.local_training import (
-    StepMeans,
-    UploadedFigures,
-    UploadMeter,
-    discriminator_step,
-    error_feedback,
-    upload_extras,
-)
-from entgan.algorithms.uploads import ArrivingUpdates, upload
+from entgan.algorithms.local_training import discriminator_step, error_feedback
 from entgan.config import DanceConfig, NonIIDConfig
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
@@ -80,10 +65,13 @@ from entgan.engine.compression import (
     codec_id,
     codec_named,
 )
-from entgan.engine.context import SERVER_RANK
+from entgan.engine.context import SERVER_RANK, SeedPurpose
+from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.parameters import flatten, model_tensors, unflatten_into
+from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
-from entgan.engine.updates import UpdateLayout
+from entgan.engine.updates import Update, UpdateLayout
+from entgan.gan import RealBatches, adam, model_digest
 from entgan.models import build_discriminator, build_generator
 from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
@@ -91,9 +79,8 @@ from entgan.models.generator import Generator
 AUTO_LADDER: tuple[str, ...] = ("none", "fp16", "int8", "topk")
 """Codecs `auto` chooses from, least to most compressed (bf16 is fp16's size: only when forced)."""
 
-GENERATOR_FIGURES = 2
-"""Floats before the WorkerReport in a feedback upload's extras: the D-node's G loss and the
-realness D_k gives X^g."""
+GENERATOR_FIGURES = ("g_loss", "g_fake_realness")
+"""What a D-node appends to its feedback: its G loss and the realness D_k gives X^g."""
 
 
 class CompressedGossip:
@@ -168,107 +155,112 @@ class CompressedGossip:
         return figures
 
 
-class DanceACGAN(Algorithm):
-    name = "acgan-dance"
+class _DanceRole:
+    """Sizes and models both nodes agree on."""
+
+    config: Any
+    context: Any
 
     @property
     def dance(self) -> DanceConfig:
         return self.config.baselines.dance
 
     @property
-    def generator(self) -> Generator:
-        return self.G
-
-    @property
-    def _fake_batch_shape(self) -> tuple[int, ...]:
+    def fake_batch_shape(self) -> tuple[int, ...]:
         return (self.config.optimizer.batch_size, *self.config.image_shape)
 
-    def _feedback_layout(self) -> UpdateLayout:
+    def feedback_layout(self) -> UpdateLayout:
         """A feedback upload's values: dL_G/dx for one fake batch."""
-        return UpdateLayout.of([("feedback", torch.empty(self._fake_batch_shape))])
+        return UpdateLayout.of([("feedback", torch.empty(self.fake_batch_shape))])
 
-    def _new_discriminator(self) -> Discriminator:
+    def new_discriminator(self) -> Discriminator:
         return build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks)).to(
             self.context.device
         )
 
-    # ------------------------------------------------------------------ G-node (server)
-    def server_setup(self) -> None:
+
+class DanceGNode(_DanceRole, ServerRole):
+    """The G-node (server): G and its optimizer; fakes forward, feedback back."""
+
+    @property
+    def generator(self) -> Generator:
+        return self.G
+
+    def setup(self) -> None:
         torch.manual_seed(self.config.seed)
         device = self.context.device
         self.G = build_generator(self.config.model, self.config.image_shape, len(self.config.tasks)).to(device)
-        initial_D = self._new_discriminator()
+        initial_D = self.new_discriminator()
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
-        self.latents = self.context.generator_seed(2)
+        self.latents = self.context.generator_seed(SeedPurpose.LATENTS)
         workers = self.context.worker_ranks
         # Init: D_k := D for every D-node. The G-node keeps no D after this.
         self.transport.send_to_many(model_tensors(initial_D), workers, "discriminator").wait()
         del initial_D
-        layout = self._feedback_layout()
-        self.feedbacks = ArrivingUpdates.checked(
-            self.context, "feedback", GENERATOR_FIGURES + WorkerReport.SIZE, layout_of=lambda rank: layout
-        )
+        layout = self.feedback_layout()
+        self.upload_kinds = [UploadKind("feedback", layout_of=lambda rank: layout, figures=GENERATOR_FIGURES)]
         self.fakes_in_flight: list[Transfer] = []
 
-    def server_round(self, round_index: int) -> dict[str, float]:
-        workers = self.context.worker_ranks
+    def open_round(self, round_index: int, participants: list[int]) -> None:
+        """X_k^d for every D-node in one pass without a graph; X_k^g in one pass with it; each
+        D-node's share goes down as one message."""
+        self.participants_now = participants
         batch_size = self.config.optimizer.batch_size
         d_steps = self.dance.d_steps
-        worker_tasks = torch.tensor([self.context.task_of(rank) for rank in workers], device=self.context.device)
-        # X_k^d for every D-node in one pass without a graph; X_k^g in one pass with it.
+        worker_tasks = torch.tensor([self.context.task_of(rank) for rank in participants], device=self.context.device)
         with torch.no_grad():
             d_fakes = self._generate(worker_tasks.repeat_interleave(d_steps * batch_size))
-        g_fakes = self._generate(worker_tasks.repeat_interleave(batch_size))
+        self.g_fakes = self._generate(worker_tasks.repeat_interleave(batch_size))
         settle(*self.fakes_in_flight)
         self.fakes_in_flight = [
             self.transport.send([torch.cat([d_part.reshape(-1), g_part.detach().reshape(-1)])], rank, "fake-batch")
             for rank, d_part, g_part in zip(
-                workers, d_fakes.split(d_steps * batch_size), g_fakes.split(batch_size), strict=True
+                participants, d_fakes.split(d_steps * batch_size), self.g_fakes.split(batch_size), strict=True
             )
         ]
-
-        feedback, uploaded = self.collect_feedback(g_fakes, round_index)
-        reports = uploaded.reports
-        if reports:  # leader's move: the mean G loss over the D-nodes heard from, through G
-            self.g_optimizer.zero_grad(set_to_none=True)
-            g_fakes.backward(feedback / len(reports))
-            self.g_optimizer.step()
-        g_loss, g_realness = uploaded.figures.means()
-        g_steps = 1 if reports else 0
-        return round_metrics(g_loss, g_steps, g_realness, self.feedbacks.refused, reports)
 
     def _generate(self, tasks: torch.Tensor) -> torch.Tensor:
         return self.G(self.G.sample_latent(tasks.numel(), generator=self.latents), tasks)
 
-    def collect_feedback(self, g_fakes: torch.Tensor, round_index: int) -> tuple[torch.Tensor, UploadedFigures]:
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         """dL_G/dX_k^g from every D-node, in arrival order, placed at k's rows of X^g; the rows of
         a refused upload stay zero, so that D-node does not steer G this round."""
-        workers = self.context.worker_ranks
         batch_size = self.config.optimizer.batch_size
-        feedback = torch.zeros_like(g_fakes)
-        uploaded = UploadedFigures(GENERATOR_FIGURES)
-        for update in self.feedbacks.round(round_index):
-            rows = workers.index(update.rank) * batch_size
-            feedback[rows : rows + batch_size] = update.values.view(self._fake_batch_shape)
-            uploaded.add(update)
-        return feedback, uploaded
+        self.feedback = torch.zeros_like(self.g_fakes)
+        self.feedbacks_in = 0
+        for update in accepted:
+            rows = self.participants_now.index(update.rank) * batch_size
+            self.feedback[rows : rows + batch_size] = update.values.view(self.fake_batch_shape)
+            self.feedbacks_in += 1
 
-    def server_finish(self) -> None:
+    def train_global(self, round_index: int) -> dict[str, float]:
+        """The leader's move: the mean G loss over the D-nodes heard from, through G."""
+        if self.feedbacks_in:
+            self.g_optimizer.zero_grad(set_to_none=True)
+            self.g_fakes.backward(self.feedback / self.feedbacks_in)
+            self.g_optimizer.step()
+        del self.g_fakes, self.feedback
+        return {"g_steps": 1.0 if self.feedbacks_in else 0.0}
+
+    def finish(self) -> None:
         settle(*self.fakes_in_flight)
         self.fakes_in_flight = []
 
-    def server_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"generator": self.G.state_dict(), "generator_optimizer": self.g_optimizer.state_dict()}
 
-    # ------------------------------------------------------------------ D-node (worker)
-    def worker_setup(self, shard: ImageDataset) -> None:
+
+class DanceDNode(_DanceRole, WorkerRole):
+    """A D-node (worker): D_k and its data; local steps, compressed gossip, the follower's response."""
+
+    def setup(self, shard: ImageDataset) -> None:
         torch.manual_seed(self.config.seed + self.context.rank)
-        self.D = self._new_discriminator()
-        self.peer_D = self._new_discriminator()  # scratch module the peer's estimate is loaded into
+        self.D = self.new_discriminator()
+        self.peer_D = self.new_discriminator()  # scratch module the peer's estimate is loaded into
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
         self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
         self.real = RealBatches(
-            shard, self.config.optimizer.batch_size, self.context.generator_seed(1), self.context.device
+            shard, self.config.optimizer.batch_size, self.context.generator_seed(SeedPurpose.REAL_BATCHES), self.context.device
         )
         # Partner choice (ring / random pairs from the shared seed) and parameter mixing are the
         # engine's gossip mechanics; DANCE's own part is the compressed, bandwidth-adaptive link.
@@ -284,30 +276,25 @@ class DanceACGAN(Algorithm):
             *self.config.image_shape,
             device=self.context.device,
         )
-        self.feedback_layout = self._feedback_layout()
-        self.meter = UploadMeter(self.transport.counters)
-        self.upload_in_flight: Transfer | None = None
 
-    def worker_round(self, round_index: int) -> None:
+    def local_round(self, round_index: int) -> LocalFigures:
         self.transport.receive([self.fakes], SERVER_RANK, "fake-batch").wait()
         d_fakes, g_fakes = self.fakes.split(
             [self.dance.d_steps * self.config.optimizer.batch_size, self.config.optimizer.batch_size]
         )
-
         d_figures = self.local_update(d_fakes)
         self.gossip_round(round_index)
         # The follower's response for the leader: dL_G/dX^g under D_k (non-saturating loss).
-        feedback, g_loss, g_realness = error_feedback(self.D, g_fakes, self.context.task)
+        self.response, g_loss, g_realness = error_feedback(self.D, g_fakes, self.context.task)
+        self.response_figures = [g_loss, g_realness]
+        return LocalFigures(*d_figures.means())
 
-        settle(self.upload_in_flight)
-        report = self.meter.report(*d_figures.means())
-        extras = upload_extras([g_loss, g_realness], report, feedback.device)
-        self.upload_in_flight = upload(self.context, feedback, extras, self.feedback_layout, round_index, "feedback")
-        self.meter.restart()  # this upload's bytes go into the next report
+    def uploads(self, round_index: int) -> Sequence[Upload]:
+        return [Upload("feedback", self.response, self.feedback_layout(), figures=self.response_figures)]
 
-    def local_update(self, d_fakes: torch.Tensor) -> StepMeans:
+    def local_update(self, d_fakes: torch.Tensor) -> FigureMeans:
         """D_k trains on local real data against the G-node's fakes, one fresh batch per step."""
-        figures = StepMeans(3)  # loss, real realness, fake realness
+        figures = FigureMeans(3)  # loss, real realness, fake realness
         for fakes in d_fakes.split(self.config.optimizer.batch_size):
             figures.add(*discriminator_step(self.D, self.d_optimizer, self.real.next(), fakes, self.context.task))
         return figures
@@ -322,10 +309,13 @@ class DanceACGAN(Algorithm):
         unflatten_into(peer_estimate, model_tensors(self.peer_D))
         self.peers.mix(self.D, self.peer_D)
 
-    def worker_finish(self) -> None:
-        settle(self.upload_in_flight)
-        self.upload_in_flight = None
-
-    def worker_digest(self) -> dict[str, float]:
+    def digest(self) -> dict[str, float]:
         """D_k's fingerprint (D-nodes hold no G) and what the compressed gossip did."""
         return {**model_digest(self.D, "discriminator"), **self.gossip.digest()}
+
+
+class DanceACGAN(Method):
+    name = "acgan-dance"
+    capabilities = Capabilities()
+    server = DanceGNode
+    worker = DanceDNode

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import copy
 from abc import abstractmethod
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,9 +65,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from entgan.algorithms.aggregation import DiscriminatorLayout
-from entgan.algorithms.server_generator import DiscriminatorStats, ServerGenerator
+from entgan.algorithms.server_generator import DiscriminatorStats, DiscriminatorWorker, GeneratorServer
+from entgan.engine.method import Capabilities, Method
 from entgan.engine.parameters import flatten, unflatten_into
-from entgan.engine.updates import UpdateLayout
+from entgan.engine.updates import Update, UpdateLayout
 from entgan.models.discriminator import Discriminator
 
 
@@ -142,49 +144,59 @@ class SelectedUpdateAverager:
         self._weight.zero_()
 
 
-class DGANSelectiveUpdates(ServerGenerator):
-    name = "dgan-1"
+class SelectiveUpdatesServer(GeneratorServer):
+    """Approach 1: D[i] += the sample-weighted mean of the delta_k[i] uploaded for entry i."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def setup(self) -> None:
+        super().setup()
         self.select_fraction = self.config.baselines.dgan.select_fraction
-
-    def upload_layout(self, task: int) -> UpdateLayout:
-        """The selected entries' values (float32), then their indices (int32, carried as float32 bits)."""
-        shape = (selected_count(self.layout.update_size, self.select_fraction),)
-        return UpdateLayout(
-            names=("selected.values", "selected.indices"),
-            shapes=(shape, shape),
-            dtypes=(str(torch.float32), str(torch.int32)),
-        )
-
-    # server
-    def server_setup(self) -> None:
-        super().server_setup()
         self.averager = SelectedUpdateAverager(self.layout, self.context.device)
 
-    def absorb_upload(self, rank: int, values: torch.Tensor) -> None:
-        indices, selected = unpack_selected(values)
-        self.averager.add(indices, selected, self.context.task_of(rank), self.sample_counts[rank])
+    def upload_layout(self, task: int) -> UpdateLayout:
+        return selected_upload_layout(self.layout.update_size, self.config.baselines.dgan.select_fraction)
 
-    def server_round(self, round_index: int) -> dict[str, float]:
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         self.averager.reset()
-        reports, refused = self.gather_uploads(round_index)
+        for update in accepted:
+            indices, selected = unpack_selected(update.values)
+            self.averager.add(indices, selected, self.context.task_of(update.rank), self.sample_counts[update.rank])
         self.settle_discriminator_send()
         self.averager.apply_to(self.D)  # D[i] += mean of the uploaded delta_k[i]
-        generator_step = self.train_generator([self.D] * self.steps.g_steps)
-        self.send_generator()
-        self.send_discriminator()
-        return self.round_metrics(generator_step, self.steps.g_steps, reports, refused)
 
-    # worker
+    def train_global(self, round_index: int) -> dict[str, float]:
+        return self.train_generator([self.D] * self.steps.g_steps)
+
+
+class SelectiveUpdatesWorker(DiscriminatorWorker):
+    """Approach 1's user: uploads the largest entries of delta_k = D_k - D."""
+
+    def upload_layout(self, task: int) -> UpdateLayout:
+        return selected_upload_layout(self.layout.update_size, self.config.baselines.dgan.select_fraction)
+
     def train_local_discriminator(self) -> DiscriminatorStats:
         self.downloaded = flatten(self.layout.update_tensors(self.D, self.context.task))
         return super().train_local_discriminator()
 
     def upload_payload(self) -> torch.Tensor:
         delta = flatten(self.layout.update_tensors(self.D, self.context.task)) - self.downloaded
-        return pack_selected(*select_largest(delta, self.select_fraction))
+        return pack_selected(*select_largest(delta, self.config.baselines.dgan.select_fraction))
+
+
+def selected_upload_layout(update_size: int, fraction: float) -> UpdateLayout:
+    """The selected entries' values (float32), then their indices (int32, carried as float32 bits)."""
+    shape = (selected_count(update_size, fraction),)
+    return UpdateLayout(
+        names=("selected.values", "selected.indices"),
+        shapes=(shape, shape),
+        dtypes=(str(torch.float32), str(torch.int32)),
+    )
+
+
+class DGANSelectiveUpdates(Method):
+    name = "dgan-1"
+    capabilities = Capabilities()
+    server = SelectiveUpdatesServer
+    worker = SelectiveUpdatesWorker
 
 
 # ------------------------------------------------------------- approaches 2 and 3: K discriminators
@@ -226,13 +238,13 @@ class TaskRoutedCritic(nn.Module):
         return logits
 
 
-class _DGANUserDiscriminators(ServerGenerator):
+class _UserDiscriminatorsServer(GeneratorServer):
     """Approaches 2 and 3: the server keeps every user's latest D_k; no D goes down."""
 
     discriminator_comes_down = False
 
-    def server_setup(self) -> None:
-        super().server_setup()  # every user starts from this initial D
+    def setup(self) -> None:
+        super().setup()  # every user starts from this initial D
         self.discriminators = {rank: copy.deepcopy(self.D) for rank in self.context.worker_ranks}
         del self.D  # from here on the server holds the users' discriminators, not a global one
         self.users_of_task = [
@@ -244,12 +256,8 @@ class _DGANUserDiscriminators(ServerGenerator):
         """D^k := the uploaded D_k (trunk + its task's head); a refused upload leaves D^k as it was."""
         unflatten_into(values, self.layout.update_tensors(self.discriminators[rank], self.context.task_of(rank)))
 
-    def server_round(self, round_index: int) -> dict[str, float]:
-        reports, refused = self.gather_uploads(round_index)
-        critics = self.critics_for_round()
-        generator_step = self.train_generator(critics)
-        self.send_generator()
-        return self.round_metrics(generator_step, len(critics), reports, refused)
+    def train_global(self, round_index: int) -> dict[str, float]:
+        return self.train_generator(self.critics_for_round())
 
     @abstractmethod
     def critics_for_round(self) -> list[nn.Module]:
@@ -259,11 +267,15 @@ class _DGANUserDiscriminators(ServerGenerator):
         return {"discriminators": {str(rank): d.state_dict() for rank, d in self.discriminators.items()}}
 
 
-class DGANAveragedOutputs(_DGANUserDiscriminators):
-    name = "dgan-2"
+class _UserDiscriminatorsWorker(DiscriminatorWorker):
+    discriminator_comes_down = False
 
-    def server_setup(self) -> None:
-        super().server_setup()
+
+class AveragedOutputsServer(_UserDiscriminatorsServer):
+    """Approach 2: G trains against the mean of its task's users' outputs."""
+
+    def setup(self) -> None:
+        super().setup()
         self.averaged_outputs = TaskRoutedCritic(
             [
                 AveragedOutputs(
@@ -278,11 +290,11 @@ class DGANAveragedOutputs(_DGANUserDiscriminators):
         return [self.averaged_outputs] * self.steps.g_steps
 
 
-class DGANEachInTurn(_DGANUserDiscriminators):
-    name = "dgan-3"
+class EachInTurnServer(_UserDiscriminatorsServer):
+    """Approach 3: G meets each of its task's users' discriminators in turn."""
 
-    def server_setup(self) -> None:
-        super().server_setup()
+    def setup(self) -> None:
+        super().setup()
         self.turn = 0
 
     def critics_for_round(self) -> list[nn.Module]:
@@ -296,5 +308,19 @@ class DGANEachInTurn(_DGANUserDiscriminators):
             self.turn += 1
         return critics
 
-    def server_state(self) -> dict[str, Any]:
-        return {**super().server_state(), "turn": self.turn}
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "turn": self.turn}
+
+
+class DGANAveragedOutputs(Method):
+    name = "dgan-2"
+    capabilities = Capabilities()
+    server = AveragedOutputsServer
+    worker = _UserDiscriminatorsWorker
+
+
+class DGANEachInTurn(Method):
+    name = "dgan-3"
+    capabilities = Capabilities()
+    server = EachInTurnServer
+    worker = _UserDiscriminatorsWorker

@@ -30,167 +30,171 @@ states stay on the workers and are not averaged: FedGAN averages parameters only
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLayout, RunningAverage
-from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, build_models, model_digest, round_metrics
-from entgan.algorithms.local_training import (
-    StepMeans,
-    UploadedFigures,
-    UploadMeter,
-    discriminator_step,
-    generator_step,
-    named_state,
-    upload_extras,
-)
-from entgan.algorithms.uploads import (
-    ArrivingUpdates,
+from entgan.algorithms.aggregation import (
+    DiscriminatorAverager,
+    DiscriminatorLayout,
+    RunningAverage,
     discriminator_update_layouts,
-    receive_hellos,
-    send_hello,
-    upload,
 )
+from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
-from entgan.engine.context import SERVER_RANK
+from entgan.engine.context import SERVER_RANK, SeedPurpose
+from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.parameters import flatten, model_tensors, numel
+from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import UpdateLayout
+from entgan.engine.updates import Update, UpdateLayout
+from entgan.engine.uploads import receive_hellos, send_hello
+from entgan.gan import RealBatches, adam, build_models, model_digest
 from entgan.models.generator import Generator
 
-GENERATOR_FIGURES = 2
-"""Floats a worker appends to its upload: its mean local G loss and the realness D_k gave G_k's fakes."""
+GENERATOR_FIGURES = ("g_loss", "g_fake_realness")
+"""What a worker appends to its upload: its mean local G loss and the realness D_k gave G_k's fakes."""
 
 
-class FLGAN(Algorithm):
-    name = "flgan"
+class _FLGANModels:
+    """G, D and the two upload layouts, alike on both sides."""
 
-    def _build_models(self) -> None:
-        self.G, self.D = build_models(self.config, self.context.device)
+    def build_models(self, config: Any, device: torch.device) -> None:
+        self.G, self.D = build_models(config, device)
         self.layout = DiscriminatorLayout(self.D)
         self.generator_layout = UpdateLayout.of(named_state(self.G))
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
+
+
+class FLGANServer(_FLGANModels, ServerRole):
+    """FedGAN's intermediary: averages the G_k and the D_k, trains nothing."""
 
     @property
     def generator(self) -> Generator:
         return self.G
 
-    # ------------------------------------------------------------------ server
-    def server_setup(self) -> None:
+    def setup(self) -> None:
         torch.manual_seed(self.config.seed)
-        self._build_models()
+        self.build_models(self.config, self.context.device)
         self.G.requires_grad_(False)  # the server only averages
         self.D.requires_grad_(False)
         device = self.context.device
         self.generator_average = RunningAverage(numel(model_tensors(self.G)), device)
         self.discriminator_average = DiscriminatorAverager(self.layout, len(self.config.tasks), device)
-        self.generators = ArrivingUpdates.checked(
-            self.context, "generator", 0, layout_of=lambda rank: self.generator_layout
-        )
-        self.discriminators = ArrivingUpdates.checked(
-            self.context,
-            "discriminator-update",
-            GENERATOR_FIGURES + WorkerReport.SIZE,
-            layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
-        )
+        # Each worker sends its G_k first, then (trunk_k, head_k) with its figures and report.
+        self.upload_kinds = [
+            UploadKind("generator", layout_of=lambda rank: self.generator_layout),
+            UploadKind(
+                "discriminator-update",
+                layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
+                figures=GENERATOR_FIGURES,
+            ),
+        ]
         self.sample_counts = receive_hellos(self.context)
         self.downloads_in_flight: list[Transfer] = []
-        self.send_models()  # init: G_k := G, D_k := D
+        self.send_down(-1, self.context.worker_ranks)  # init: G_k := G, D_k := D
         settle(*self.downloads_in_flight)
 
-    def server_round(self, round_index: int) -> dict[str, float]:
-        """Average the G_k as they land, then the D_k updates (each worker sent its G_k first), and
-        send both averages down. An upload the server refuses is left out of its average."""
-        self.generator_average.reset()
-        for update in self.generators.round(round_index):
-            self.generator_average.add(update.values, float(self.sample_counts[update.rank]))
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
+        """Running, sample-weighted sums of the G_k and of the D_k as they land; a refused upload
+        is left out of its average."""
+        if kind == "generator":
+            self.generator_average.reset()
+            for update in accepted:
+                self.generator_average.add(update.values, float(self.sample_counts[update.rank]))
+            return
         self.discriminator_average.reset()
-        uploaded = UploadedFigures(GENERATOR_FIGURES)
-        for update in self.discriminators.round(round_index):
+        for update in accepted:
             weight = float(self.sample_counts[update.rank])
             self.discriminator_average.add(update.values, self.context.task_of(update.rank), weight)
-            uploaded.add(update)
+
+    def train_global(self, round_index: int) -> dict[str, float]:
+        """G := the averaged G_k, D := the averaged D_k (the workers trained; the server averages)."""
         settle(*self.downloads_in_flight)  # the last round's models must be out before they change
         if self.generator_average.count:
             self.generator_average.write_mean_into(model_tensors(self.G))
         if self.discriminator_average.count:
             self.discriminator_average.write_into(self.D)
-        self.send_models()
-        g_loss, g_realness = uploaded.figures.means()
-        refused = self.generators.refused + self.discriminators.refused
-        return round_metrics(g_loss, self.config.baselines.flgan.local_steps, g_realness, refused, uploaded.reports)
+        return {"g_steps": float(self.config.baselines.flgan.local_steps)}
 
-    def send_models(self) -> None:
-        workers = self.context.worker_ranks
+    def send_down(self, round_index: int, participants: list[int]) -> None:
         self.downloads_in_flight = [
-            self.transport.send_to_many(model_tensors(self.G), workers, "generator"),
-            self.transport.send_to_many(model_tensors(self.D), workers, "discriminator"),
+            self.transport.send_to_many(model_tensors(self.G), participants, "generator"),
+            self.transport.send_to_many(model_tensors(self.D), participants, "discriminator"),
         ]
 
-    def server_finish(self) -> None:
+    def finish(self) -> None:
         settle(*self.downloads_in_flight)
         self.downloads_in_flight = []
 
-    def server_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         return {"generator": self.G.state_dict(), "discriminator": self.D.state_dict()}
 
-    # ------------------------------------------------------------------ worker
-    def worker_setup(self, shard: ImageDataset) -> None:
+
+class FLGANWorker(_FLGANModels, WorkerRole):
+    """A whole local GAN: E local D and G steps per round, then both go up to be averaged."""
+
+    def setup(self, shard: ImageDataset) -> None:
         config = self.config
         torch.manual_seed(config.seed + self.context.rank)
-        self._build_models()
-        self.real = RealBatches(shard, config.optimizer.batch_size, self.context.generator_seed(1), self.context.device)
-        self.latent_stream = self.context.generator_seed(2)
+        self.build_models(config, self.context.device)
+        self.real = RealBatches(
+            shard, config.optimizer.batch_size, self.context.generator_seed(SeedPurpose.REAL_BATCHES), self.context.device
+        )
+        self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
         send_hello(self.context, len(shard))
-        settle(*self.receive_models())
-        self.meter = UploadMeter(self.transport.counters)
-        self.downloads: list[Transfer] = []
-        self.uploads: list[Transfer] = []
+        self.expect_down(-1)
+        settle(*self.downloads)
+        self.downloads = []
 
-    def worker_round(self, round_index: int) -> None:
+    def local_round(self, round_index: int) -> LocalFigures:
         settle(*self.downloads)  # G_k := G, D_k := D from the last synchronisation
         self.downloads = []
         task = self.context.task
-        d_figures, g_figures = StepMeans(3), StepMeans(GENERATOR_FIGURES)
+        d_figures, self.g_figures = FigureMeans(3), FigureMeans(len(GENERATOR_FIGURES))
         for _ in range(self.config.baselines.flgan.local_steps):
             real = self.real.next()
             fakes = self.G(self.G.sample_latent(self.real.batch_size, generator=self.latent_stream), task)
             d_figures.add(*discriminator_step(self.D, self.d_optimizer, real, fakes, task))
-            g_figures.add(*generator_step(self.g_optimizer, self.D, fakes, task))
-        self.upload_models(round_index, d_figures, g_figures)
-        self.downloads = self.receive_models()
+            self.g_figures.add(*generator_step(self.g_optimizer, self.D, fakes, task))
+        return LocalFigures(*d_figures.means())
 
-    def upload_models(self, round_index: int, d_figures: StepMeans, g_figures: StepMeans) -> None:
-        """Send G_k, then (trunk_k, head_k) with the round's figures and report. Both are copies, so
-        the averaged models can be received into G_k and D_k while these are still in flight."""
-        settle(*self.uploads)
-        generator = flatten(model_tensors(self.G)).to(self.context.device)
-        update = flatten(self.layout.update_tensors(self.D, self.context.task)).to(self.context.device)
-        report = self.meter.report(*d_figures.means())
-        self.meter.restart()  # the uploads below are booked in the next report
-        extras = upload_extras(g_figures.means(), report, self.context.device)
-        no_extras = torch.zeros(0, device=self.context.device)
-        update_layout = self.update_layouts[self.context.task]
-        self.uploads = [
-            upload(self.context, generator, no_extras, self.generator_layout, round_index, "generator"),
-            upload(self.context, update, extras, update_layout, round_index, "discriminator-update"),
+    def uploads(self, round_index: int) -> Sequence[Upload]:
+        """G_k, then (trunk_k, head_k) with the round's G figures. Both are copies, so the averaged
+        models can be received into G_k and D_k while these are still in flight."""
+        task = self.context.task
+        return [
+            Upload("generator", flatten(model_tensors(self.G)), self.generator_layout),
+            Upload(
+                "discriminator-update",
+                flatten(self.layout.update_tensors(self.D, task)),
+                self.update_layouts[task],
+                figures=self.g_figures.means(),
+            ),
         ]
 
-    def receive_models(self) -> list[Transfer]:
+    def expect_down(self, round_index: int) -> None:
         """Post the receive of the averaged G and D straight into G_k's and D_k's own tensors."""
-        return [
+        self.downloads: list[Transfer] = [
             self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator"),
             self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator"),
         ]
 
-    def worker_finish(self) -> None:
-        settle(*self.downloads, *self.uploads)
-        self.downloads, self.uploads = [], []
+    def finish(self) -> None:
+        settle(*self.downloads)
+        self.downloads = []
 
-    def worker_digest(self) -> dict[str, float]:
+    def digest(self) -> dict[str, float]:
         """After the final synchronisation, G_k is the server's G (tests compare the sums)."""
         return {**model_digest(self.G, "generator"), **model_digest(self.D, "discriminator")}
+
+
+class FLGAN(Method):
+    name = "flgan"
+    capabilities = Capabilities()
+    server = FLGANServer
+    worker = FLGANWorker

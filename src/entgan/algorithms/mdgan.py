@@ -42,31 +42,28 @@ Choices where the paper leaves room or the multi-task setting asks for one:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from entgan.algorithms.base import Algorithm, RealBatches, WorkerReport, adam, model_digest, round_metrics
-from entgan.algorithms.local_training import (
-    StepMeans,
-    UploadedFigures,
-    UploadMeter,
-    discriminator_step,
-    error_feedback,
-    upload_extras,
-)
-from entgan.algorithms.uploads import ArrivingUpdates, receive_hellos, send_hello, upload
+from entgan.algorithms.local_training import discriminator_step, error_feedback
+from entgan.config import RunConfig
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
-from entgan.engine.context import SERVER_RANK
+from entgan.engine.context import SERVER_RANK, SeedPurpose
+from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.parameters import flatten, model_tensors, unflatten_into
+from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import UpdateLayout
+from entgan.engine.updates import Update, UpdateLayout
+from entgan.engine.uploads import receive_hellos, send_hello
+from entgan.gan import RealBatches, adam, model_digest
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
-FEEDBACK_FIGURES = 2
-"""Floats a worker appends to its feedback: its G loss and the realness D_n gives X(g)_n."""
+FEEDBACK_FIGURES = ("g_loss", "g_fake_realness")
+"""What a worker appends to its feedback: its G loss and the realness D_n gives X(g)_n."""
 
 
 # ---------------------------------------------------------------------- the method's math
@@ -105,8 +102,13 @@ def swap_partners(num_workers: int, seed: int, swap_index: int) -> list[int]:
             return permutation
 
 
-class MDGAN(Algorithm):
-    name = "mdgan"
+def feedback_layout(config: RunConfig) -> UpdateLayout:
+    """A feedback upload's values: dL_G/dx for one fake batch."""
+    return UpdateLayout.of([("feedback", torch.empty(config.optimizer.batch_size, *config.image_shape))])
+
+
+class MDGANServer(ServerRole):
+    """Holds G and its optimizer; generates every worker's batches and back-propagates their feedback."""
 
     @property
     def generator(self) -> Generator:
@@ -116,86 +118,85 @@ class MDGAN(Algorithm):
     def batch_size(self) -> int:
         return self.config.optimizer.batch_size
 
-    def _feedback_layout(self) -> UpdateLayout:
-        return UpdateLayout.of([("feedback", torch.empty(self.batch_size, *self.config.image_shape))])
-
-    # ------------------------------------------------------------------ server
-    def server_setup(self) -> None:
+    def setup(self) -> None:
         config = self.config
         torch.manual_seed(config.seed)
         self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(self.context.device)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
-        self.latent_stream = self.context.generator_seed(2)
-        layout = self._feedback_layout()
-        self.feedbacks = ArrivingUpdates.checked(
-            self.context, "feedback", FEEDBACK_FIGURES + WorkerReport.SIZE, layout_of=lambda rank: layout
-        )
+        self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
+        layout = feedback_layout(config)
+        self.upload_kinds = [UploadKind("feedback", layout_of=lambda rank: layout, figures=FEEDBACK_FIGURES)]
         counts = receive_hellos(self.context)
         self.swap_period = swap_period(config.baselines.mdgan.swap_every_epochs, list(counts.values()), self.batch_size)
         period = torch.tensor([self.swap_period], dtype=torch.int64, device=self.context.device)
         self.transport.send_to_many([period], self.context.worker_ranks, "hello").wait()
 
-    def server_round(self, round_index: int) -> dict[str, float]:
-        graphs, sends = self.generate_and_send()
-        self.g_optimizer.zero_grad(set_to_none=True)
-        uploaded = UploadedFigures(FEEDBACK_FIGURES)
-        for update in self.feedbacks.round(round_index):
-            backpropagate_feedback(graphs.pop(update.rank), update.values)
-            uploaded.add(update)
-        graphs.clear()  # the graphs of refused feedback are dropped unused
-        if uploaded.reports:
-            average_gradients(self.G, len(uploaded.reports))
-            self.g_optimizer.step()
-        settle(*sends)
-        g_loss, g_realness = uploaded.figures.means()
-        g_steps = 1 if uploaded.reports else 0
-        return round_metrics(g_loss, g_steps, g_realness, self.feedbacks.refused, uploaded.reports)
-
-    def generate_and_send(self) -> tuple[dict[int, torch.Tensor], list[Transfer]]:
+    def open_round(self, round_index: int, participants: list[int]) -> None:
         """Two batches of its own task for every worker; X(g)_n keeps its graph for the feedback.
 
         A worker's batches leave as soon as they exist, so it starts its D steps while the server
         is still generating for the next workers."""
-        graphs: dict[int, torch.Tensor] = {}
-        sends: list[Transfer] = []
-        for rank in self.context.worker_ranks:
+        self.graphs: dict[int, torch.Tensor] = {}
+        self.sends: list[Transfer] = []
+        for rank in participants:
             task = self.context.task_of(rank)
             with torch.no_grad():
                 for_discriminator = self.G(self._latents(), task)
             for_generator = self.G(self._latents(), task)
-            sends.append(self.transport.send([for_discriminator, for_generator], rank, "fake-batch"))
-            graphs[rank] = for_generator
-        return graphs, sends
+            self.sends.append(self.transport.send([for_discriminator, for_generator], rank, "fake-batch"))
+            self.graphs[rank] = for_generator
+        self.g_optimizer.zero_grad(set_to_none=True)
 
     def _latents(self) -> torch.Tensor:
         return self.G.sample_latent(self.batch_size, generator=self.latent_stream)
 
-    def server_state(self) -> dict[str, Any]:
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
+        """grad_w += sum_x F_n(x) . dx/dw as each F_n lands (which frees X(g)_n's graph)."""
+        self.feedbacks_in = 0
+        for update in accepted:
+            backpropagate_feedback(self.graphs.pop(update.rank), update.values)
+            self.feedbacks_in += 1
+        self.graphs.clear()  # the graphs of refused feedback are dropped unused
+
+    def train_global(self, round_index: int) -> dict[str, float]:
+        """G := Adam step with the gradient averaged over the accepted feedback (the paper's 1/N)."""
+        if self.feedbacks_in:
+            average_gradients(self.G, self.feedbacks_in)
+            self.g_optimizer.step()
+        settle(*self.sends)
+        return {"g_steps": 1.0 if self.feedbacks_in else 0.0}
+
+    def state_dict(self) -> dict[str, Any]:
         return {"generator": self.G.state_dict(), "generator_optimizer": self.g_optimizer.state_dict()}
 
-    # ------------------------------------------------------------------ worker
-    def worker_setup(self, shard: ImageDataset) -> None:
+
+class MDGANWorker(WorkerRole):
+    """Holds its own D_n and data; returns the error feedback on the server's fakes; swaps D_n."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.optimizer.batch_size
+
+    def setup(self, shard: ImageDataset) -> None:
         config = self.config
         device = self.context.device
         torch.manual_seed(config.seed + self.context.rank)  # the paper initialises each D_n locally
         self.D = build_discriminator(config.model, config.image_shape, len(config.tasks)).to(device)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
-        self.real = RealBatches(shard, self.batch_size, self.context.generator_seed(1), device)
+        self.real = RealBatches(shard, self.batch_size, self.context.generator_seed(SeedPurpose.REAL_BATCHES), device)
         self.fakes_for_discriminator = torch.empty(self.batch_size, *config.image_shape, device=device)
         self.fakes_for_generator = torch.empty_like(self.fakes_for_discriminator)
-        self.feedback_layout = self._feedback_layout()
+        self.feedback_layout = feedback_layout(config)
         send_hello(self.context, len(shard))
         period = torch.zeros(1, dtype=torch.int64, device=device)
         self.transport.receive([period], SERVER_RANK, "hello").wait()
         self.swap_period = int(period.item())
-        self.meter = UploadMeter(self.transport.counters)
-        self.upload_in_flight: Transfer | None = None
         self.swap_in_flight: tuple[Transfer, torch.Tensor] | None = None
         self.swaps = 0
         self.first_swap_round = self.last_swap_round = 0
         self.last_sent_sum = 0.0
 
-    def worker_round(self, round_index: int) -> None:
+    def local_round(self, round_index: int) -> LocalFigures:
         incoming = self.transport.receive(
             [self.fakes_for_discriminator, self.fakes_for_generator], SERVER_RANK, "fake-batch"
         )
@@ -203,20 +204,20 @@ class MDGAN(Algorithm):
         self.finish_swap()
         incoming.wait()
         task = self.context.task
-        d_figures = StepMeans(3)  # loss, real realness, fake realness
+        d_figures = FigureMeans(3)  # loss, real realness, fake realness
         for _ in range(self.config.baselines.mdgan.d_steps):
             d_figures.add(*discriminator_step(self.D, self.d_optimizer, real, self.fakes_for_discriminator, task))
-        feedback, g_loss, g_realness = error_feedback(self.D, self.fakes_for_generator, task)
+        self.feedback, g_loss, g_realness = error_feedback(self.D, self.fakes_for_generator, task)
+        self.feedback_figures = [g_loss, g_realness]
         # The swap is posted before the feedback leaves (both asynchronous) only so that this
         # round's report counts its bytes; D_n has produced F_n either way.
         round_number = round_index + 1
         if self.config.num_workers > 1 and round_number % self.swap_period == 0:
             self.start_swap(round_number)
-        settle(self.upload_in_flight)
-        report = self.meter.report(*d_figures.means())
-        self.meter.restart()  # the upload below is booked in the next report
-        extras = upload_extras([g_loss, g_realness], report, feedback.device)
-        self.upload_in_flight = upload(self.context, feedback, extras, self.feedback_layout, round_index, "feedback")
+        return LocalFigures(*d_figures.means())
+
+    def uploads(self, round_index: int) -> Sequence[Upload]:
+        return [Upload("feedback", self.feedback, self.feedback_layout, figures=self.feedback_figures)]
 
     def start_swap(self, round_number: int) -> None:
         """Send D_n to pi(n) and post the receive of pi^-1(n)'s D; it lands before D_n is used again."""
@@ -241,12 +242,10 @@ class MDGAN(Algorithm):
         unflatten_into(incoming, model_tensors(self.D))
         self.swap_in_flight = None
 
-    def worker_finish(self) -> None:
-        settle(self.upload_in_flight)
-        self.upload_in_flight = None
+    def finish(self) -> None:
         self.finish_swap()
 
-    def worker_digest(self) -> dict[str, float]:
+    def digest(self) -> dict[str, float]:
         """Which swaps happened, and the D sent away last vs. the D held now (tests trace swaps)."""
         return {
             "swap_period": float(self.swap_period),
@@ -256,3 +255,10 @@ class MDGAN(Algorithm):
             "last_sent_discriminator_sum": self.last_sent_sum,
             **model_digest(self.D, "discriminator"),
         }
+
+
+class MDGAN(Method):
+    name = "mdgan"
+    capabilities = Capabilities()
+    server = MDGANServer
+    worker = MDGANWorker

@@ -40,27 +40,29 @@ asynchronously, waited for only before the model they carry changes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from entgan.algorithms.aggregation import DiscriminatorAverager
-from entgan.algorithms.base import WorkerReport
-from entgan.algorithms.server_generator import ServerGenerator
+from entgan.algorithms.server_generator import DiscriminatorWorker, GeneratorServer
+from entgan.engine.method import Capabilities, Method
+from entgan.engine.updates import Update
 
 
-class _RenDistributedGAN(ServerGenerator):
+class _RenServer(GeneratorServer):
     """What both schedules share: devices upload D_k, the server averages them into D."""
 
-    def server_setup(self) -> None:
-        super().server_setup()
+    def setup(self) -> None:
+        super().setup()
         self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
         self.collected: dict[int, torch.Tensor] = {}
 
-    def absorb_upload(self, rank: int, values: torch.Tensor) -> None:
-        self.collected[rank] = values.clone()  # the devices' results, kept until all have arrived
-
-    def average_discriminators(self, round_index: int) -> tuple[dict[int, WorkerReport], int]:
-        """D := weighted average of this round's accepted D_k (D stays as it was if none was)."""
-        reports, refused = self.gather_uploads(round_index)
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
+        """D := weighted average of this round's accepted D_k, once all have arrived (D stays as
+        it was if none was accepted)."""
+        for update in accepted:
+            self.collected[update.rank] = update.values.clone()  # the devices' results, kept until all are in
         self.settle_discriminator_send()
         if self.collected:
             self.averager.reset()
@@ -68,32 +70,38 @@ class _RenDistributedGAN(ServerGenerator):
                 self.averager.add(values, self.context.task_of(rank), self.sample_counts[rank])
             self.averager.write_into(self.D)
         self.collected.clear()
-        return reports, refused
 
-    def update_generator(self) -> tuple[float, float]:
+    def update_generator(self) -> dict[str, float]:
         """g_steps G updates against the server's current D."""
         return self.train_generator([self.D] * self.steps.g_steps)
 
-    def broadcast(self) -> None:
-        self.send_generator()
-        self.send_discriminator()
+
+class RenSerialServer(_RenServer):
+    """Average the round's D_k, then train G against the new D."""
+
+    def train_global(self, round_index: int) -> dict[str, float]:
+        return self.update_generator()
 
 
-class RenSerial(_RenDistributedGAN):
+class RenParallelServer(_RenServer):
+    """Train G against D^t while the devices train theirs; average when their uploads are in."""
+
+    def open_round(self, round_index: int, participants: list[int]) -> None:
+        self.generator_step = self.update_generator()
+
+    def train_global(self, round_index: int) -> dict[str, float]:
+        return self.generator_step
+
+
+class RenSerial(Method):
     name = "ren-serial"
-
-    def server_round(self, round_index: int) -> dict[str, float]:
-        reports, refused = self.average_discriminators(round_index)
-        generator_step = self.update_generator()
-        self.broadcast()
-        return self.round_metrics(generator_step, self.steps.g_steps, reports, refused)
+    capabilities = Capabilities()
+    server = RenSerialServer
+    worker = DiscriminatorWorker
 
 
-class RenParallel(_RenDistributedGAN):
+class RenParallel(Method):
     name = "ren-parallel"
-
-    def server_round(self, round_index: int) -> dict[str, float]:
-        generator_step = self.update_generator()  # against D^t, while the devices train theirs
-        reports, refused = self.average_discriminators(round_index)
-        self.broadcast()
-        return self.round_metrics(generator_step, self.steps.g_steps, reports, refused)
+    capabilities = Capabilities()
+    server = RenParallelServer
+    worker = DiscriminatorWorker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,15 @@ from entgan.engine.transport import Transport
 from entgan.rundir import RunDirectory
 
 SERVER_RANK = 0
+
+
+class SeedPurpose(IntEnum):
+    """What a rank's seeded random stream is for (`RunContext.generator_seed`): one stream per
+    purpose, so drawing more of one never shifts another."""
+
+    REAL_BATCHES = 1
+    LATENTS = 2
+    PRIVACY_NOISE = 3
 
 
 @dataclass
@@ -61,7 +71,7 @@ class RunContext:
     def rank_of_worker(self, worker_index: int) -> int:
         return worker_index + 1
 
-    def generator_seed(self, purpose: int) -> torch.Generator:
+    def generator_seed(self, purpose: SeedPurpose) -> torch.Generator:
         """A per-rank, per-purpose random stream derived from the run seed (reproducible runs)."""
         generator = torch.Generator(device="cpu")
         generator.manual_seed(self.config.seed * 1_000_003 + self.rank * 1_009 + purpose)

@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from entgan.algorithms import Algorithm, algorithm_class
 from entgan.config import ConfigError, RunConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
+from entgan.engine.method import Method
+from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
 from entgan.engine.transport import Transport
@@ -42,9 +42,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ENTGAN_CACHE_DIR", Path.home() / ".cache" / "entgan"))
 
 
-def preflight(config: RunConfig) -> None:
-    """Everything that can be checked before spawning: data readable, tasks present, shards
-    non-empty, model family fits the image shape. Raises ConfigError / DataError."""
+def preflight(config: RunConfig, algorithm_path: str | None = None, *, resuming: bool = False) -> None:
+    """Everything that can be checked before spawning: the method exists and supports what the
+    config asks of it, data readable, tasks present, shards non-empty, model family fits the
+    image shape. Raises ConfigError / DataError."""
+    check_capabilities(config, load_algorithm(config, algorithm_path), resuming=resuming)
     try:
         check_model_supports(config.model, config.image_shape, len(config.tasks))
     except ValueError as error:
@@ -99,7 +101,7 @@ class LaunchOptions:
     resume: bool = False
     """Continue from the run directory's last complete checkpoint (fresh start if there is none)."""
     algorithm_path: str | None = None
-    """`module:Class` of an `Algorithm` subclass to run instead of `config.algorithm`: bring your
+    """`module:Class` of a `Method` subclass to run instead of `config.algorithm`: bring your
     own method (experiments, tests); the module must be importable by every process."""
 
 
@@ -138,25 +140,39 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
         session_keys=session_keys,
         resume=run.load_checkpoint(resume_round, rank) if resume_round else None,
     )
-    algorithm = load_algorithm(config, options.algorithm_path)(context)
+    method = load_algorithm(config, options.algorithm_path)
     if context.is_server:
         if resume_round:
             run.truncate_metrics(resume_round)
             context.log_event({"event": "resumed", "round": resume_round})
-        serve(context, algorithm, domain_classifier(config, options.cache_dir), show_progress=options.show_progress)
+        serve(context, method, domain_classifier(config, options.cache_dir), show_progress=options.show_progress)
     else:
-        work(context, algorithm)
+        work(context, method)
     dist.barrier()
 
 
-def load_algorithm(config: RunConfig, algorithm_path: str | None = None) -> type[Algorithm]:
-    if algorithm_path is None:
-        return algorithm_class(config.algorithm)
-    module_name, _, class_name = algorithm_path.partition(":")
-    algorithm = getattr(import_module(module_name), class_name, None)
-    if not (isinstance(algorithm, type) and issubclass(algorithm, Algorithm)):
-        raise ConfigError(f"{algorithm_path}: not an entgan.algorithms.Algorithm subclass")
-    return algorithm
+def load_algorithm(config: RunConfig, algorithm_path: str | None = None) -> type[Method]:
+    """The run's method: `config.algorithm` from the registry, or the class at `algorithm_path`."""
+    try:
+        return method_class(config.algorithm) if algorithm_path is None else load_method(algorithm_path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def check_capabilities(config: RunConfig, method: type[Method], *, resuming: bool = False) -> None:
+    """Refuse, before any process exists, a run that asks a method for what it does not declare
+    (`Method.capabilities`). Both launchers and the torchrun entry call this."""
+    capabilities = method.capabilities
+    problems = []
+    if (resuming or config.faults.max_restarts > 0) and not capabilities.resume:
+        what = "resume from a checkpoint" if resuming else f"restart after a failure (faults.max_restarts = {config.faults.max_restarts})"
+        problems.append(f"algorithm '{method.name}' cannot {what}: it does not support resuming")
+    if config.privacy.enabled and not capabilities.privacy:
+        problems.append(f"privacy.enabled: algorithm '{method.name}' does not support differential privacy")
+    if config.warm_start is not None and not capabilities.warm_start:
+        problems.append(f"warm_start: algorithm '{method.name}' cannot start from a parent run")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def _agree_on_resume_round(transport: Transport, run: RunDirectory, workers: list[int], resume: bool) -> int:
@@ -216,9 +232,8 @@ def launch_local(
     algorithm_path: str | None = None,
 ) -> dict[str, Any]:
     """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary."""
-    preflight(config)
+    preflight(config, algorithm_path)
     select_backend(config, local_world_size=config.world_size)  # one that cannot run here fails now, once
-    load_algorithm(config, algorithm_path)
     RunDirectory.check_available(run_dir, overwrite=overwrite)  # before minutes of classifier training
     domain_classifier(config, cache_dir)  # trained (or loaded) once, before the clock starts
     run = RunDirectory.create(run_dir, config, overwrite=overwrite)
@@ -232,11 +247,11 @@ def resume_local(
     """Continue a run directory from its last complete checkpoint, with its own stored config."""
     run = RunDirectory(Path(run_dir))
     config = run.config()
-    preflight(config)
+    try:
+        preflight(config, algorithm_path, resuming=True)
+    except ConfigError as error:
+        raise ConfigError(f"{run_dir}: {error}") from None
     select_backend(config, local_world_size=config.world_size)
-    algorithm = load_algorithm(config, algorithm_path)
-    if not algorithm.supports_resume:
-        raise ConfigError(f"{run_dir}: algorithm '{algorithm.name}' cannot resume from a checkpoint")
     domain_classifier(config, cache_dir)
     options = LaunchOptions(cache_dir=cache_dir, show_progress=show_progress, resume=True, algorithm_path=algorithm_path)
     return _run_with_restarts(config, run, options)

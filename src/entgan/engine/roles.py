@@ -1,8 +1,8 @@
-"""The round loop: what rank 0 (server) and ranks 1..K (workers) do around an algorithm's rounds.
+"""The run loop: what rank 0 (server) and ranks 1..K (workers) do around a method's rounds.
 
-The engine owns everything that is not the method itself: timing, memory and traffic probes,
-evaluation (FID, task fidelity, sample grids), the metrics stream, checkpoints, the progress bar.
-An algorithm only fills `server_round` / `worker_round`.
+The engine owns everything that is not the method itself: the round (`engine.rounds`, driving
+the method's hooks), timing, memory and traffic probes, evaluation (FID, task fidelity, sample
+grids), the metrics stream, checkpoints and resuming, the progress bar.
 """
 
 from __future__ import annotations
@@ -18,17 +18,24 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from entgan.algorithms.base import Algorithm, adam
 from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
+from entgan.engine.method import Method, ServerRole, WorkerRole
+from entgan.engine.rounds import ServerRounds, WorkerRounds
 from entgan.engine.transport import Transfer
+from entgan.gan import adam
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
 from entgan.metrics.classifier import DomainClassifier
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 from entgan.plots import plot_training, save_image_grid
 from entgan.rundir import RunDirectory
+
+
+EVALUATION_SEED_OFFSET = 7919
+"""The evaluation's latents come from the run seed plus this prime: the same at every evaluation,
+and apart from every training stream."""
 
 
 @dataclass
@@ -42,8 +49,8 @@ class Evaluation:
     grid_size: int
     seed: int
 
-    def run(self, algorithm: Algorithm, run_dir: RunDirectory, round_index: int) -> dict[str, float]:
-        fakes = self.samples(algorithm.generator)
+    def run(self, server: ServerRole, run_dir: RunDirectory, round_index: int) -> dict[str, float]:
+        fakes = self.samples(server.generator)
         for name, images in fakes.items():
             save_image_grid(images[: self.grid_size], run_dir.sample_grid_path(name, round_index))
         return self.evaluator.evaluate(fakes).to_dict()
@@ -99,7 +106,7 @@ def build_evaluation(context: RunContext, classifier: DomainClassifier) -> Evalu
         task_names=[task.name for task in tasks],
         samples_per_task=config.eval.samples_per_task,
         grid_size=config.eval.grid_size,
-        seed=config.seed + 7919,
+        seed=config.seed + EVALUATION_SEED_OFFSET,
     )
 
 
@@ -172,7 +179,7 @@ class Clock:
 
 
 def serve(
-    context: RunContext, algorithm: Algorithm, classifier: DomainClassifier, show_progress: bool = True
+    context: RunContext, method: type[Method], classifier: DomainClassifier, show_progress: bool = True
 ) -> dict[str, Any]:
     """Rank 0: set up (or resume), run every round, evaluate, log, checkpoint; return the summary."""
     config = context.config
@@ -184,7 +191,9 @@ def serve(
     # over it is what the method itself costs the server: models, optimizer state, buffers,
     # activations. Evaluation and checkpoint writing are paused out of the window.
     memory = PeakRSSMonitor().start()
-    algorithm.server_setup()
+    server = method.server(context)
+    server.setup()
+    rounds = ServerRounds(context, server)
     counters = context.transport.counters
     engine_state = restore_engine_state(context)
     first_round = engine_state.get("round", 0)
@@ -197,11 +206,11 @@ def serve(
     stopped_because = "rounds"
     ending = False  # a stop was announced: this round is the last
     progress = tqdm(
-        total=config.rounds, initial=first_round, desc=f"{config.name} [{algorithm.name}]", disable=not show_progress
+        total=config.rounds, initial=first_round, desc=f"{config.name} [{method.name}]", disable=not show_progress
     )
     for round_number in range(first_round + 1, config.rounds + 1):
         round_started = time.perf_counter()
-        round_metrics = algorithm.server_round(round_number - 1)
+        method_row = rounds.run(round_number - 1)
         round_seconds = time.perf_counter() - round_started
         train_clock = clock.train_s()
         is_last = ending or round_number == config.rounds
@@ -216,7 +225,7 @@ def serve(
             "server/bytes_sent": counters.bytes_sent,
             "server/bytes_received": counters.bytes_received,
             "server/comm_wait_s": counters.wait_seconds,
-            **round_metrics,
+            **method_row,
         }
         harness_started = time.perf_counter()
         with memory.paused():  # evaluation and checkpoints are the harness, not the method
@@ -226,7 +235,7 @@ def serve(
                 or is_eval_round(round_number, config.eval.every, config.rounds)
                 or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
             ):
-                quality = evaluation.run(algorithm, run_dir, round_number)
+                quality = evaluation.run(server, run_dir, round_number)
                 row.update(quality)
                 latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
                 clock.last_eval_s = train_clock
@@ -239,7 +248,7 @@ def serve(
                     "last_eval_s": clock.last_eval_s,
                     "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
                 }
-                state = checkpoint_state(context, algorithm, round_number, engine)
+                state = checkpoint_state(context, method.name, server, round_number, engine)
                 run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
         clock.harness_s += time.perf_counter() - harness_started
         progress.update(1)
@@ -253,12 +262,12 @@ def serve(
     progress.close()
     control.finish()
 
-    algorithm.server_finish()
+    server.finish()
     memory.stop()
-    plot_training(rows, run_dir.plots / "training.png", title=f"{config.name} ({algorithm.name})")
+    plot_training(rows, run_dir.plots / "training.png", title=f"{config.name} ({method.name})")
     summary = {
         "name": config.name,
-        "algorithm": algorithm.name,
+        "algorithm": method.name,
         "rounds": rows[-1]["round"],
         "planned_rounds": config.rounds,
         "stopped_because": stopped_because,
@@ -278,7 +287,7 @@ def serve(
         "first_eval": _eval_fields(rows[0]),
         "final_eval": _eval_fields(rows[-1]),
         **{f"server/{key}": value for key, value in counters.as_dict().items()},
-        "generator_sum": float(sum(t.double().sum() for t in algorithm.generator.state_dict().values())),
+        "generator_sum": float(sum(t.double().sum() for t in server.generator.state_dict().values())),
     }
     run_dir.write_json("summary.json", summary)
     return summary
@@ -305,47 +314,54 @@ def restore_engine_state(context: RunContext) -> dict[str, Any]:
 
 
 def checkpoint_state(
-    context: RunContext, algorithm: Algorithm, round_number: int, engine: dict[str, Any]
+    context: RunContext, name: str, server: ServerRole, round_number: int, engine: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "format": 2,
-        "algorithm": algorithm.name,
+        "algorithm": name,
         "round": round_number,
         "config": context.config.model_dump(mode="json"),
-        "server": algorithm.server_state(),
+        "server": server.state_dict(),
         "engine": {**engine, **engine_snapshot(context)},
     }
 
 
-def work(context: RunContext, algorithm: Algorithm) -> None:
+def work(context: RunContext, method: type[Method]) -> None:
     """Ranks 1..K: load the local shard (data stays here), then run every round, checkpointing
     this worker's part of the run state on the same rounds as the server."""
     config = context.config
     run_dir = RunDirectory(context.run_dir)
     shard = worker_shards(config, build_tasks(config, load_source(config.data)))[context.worker_index]
-    algorithm.worker_setup(shard)
-    first_round = restore_engine_state(context).get("round", 0)
+    worker: WorkerRole = method.worker(context)
+    worker.setup(shard)
+    engine_state = restore_engine_state(context)
+    first_round = engine_state.get("round", 0)
+    rounds = WorkerRounds(context, worker)
+    if "meter" in engine_state:
+        rounds.meter.load_state_dict(engine_state["meter"])
     control = RoundControl(context, first_round=first_round)
     for round_index in range(first_round, config.rounds):
-        algorithm.worker_round(round_index)
+        rounds.run(round_index)
         if is_checkpoint_round(round_index + 1, config.checkpoint.every):
             state = {
                 "format": 2,
-                "algorithm": algorithm.name,
+                "algorithm": method.name,
                 "round": round_index + 1,
-                "worker": algorithm.worker_state(),
-                "engine": {"round": round_index + 1, **engine_snapshot(context)},
+                "worker": worker.state_dict(),
+                "engine": {"round": round_index + 1, "meter": rounds.meter.state_dict(), **engine_snapshot(context)},
             }
             run_dir.save_checkpoint(state, round_index + 1, rank=context.rank, keep=config.checkpoint.keep)
         if control.should_stop(round_index):
             break
-    algorithm.worker_finish()
+    rounds.finish()
     digest = {
         "rank": context.rank,
         "task": config.tasks[context.task].name,
         "samples": len(shard),
-        **algorithm.worker_digest(),
+        **worker.digest(),
         **context.transport.counters.as_dict(),
+        **rounds.meter.setup_bytes,
+        **rounds.meter.unreported(),
     }
     path = run_dir.workers / f"rank-{context.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy

@@ -2,8 +2,7 @@
 
 - the handshake that tells the server each worker's task and sample count (the averaging weights);
 - uploads in the engine's authenticated envelopes (`engine.updates`), received by the server in
-  arrival order, with refused ones logged as run events and skipped (`ArrivingUpdates`);
-- the layout of a worker's discriminator upload (shared trunk + its task's head), per task.
+  arrival order, with refused ones logged as run events and skipped (`ArrivingUpdates`).
 """
 
 from __future__ import annotations
@@ -12,11 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from entgan.algorithms.aggregation import DiscriminatorLayout
 from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.transport import Transfer
-from entgan.engine.updates import Refusal, Update, UpdateLayout, UpdateReceiver, send_update
-from entgan.models.discriminator import Discriminator
+from entgan.engine.updates import Refusal, Update, UpdateLayout, UpdateReceiver
 
 
 def send_hello(context: RunContext, num_samples: int) -> None:
@@ -36,21 +32,6 @@ def receive_hellos(context: RunContext) -> dict[int, int]:
             raise RuntimeError(f"worker {rank} serves task {task}, the server's config says {context.task_of(rank)}")
         counts[rank] = count
     return counts
-
-
-def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:
-    """Per task t, what a task-t worker's discriminator upload is made of: the trunk and head t."""
-    return [
-        UpdateLayout.of(layout.named_update_tensors(discriminator, task)) for task in range(discriminator.num_tasks)
-    ]
-
-
-def upload(
-    context: RunContext, values: torch.Tensor, extras: torch.Tensor, layout: UpdateLayout, round_index: int, kind: str
-) -> Transfer:
-    """Worker: send `values` (+ `extras`) to the server in an authenticated envelope, asynchronously."""
-    key = context.session_keys[SERVER_RANK]
-    return send_update(context.transport, key, values, extras, layout, round_index, SERVER_RANK, kind)
 
 
 def update_receiver(

@@ -89,7 +89,7 @@ class StageRequest(_Message):
 
 def run_train(request: TrainRequest, workdir: Path) -> dict[str, Any]:
     from entgan.engine.launch import launch_local
-    from entgan.engine.warmstart import check_compatible, load_checkpoint
+    from entgan.algorithms.entgan.warmstart import check_compatible, load_checkpoint
     from entgan.rundir import RunDirectory
 
     spec = request.spec
@@ -154,7 +154,7 @@ def measure(evaluator: Any, checkpoint: Any, tasks: list[str], samples: int, see
 
 def run_eval(request: EvalRequest, workdir: Path) -> dict[str, Any]:
     from entgan.engine.launch import domain_classifier
-    from entgan.engine.warmstart import load_checkpoint
+    from entgan.algorithms.entgan.warmstart import load_checkpoint
     from entgan.metrics import QualityEvaluator
 
     spec = request.spec

@@ -42,7 +42,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
-from entgan.algorithms.base import adam
+from entgan.gan import adam
 from entgan.config import OptimizerConfig, PrivacyConfig
 from entgan.models.discriminator import Discriminator
 

@@ -1,0 +1,227 @@
+"""EntGAN's server: steps 3 and 4 of DESIGN.md section 1 (see the package docstring).
+
+Where D is averaged: `EntGANServer.aggregate`, one upload at a time into D's own tensors
+(`aggregation.InPlaceDiscriminatorAverage`); where G trains: `train_global`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage
+from entgan.algorithms.entgan.common import EntGANRole
+from entgan.algorithms.entgan.model_average import ModelAverage
+from entgan.control.overlap import settle
+from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler
+from entgan.engine.method import ServerRole, UploadKind
+from entgan.engine.parameters import model_tensors, numel
+from entgan.engine.transport import Transfer
+from entgan.engine.updates import Update
+from entgan.engine.uploads import receive_hellos
+from entgan.gan import adam, balanced_tasks, generator_loss
+from entgan.gan.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.models.discriminator import Discriminator
+from entgan.models.generator import Generator
+
+
+class EntGANServer(EntGANRole, ServerRole):
+    """Holds G (with its Adam state) and the averaged D; trains G, never D."""
+
+    @property
+    def generator(self) -> Generator:
+        """G, or with `control.generator_average` on, its moving average."""
+        return self.generator_average.model if self.generator_average is not None else self.G
+
+    def setup(self) -> None:
+        torch.manual_seed(self.config.seed)
+        self.build_models()
+        self.generator_average: ModelAverage | None = None
+        self.warm_start = None
+        if self.config.warm_start is not None:  # a lifelong job's next version starts from its parent
+            from entgan.algorithms.entgan.warmstart import WarmStart
+
+            self.warm_start = WarmStart.from_config(self.config, self.context.device)
+            self.warm_start.initialise(self.G, self.D)
+        self.D.requires_grad_(False)  # the server never trains D; it only averages it
+        self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
+        self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
+        average = self.config.control.generator_average
+        # Copied before G's gradients are bound to the shared buffer, so the copy takes none of it.
+        self.generator_average = ModelAverage(self.G, average.half_life_rounds) if average.enabled else None
+        shared_buffer = self.gradients_and_upload_buffer()
+        self.upload_kinds = [
+            UploadKind(
+                "discriminator-update",
+                layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
+                in_order=True,
+                values_storage=shared_buffer,
+            )
+        ]
+        self.gradients_bound = shared_buffer is not None
+        self.feedback: GeneratorFeedback | None = None
+        if self.resumed_state is not None:
+            self.load_state_dict(self.resumed_state)
+        self.sample_counts = receive_hellos(self.context)
+        # Initialisation: G_k := G, D_k := D.
+        workers = self.context.worker_ranks
+        self.transport.send_to_many(model_tensors(self.G), workers, "generator").wait()
+        self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
+        self.generator_in_flight: Transfer | None = None
+        self.discriminator_in_flight: Transfer | None = None
+
+    def gradients_and_upload_buffer(self) -> torch.Tensor | None:
+        """With the memory layout on, one flat buffer that holds G's gradients during the G steps and
+        the upload being averaged before them (`gan.memory_layout`); None: autograd allocates G's
+        gradients and the receiver its own buffer."""
+        if not self.config.control.memory.enabled:
+            return None
+        parameters = list(self.G.parameters())
+        size = max(numel(parameters), self.layout.update_size)
+        buffer = torch.zeros(size, dtype=torch.float32, device=self.context.device)
+        bind_gradients(parameters, buffer)
+        return buffer
+
+    # ------------------------------------------------------------------ the round
+    def participants(self, round_index: int) -> list[int]:
+        return self.participant_ranks(round_index)
+
+    def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
+        """Step 3: D := weighted average of the D_k, accumulated straight into D as they are received.
+
+        No buffer beyond D and one update: updates are read in rank order (they are all in flight
+        by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
+        the sum the same on every run. Refused updates (`engine.updates`) never get here; a part
+        (trunk, a task's head) with no accepted update keeps its values. On sync rounds the
+        averaged D then goes down at once (D_k := D), before G trains, so the next round's
+        participants can start the real-data half of their D step while the server trains G.
+        """
+        settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
+        self.discriminator_in_flight = None
+        self.averager.reset()
+        for update in accepted:
+            self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+        self.averager.finish(self.D)
+        if self.is_sync_round(round_index):
+            next_workers = self.participant_ranks(round_index + 1)
+            transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.wire_dtype)
+            self.discriminator_in_flight = self.overlap.outgoing(transfer)
+
+    def train_global(self, round_index: int) -> dict[str, float]:
+        """Step 4: the server task scheduler picks the number of G steps from how well G fooled D
+        last round; G trains against the averaged D."""
+        steps = self.server_scheduler.next_steps(self.feedback)
+        settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
+        g_loss, realness = self.train_generator(steps)
+        self.feedback = GeneratorFeedback(fake_realness=realness)
+        return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness}
+
+    def send_down(self, round_index: int, participants: list[int]) -> None:
+        """G goes to the next round's participants layer by layer; the overlap controller decides
+        when to wait. The moving average only reads G, so it is updated while G is on its way."""
+        transfer = self.transport.send_to_many(model_tensors(self.G), participants, "generator", self.wire_dtype)
+        self.generator_in_flight = self.overlap.outgoing(transfer)
+        if self.generator_average is not None:
+            self.generator_average.update(self.G)
+
+    # ------------------------------------------------------------------ G steps
+    def train_generator(self, steps: int) -> tuple[float, float]:
+        """`steps` G updates against the averaged D, every task in every batch.
+
+        Memory layout (`control.memory`): each step's batch goes through G and D in micro-batches
+        whose gradients are added into G's gradient buffer (on the CPU, in place), so the server
+        holds one micro-batch's activations at a time, not the batch's. The update is the same (the
+        loss is the batch mean either way) for generators without batch statistics (the MLP); a
+        BatchNorm generator normalises each micro-batch on its own, so for one the micro-batch is
+        as large as a worker's fake batch (`generator_microbatch`)."""
+        batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
+        micro = self.generator_microbatch(batch_size)
+        # In-place linear gradients serve glibc's heap; on a GPU the caching allocator already
+        # reuses autograd's temporaries, and the Python backward is slower.
+        in_place = self.gradients_bound and self.context.device.type == "cpu"
+        losses, realness = [], []
+        for _ in range(steps):
+            tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
+            latents = self.G.sample_latent(batch_size)
+            self.g_optimizer.zero_grad(set_to_none=not self.gradients_bound)
+            step_loss, step_fooled = add_generator_gradients(self.G, self.D, latents, tasks, micro, in_place)
+            if self.warm_start is not None:  # old tasks: no forgetting
+                replay = self.warm_start.replay_loss(self.G)
+                if replay.requires_grad:
+                    replay.backward()
+                step_loss += replay.item()
+            self.g_optimizer.step()
+            losses.append(step_loss)
+            realness.append(step_fooled)
+        if not self.gradients_bound:  # not needed until the next G step: their memory can serve the upload
+            self.g_optimizer.zero_grad(set_to_none=True)
+        return sum(losses) / len(losses), sum(realness) / len(realness)
+
+    def generator_microbatch(self, batch_size: int) -> int:
+        """Samples per pass through G and D in a G step of `batch_size`: the memory layout's
+        micro-batch, but for a generator with batch statistics never fewer than a worker's fake
+        batch: such a G's samples depend on the batch they are drawn in, and D_k learns from
+        batches of `optimizer.batch_size` (README Results has the DCGAN measurements)."""
+        memory = self.config.control.memory
+        if not memory.enabled:
+            return batch_size
+        if self.G.normalises_over_batch:
+            return min(batch_size, max(memory.generator_microbatch, self.config.optimizer.batch_size))
+        return memory.generator_microbatch
+
+    # ------------------------------------------------------------------ life cycle
+    def finish(self) -> None:
+        settle(self.discriminator_in_flight, self.generator_in_flight)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Under "generator", the run's generator, the one sampled and deployed: G's moving average
+        when it is on, with G itself under "trained_generator"."""
+        trained = {} if self.generator_average is None else {"trained_generator": self.G.state_dict()}
+        return {
+            "generator": self.generator.state_dict(),
+            **trained,
+            "discriminator": self.D.state_dict(),
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "server_scheduler": self.server_scheduler.state_dict(),
+            "feedback": None if self.feedback is None else self.feedback.fake_realness,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint without an average (written with it off) starts the average at G."""
+        self.G.load_state_dict(state.get("trained_generator", state["generator"]))
+        if self.generator_average is not None:
+            self.generator_average.model.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.server_scheduler.load_state_dict(state["server_scheduler"])
+        if state["feedback"] is not None:
+            self.feedback = GeneratorFeedback(fake_realness=state["feedback"])
+
+
+def add_generator_gradients(
+    generator: Generator,
+    discriminator: Discriminator,
+    latents: torch.Tensor,
+    tasks: torch.Tensor,
+    microbatch: int,
+    in_place: bool,
+) -> tuple[float, float]:
+    """Add the gradient of the batch's non-saturating G loss against `discriminator` to G's `.grad`,
+    computed `microbatch` samples at a time; return the batch's loss and the mean realness D gave
+    its samples. `in_place`: G's gradients are bound (`gan.memory_layout.bind_gradients`) and
+    its linear layers add theirs into them directly."""
+    batch_size = latents.shape[0]
+    loss_sum = fooled_sum = 0.0
+    for z, task in zip(latents.split(microbatch), tasks.split(microbatch), strict=True):
+        share = z.shape[0] / batch_size
+        with linear_gradients_in_place(generator) if in_place else nullcontext():
+            fakes = generator(z, task)
+        loss, fooled = generator_loss(discriminator, fakes, task)
+        (loss * share).backward()
+        loss_sum += loss.item() * share
+        fooled_sum += fooled * share
+    return loss_sum, fooled_sum

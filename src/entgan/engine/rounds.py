@@ -1,0 +1,139 @@
+"""One round, as the engine drives a method's hooks (`engine.method`) on each side.
+
+`ServerRounds` receives every upload kind from the round's participants through checking
+receivers (`engine.uploads`: authenticated, finite, bounded; refusals logged and skipped), hands
+the accepted ones to the method, and assembles the round's row: the method's figures, the means
+of its per-upload figures, refusals and the workers' reports. `WorkerRounds` meters the worker's
+traffic (`engine.reports.TrafficMeter`), sends the method's uploads in envelopes with the report
+riding on the last one, and keeps them in flight until the next round's uploads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from entgan.control.overlap import settle
+from entgan.engine.context import SERVER_RANK, RunContext
+from entgan.engine.method import ServerRole, UploadKind, WorkerRole
+from entgan.engine.reports import FigureMeans, TrafficMeter, WorkerReport, summarise_reports
+from entgan.engine.transport import Transfer
+from entgan.engine.updates import Update, send_update
+from entgan.engine.uploads import ArrivingUpdates, update_receiver
+
+
+class ServerRounds:
+    """Rank 0's side of every round, around the method's `ServerRole` (after its `setup`)."""
+
+    def __init__(self, context: RunContext, server: ServerRole) -> None:
+        self.context = context
+        self.server = server
+        kinds = list(server.upload_kinds)
+        self.arrivals = [
+            ArrivingUpdates(
+                context,
+                kind.kind,
+                update_receiver(
+                    context,
+                    len(kind.figures) + (WorkerReport.SIZE if position == len(kinds) - 1 else 0),
+                    kind.layout_of,
+                    kind.values_storage,
+                ),
+            )
+            for position, kind in enumerate(kinds)
+        ]
+
+    def run(self, round_index: int) -> dict[str, float]:
+        """One round on the server; returns its row (before the engine's time and memory fields)."""
+        server = self.server
+        participants = server.participants(round_index)
+        server.open_round(round_index, participants)
+        reports: dict[int, WorkerReport] = {}
+        figures: dict[str, float] = {}
+        refused = 0
+        kinds = list(server.upload_kinds)
+        for position, (kind, arrivals) in enumerate(zip(kinds, self.arrivals, strict=True)):
+            means = FigureMeans(len(kind.figures))
+            carries_report = position == len(kinds) - 1
+            accepted = _accepted(
+                arrivals.round(round_index, in_order=kind.in_order, ranks=participants), kind, means, reports, carries_report
+            )
+            server.aggregate(round_index, kind.kind, accepted)
+            if next(accepted, None) is not None:
+                raise RuntimeError(f"{type(server).__name__}.aggregate left '{kind.kind}' uploads unconsumed")
+            refused += arrivals.refused
+            figures.update(zip(kind.figures, means.means(), strict=True))
+        row = server.train_global(round_index)
+        server.send_down(round_index, server.participants(round_index + 1))
+        if not kinds:
+            return row
+        return {**row, **figures, "refused_updates": float(refused), **summarise_reports(reports)}
+
+
+def _accepted(
+    updates: Iterator[Update],
+    kind: UploadKind,
+    means: FigureMeans,
+    reports: dict[int, WorkerReport],
+    carries_report: bool,
+) -> Iterator[Update]:
+    """The accepted uploads, as the method sees them, with their figures and reports taken out."""
+    width = len(kind.figures)
+    for update in updates:
+        own, report = update.extras.split([width, update.extras.numel() - width])
+        if width:
+            means.add(*own.tolist())
+        if carries_report:
+            reports[update.rank] = WorkerReport.from_tensor(report)
+        yield update
+
+
+class WorkerRounds:
+    """A worker's side of every round, around the method's `WorkerRole` (after its `setup`)."""
+
+    def __init__(self, context: RunContext, worker: WorkerRole) -> None:
+        self.context = context
+        self.worker = worker
+        self.meter = TrafficMeter(context.transport.counters)
+        self.uploads_in_flight: list[Transfer] = []
+
+    def run(self, round_index: int) -> None:
+        worker = self.worker
+        if worker.participates(round_index):
+            figures = worker.local_round(round_index)
+            settle(*self.uploads_in_flight)  # their buffers may be reused by the uploads below
+            self.uploads_in_flight = []
+            report = self.meter.report(figures.d_loss, figures.real_realness, figures.fake_realness, figures.epsilon)
+            self.meter.restart()  # the uploads below are booked in the next report
+            self.send(worker.uploads(round_index), report, round_index)
+        if worker.participates(round_index + 1):
+            worker.expect_down(round_index)
+
+    def send(self, uploads, report: WorkerReport, round_index: int) -> None:  # type: ignore[no-untyped-def]
+        key = self.context.session_keys[SERVER_RANK]
+        uploads = list(uploads)
+        for position, upload in enumerate(uploads):
+            extras = torch.tensor(list(upload.figures), dtype=torch.float32)
+            if position == len(uploads) - 1:
+                extras = torch.cat([extras, report.to_tensor()])
+            transfer = send_update(
+                self.context.transport,
+                key,
+                upload.values,
+                extras.to(self.context.device),
+                upload.layout,
+                round_index,
+                SERVER_RANK,
+                upload.kind,
+                upload.wire_dtype,
+            )
+            if upload.wait_at_once:
+                transfer.wait()
+            else:
+                self.uploads_in_flight.append(transfer)
+
+    def finish(self) -> None:
+        self.worker.finish()
+        settle(*self.uploads_in_flight)
+        self.uploads_in_flight = []
