@@ -20,7 +20,7 @@ from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLa
 from entgan.algorithms.central import PooledBatches
 from entgan.algorithms.dgan import (
     AveragedOutputs,
-    DGANEachInTurn,
+    EachInTurnServer,
     SelectedUpdateAverager,
     TaskRoutedCritic,
     pack_selected,
@@ -32,7 +32,8 @@ from entgan.algorithms.server_generator import StepsPerRound
 from entgan.api import load_generator
 from entgan.config import ConfigError, ModelConfig
 from entgan.data import build_tasks, load_source
-from entgan.engine.launch import launch_local
+from entgan.engine.launch import check_capabilities, launch_local, preflight
+from entgan.engine.registry import method_class
 from entgan.engine.parameters import flatten, model_tensors
 from entgan.models import build_discriminator, build_generator
 from entgan.rundir import RunDirectory
@@ -168,7 +169,7 @@ def test_task_routed_critic_scores_each_image_with_its_own_tasks_critic() -> Non
 
 
 def test_each_discriminator_of_a_task_takes_its_turn_across_rounds() -> None:
-    method = DGANEachInTurn.__new__(DGANEachInTurn)  # only the turn logic, no engine
+    method = EachInTurnServer.__new__(EachInTurnServer)  # only the turn logic, no engine
     method.discriminators = {rank: _ConstantCritic(float(rank)) for rank in (1, 2, 3)}
     method.users_of_task = [[1, 2], [3]]
     method.steps = StepsPerRound(d_steps=1, g_steps=3)
@@ -188,11 +189,13 @@ def test_steps_per_round_are_entgans_with_its_schedulers_off() -> None:
 
 
 def test_baselines_refuse_features_they_do_not_implement(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="privacy.enabled"):  # refused by the config itself
-        tiny_config(algorithm="dgan-2", privacy={"enabled": True})
+    """Refused before any process starts, from the capabilities each method declares."""
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        preflight(tiny_config(algorithm="dgan-2", privacy={"enabled": True}))
     for algorithm in ("central", "mdgan", "flgan", "ren-serial", "acgan-dance"):
+        config = tiny_config(algorithm=algorithm, warm_start={"checkpoint": str(tmp_path / "latest.pt")})
         with pytest.raises(ConfigError, match="warm_start"):
-            tiny_config(algorithm=algorithm, warm_start={"checkpoint": str(tmp_path / "latest.pt")})
+            check_capabilities(config, method_class(algorithm))
 
 
 def test_pooled_batches_hold_every_task_equally_with_matching_task_ids() -> None:
