@@ -21,21 +21,6 @@ from entgan.engine.parameters import numel
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 
 
-def weighted_average(updates: Sequence[tuple[Sequence[torch.Tensor], float]]) -> list[torch.Tensor]:
-    """Mean of parameter sets weighted by their weights (e.g. sample counts)."""
-    if not updates:
-        raise ValueError("cannot average an empty list of updates")
-    total = float(sum(weight for _, weight in updates))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, found {total}")
-    first, _ = updates[0]
-    averaged = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in first]
-    for tensors, weight in updates:
-        for accumulator, tensor in zip(averaged, tensors, strict=True):
-            accumulator.add_(tensor.to(torch.float32), alpha=weight / total)
-    return averaged
-
-
 class RunningAverage:
     """Weighted mean of flat vectors accumulated one at a time (memory: one vector).
 

@@ -95,10 +95,6 @@ class ServerTaskScheduler:
         self.config = config
         self._steps = config.g_steps
 
-    @property
-    def current_steps(self) -> int:
-        return self._steps
-
     def next_steps(self, feedback: GeneratorFeedback | None) -> int:
         if not self.config.enabled or feedback is None:
             return self._steps
