@@ -30,6 +30,14 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 DataSourceKind = Literal["mnist-subset", "sklearn-digits", "idx", "image-folder"]
 
 
+def check_unique_task_names(names: list[str]) -> None:
+    """Raise `ValueError` naming every task name given more than once (for validators of a run's
+    tasks and of a lifelong job's edge tasks)."""
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+
+
 class DataConfig(_Strict):
     """Where the images come from and the shape every image is brought to."""
 
@@ -417,10 +425,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:
-        names = [t.name for t in self.tasks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+        check_unique_task_names([t.name for t in self.tasks])
         return self
 
     @model_validator(mode="after")
