@@ -8,33 +8,52 @@ import torch
 from entgan.algorithms.aggregation import (
     DiscriminatorAverager,
     DiscriminatorLayout,
+    InPlaceDiscriminatorAverage,
     RunningAverage,
-    weighted_average,
 )
 from entgan.config import ModelConfig
 from entgan.engine.parameters import flatten
 from entgan.models import build_discriminator
 
 
-def test_weighted_average_weights_by_sample_count() -> None:
-    updates = [([torch.tensor([0.0, 2.0])], 1.0), ([torch.tensor([4.0, 6.0])], 3.0)]
+def test_running_average_weights_by_sample_count() -> None:
+    running = RunningAverage(2)
+    running.add(torch.tensor([0.0, 2.0]), 1.0)
+    running.add(torch.tensor([4.0, 6.0]), 3.0)
 
-    (mean,) = weighted_average(updates)
+    assert torch.equal(running.mean(), torch.tensor([3.0, 5.0]))
+    written = torch.zeros(2)
+    running.write_mean_into([written])
+    assert torch.equal(written, running.mean())
 
-    assert torch.allclose(mean, torch.tensor([3.0, 5.0]))
+
+def test_in_place_average_weights_by_sample_count() -> None:
+    # EntGAN's server path: trunk over both updates, task 0's head over its one update.
+    (server,) = _discriminators(1)
+    layout = DiscriminatorLayout(server)
+    average = InPlaceDiscriminatorAverage(layout, num_tasks=2)
+    average.add(server, torch.full((layout.update_size,), 1.0), 0, 1.0)
+    average.add(server, torch.full((layout.update_size,), 5.0), 1, 3.0)
+
+    average.finish(server)
+
+    state = server.state_dict()
+    assert all(torch.equal(state[name], torch.full_like(state[name], 4.0)) for name in layout.trunk_names)
+    assert all(torch.equal(state[name], torch.full_like(state[name], 1.0)) for name in layout.head_names[0])
+    assert all(torch.equal(state[name], torch.full_like(state[name], 5.0)) for name in layout.head_names[1])
 
 
-def test_running_average_equals_weighted_average_in_any_order() -> None:
+def test_running_average_equals_the_weighted_mean_in_any_order() -> None:
     generator = torch.Generator().manual_seed(0)
     vectors = [torch.randn(50, generator=generator) for _ in range(5)]
     weights = [3.0, 1.0, 7.0, 2.0, 5.0]
-    expected = weighted_average([([v], w) for v, w in zip(vectors, weights)])[0]
+    expected = sum(v.double() * w for v, w in zip(vectors, weights)) / sum(weights)
 
     running = RunningAverage(50)
     for index in [4, 0, 3, 1, 2]:  # arrival order must not matter
         running.add(vectors[index], weights[index])
 
-    assert torch.allclose(running.mean(), expected, atol=1e-6)
+    assert torch.allclose(running.mean(), expected.float(), atol=1e-6)
 
 
 def test_running_average_rejects_wrong_size_and_nonpositive_weight() -> None:

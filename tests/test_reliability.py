@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.multiprocessing import ProcessRaisedException
 
@@ -98,6 +98,10 @@ def test_update_problem_tells_huge_finite_values_from_non_finite_ones() -> None:
     assert "exceeds" in update_problem(torch.ones(4).half(), 1.9)
 
 
+_FUZZ_LAYOUT = UpdateLayout.of([("trunk.0.weight", torch.zeros(2, 3)), ("heads.0.bias", torch.zeros(1))])
+_FUZZ_HEADER = [MAGIC, VERSION, 0, 1, _FUZZ_LAYOUT.fingerprint, 7, 0]
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     header=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=HEADER_SIZE, max_size=HEADER_SIZE),
@@ -105,9 +109,17 @@ def test_update_problem_tells_huge_finite_values_from_non_finite_ones() -> None:
     mac=st.binary(min_size=32, max_size=32),
     forge=st.booleans(),
 )
+# Random headers seldom pass the first checks, so every later check gets an example of its own.
+@example(header=_FUZZ_HEADER, values=[0.5] * 7, mac=bytes(32), forge=True)
+@example(header=_FUZZ_HEADER, values=[0.5] * 7, mac=bytes(32), forge=False)
+@example(header=_FUZZ_HEADER[:2] + [3] + _FUZZ_HEADER[3:], values=[0.5] * 7, mac=bytes(32), forge=True)
+@example(header=_FUZZ_HEADER[:5] + [6, 0], values=[0.5] * 6, mac=bytes(32), forge=True)
+@example(header=_FUZZ_HEADER[:4] + [12345, 7, 0], values=[0.5] * 7, mac=bytes(32), forge=True)
+@example(header=_FUZZ_HEADER, values=[0.5] * 6 + [float("nan")], mac=bytes(32), forge=True)
+@example(header=_FUZZ_HEADER, values=[1e30] * 7, mac=bytes(32), forge=True)
 def test_malformed_updates_are_refused_never_crash(header: list[int], values: list[float], mac: bytes, forge: bool) -> None:
     key = b"s" * 32
-    layout = UpdateLayout.of([("trunk.0.weight", torch.zeros(2, 3)), ("heads.0.bias", torch.zeros(1))])
+    layout = _FUZZ_LAYOUT
     header_tensor = torch.tensor(header, dtype=torch.int64)
     values_tensor = torch.tensor(values, dtype=torch.float32)
     extras = torch.zeros(3)
@@ -115,15 +127,20 @@ def test_malformed_updates_are_refused_never_crash(header: list[int], values: li
         message_mac(key, header_tensor, extras, values_tensor) if forge else torch.tensor(list(mac), dtype=torch.uint8)
     )
     reason = refusal_reason(key, header_tensor, extras, values_tensor, mac_tensor, 1, 0, layout, 1e4)
-    accepted = (
-        forge
-        and header[2:6] == [0, 1, layout.fingerprint, 7]
-        and len(values) == 7
-        and bool(torch.isfinite(values_tensor).all())
-        and float(values_tensor.double().norm()) <= 1e4
+    # The first check an update fails is the one its refusal names (None: accepted).
+    expected = (
+        "HMAC" if not forge
+        else "replayed" if header[2:4] != [0, 1]
+        else "shapes differ" if header[5] != 7 or len(values) != 7
+        else "names, shapes or dtypes differ" if header[4] != layout.fingerprint
+        else "non-finite" if not bool(torch.isfinite(values_tensor).all())
+        else "exceeds security.max_update_norm" if float(values_tensor.double().norm()) > 1e4
+        else None
     )
-    assert (reason is None) == accepted
-    assert reason is None or isinstance(reason, str)
+    if expected is None:
+        assert reason is None
+    else:
+        assert reason is not None and expected in reason, (expected, reason)
 
 
 def test_secret_comes_from_file_or_environment_never_too_short(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

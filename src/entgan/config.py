@@ -30,6 +30,14 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 DataSourceKind = Literal["mnist-subset", "sklearn-digits", "idx", "image-folder"]
 
 
+def check_unique_task_names(names: list[str]) -> None:
+    """Raise `ValueError` naming every task name given more than once (for validators of a run's
+    tasks and of a lifelong job's edge tasks)."""
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+
+
 class DataConfig(_Strict):
     """Where the images come from and the shape every image is brought to."""
 
@@ -132,16 +140,15 @@ class ServerSchedulerConfig(_Strict):
     g_batch_per_task: bool = False
     """On: G steps draw `optimizer.batch_size` samples of every task (as each task's workers see per
     D step); off (default): `batch_size` samples shared by all tasks. Off, a G step costs half as
-    much; in the headline workload, with `participation: 0.5`, the time to the target FID over
-    seeds 0-2 went from 36.5 / 28.4 / 36.4 s (on) to 24.4 / 32.3 / 28.2 s (off)
-    (`benchmarks/entgan-seeds.yaml`)."""
+    much, so more rounds, and G steps, fit in the same time (figures: benchmarks/README.md, Design
+    measurements)."""
     participation: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Share of each task's workers that train and upload in a round (rounded up: at least one per
     task), in turn, so every worker takes the same share of rounds; the others sit the round out.
-    1: every worker, every round. Off (scheduler disabled): every worker. Default 0.5: in the
-    headline workload (2 tasks x 2 workers sharing 2 cores) rounds were 1.6x as many and the time
-    to the target FID over seeds 0-2 fell from 48.8 / 44.8 / 48.9 s to 36.5 / 28.4 / 36.4 s
-    (`benchmarks/entgan-seeds.yaml`, 128-sample G steps in both)."""
+    1: every worker, every round. Off (scheduler disabled): every worker. Default 0.5: D's progress
+    in a round comes from each participant's few steps, not from how many are averaged, while a
+    round ends only when its last upload arrives, so rounds are more and shorter (figures:
+    benchmarks/README.md, Design measurements)."""
 
     @model_validator(mode="after")
     def _ordered(self) -> ServerSchedulerConfig:
@@ -192,8 +199,9 @@ class CompressionConfig(_Strict):
 
     enabled: bool = False
     wire_dtype: Literal["float16", "bfloat16"] = "float16"
-    """Precision of parameters on the wire: half the bytes of float32. The server still averages
-    in float64; models are kept and trained in float32 everywhere."""
+    """Precision of parameters on the wire: half the bytes of float32. The server sums the received
+    uploads into its float32 D (`InPlaceDiscriminatorAverage`); models are kept and trained in
+    float32 everywhere."""
 
 
 class MemoryLayoutConfig(_Strict):
@@ -220,7 +228,7 @@ class GeneratorAverageConfig(_Strict):
     enabled: bool = False
     half_life_rounds: Annotated[float, Field(gt=0)] = 34.0
     """Rounds after which a past G's weight in the average has halved (34: a decay of 0.98 a
-    round, about 2 s of training in the headline workload)."""
+    round)."""
 
 
 class ControlConfig(_Strict):
@@ -247,7 +255,8 @@ class EvalConfig(_Strict):
 
 class EngineConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
-    """`auto`: NCCL when CUDA is available, otherwise gloo."""
+    """`auto`: NCCL when every process on the machine gets a GPU of its own, otherwise gloo (on the
+    CPU). `nccl` is refused where that does not hold (`engine.launch.select_backend`)."""
     start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
     """Process-group timeout during start-up (rendezvous, first exchange)."""
     round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
@@ -416,10 +425,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:
-        names = [t.name for t in self.tasks]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+        check_unique_task_names([t.name for t in self.tasks])
         return self
 
     @property

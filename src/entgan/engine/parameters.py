@@ -46,12 +46,6 @@ def numel(tensors: Sequence[torch.Tensor]) -> int:
     return sum(tensor.numel() for tensor in tensors)
 
 
-def copy_tensors(destination: Sequence[torch.Tensor], source: Sequence[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for dst, src in zip(destination, source, strict=True):
-            dst.copy_(src)
-
-
 class LayerStream:
     """Makes a module wait, layer by layer, for tensors still arriving into its own state.
 

@@ -13,10 +13,9 @@ short-lived allocations. Two devices here keep both down for G's gradients:
   then allocates nothing of a weight's size. (Megatron-LM's gradient-accumulation fusion is the
   same idea.)
 
-Measured on the benchmark's MLP server with 2 workers (20-round sweep runs, README Results): the
-server's RSS increase went from 16.1 MiB to 14.4 MiB (medians of three runs each). The shared
-buffer alone did not help: the gradient temporaries that autograd allocates and frees each
-micro-batch stayed resident as allocator free space.
+The two go together: with the shared buffer alone, the gradient temporaries that autograd
+allocates and frees each micro-batch stay resident as allocator free space (figures: README,
+Results).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ from entgan.config import (
     RunConfig,
     TaskConfig,
     WarmStartConfig,
+    check_unique_task_names,
     format_validation_error,
 )
 
@@ -111,10 +112,7 @@ class EdgeSpec(_Strict):
     @field_validator("tasks")
     @classmethod
     def _unique_names(cls, tasks: list[TaskLocation]) -> list[TaskLocation]:
-        names = [task.name for task in tasks]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"task names must be unique, duplicated: {duplicates}")
+        check_unique_task_names([task.name for task in tasks])
         return tasks
 
     @model_validator(mode="after")

@@ -355,9 +355,6 @@ class JobStore:
     def jobs(self) -> list[JobRecord]:
         return [JobRecord.from_row(row) for row in self._all("SELECT * FROM jobs ORDER BY name")]
 
-    def job_exists(self, name: str) -> bool:
-        return self._one("SELECT 1 FROM jobs WHERE name = ?", name) is not None
-
     def delete_job(self, name: str) -> None:
         self.job(name)  # raises UnknownJob
         with self.transaction() as db:
