@@ -43,6 +43,21 @@ def test_in_place_average_weights_by_sample_count() -> None:
     assert all(torch.equal(state[name], torch.full_like(state[name], 5.0)) for name in layout.head_names[1])
 
 
+def test_in_place_average_of_half_precision_uploads_does_not_overflow() -> None:
+    # A compressed (float16) upload times its sample count passes float16's range (65504); the
+    # sum is taken in D's float32, so the average is exact.
+    (server,) = _discriminators(1)
+    layout = DiscriminatorLayout(server)
+    average = InPlaceDiscriminatorAverage(layout, num_tasks=2)
+    average.add(server, torch.full((layout.update_size,), 6000.0, dtype=torch.float16), 0, 20.0)
+    average.add(server, torch.full((layout.update_size,), 2000.0, dtype=torch.float16), 0, 20.0)
+
+    average.finish(server)
+
+    state = server.state_dict()
+    assert all(torch.equal(state[name], torch.full_like(state[name], 4000.0)) for name in layout.trunk_names)
+
+
 def test_running_average_equals_the_weighted_mean_in_any_order() -> None:
     generator = torch.Generator().manual_seed(0)
     vectors = [torch.randn(50, generator=generator) for _ in range(5)]

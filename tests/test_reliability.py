@@ -90,7 +90,7 @@ def test_update_problem_tells_huge_finite_values_from_non_finite_ones() -> None:
     # Squares of 1e30 overflow float32, so the one-pass norm is infinite although every value is finite.
     huge = torch.full((7,), 1e30)
     assert update_problem(huge, None) is None
-    assert "L2 norm 2.646e+30 exceeds" in update_problem(huge, 1e6)
+    assert "L2 norm of 2.646e+30, which exceeds" in update_problem(huge, 1e6)
     huge[2] = float("inf")
     assert "holds 1 non-finite" in update_problem(huge, None)
     assert "holds 2 non-finite" in update_problem(torch.tensor([float("nan"), 1.0, float("-inf")]).half(), 1e6)

@@ -195,8 +195,8 @@ class InPlaceDiscriminatorAverage:
         with torch.no_grad():
             for tensor in tensors:
                 part = values[offset : offset + tensor.numel()].view_as(tensor)
-                if first:
-                    torch.mul(part, weight, out=tensor)
+                if first:  # widened first: a half-precision upload times its weight can overflow
+                    torch.mul(part.to(tensor.dtype), weight, out=tensor)
                 else:
                     tensor.add_(part, alpha=weight)
                 offset += tensor.numel()

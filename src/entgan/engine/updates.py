@@ -128,7 +128,7 @@ def update_problem(values: torch.Tensor, max_norm: float | None) -> str | None:
             return f"holds {bad} non-finite value(s) (NaN or Inf)"
         norm = float(torch.linalg.vector_norm(values.double()))  # finite, only huge
     if max_norm is not None and norm > max_norm:
-        return f"L2 norm {norm:.4g} exceeds security.max_update_norm = {max_norm:.4g}"
+        return f"has an L2 norm of {norm:.4g}, which exceeds security.max_update_norm = {max_norm:.4g}"
     return None
 
 
