@@ -75,7 +75,7 @@ def select_backend(config: RunConfig, local_world_size: int, cuda_devices: int |
     """The process group's backend for `local_world_size` processes on this machine, which has
     `cuda_devices` GPUs (default: those torch sees). `auto`: NCCL only when every process gets a GPU
     of its own, otherwise gloo on the CPU. `nccl` where that does not hold is refused: NCCL stops
-    two ranks on one device ("Duplicate GPU detected", seen on a one-GPU H200 machine)."""
+    two ranks on one device ("Duplicate GPU detected")."""
     if cuda_devices is None:
         cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if config.engine.backend == "auto":

@@ -76,7 +76,7 @@ class Evaluation:
 
 def warm_up_runtime(config: RunConfig) -> None:
     """Pay torch's one-time costs before the memory baseline is taken: the first optimizer imports
-    torch._dynamo and sympy (about 70 MiB of modules), and the first forward and backward pass of
+    torch._dynamo and sympy (tens of MiB of modules), and the first forward and backward pass of
     each kind of layer sets up autograd and the CPU kernels' caches. Every method pays these alike;
     they are the runtime's, not the method's. Done on throwaway models of the run's architecture
     and a batch of two, with the random state put back afterwards."""
