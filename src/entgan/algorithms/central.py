@@ -5,7 +5,7 @@ the edge's data could be gathered. Same models, batch size, losses, Adam setting
 round as the others (`server_generator.StepsPerRound`).
 
 Who holds what: the server holds G, D and every task's images (all workers' shards together).
-What moves: nothing. The engine still starts the K worker processes; they take part in no
+What moves: nothing (its server's `participants` are nobody, its `train_global` does the steps). The engine still starts the K worker processes; they take part in no
 exchange and their rounds do nothing.
 
     init: G, D as every method builds them (same seed)

@@ -36,6 +36,10 @@ D-node the same start, then drops it); worker k is a D-node holding D_k and its 
       G-node:   G := Adam step on (1/K') sum_k <e_k, dX_k^g/dtheta>   over the K' accepted e_k
                                                                     # the leader's move
 
+On the engine's hooks (`engine.method`): the G-node's `open_round` generates and sends the fakes,
+`aggregate` places each e_k, `train_global` is the leader's move; a D-node's `local_round` is its
+local update, gossip and response, `uploads` is e_k.
+
 `est_kj` is D-node k's copy of what j believes D_k is; j holds the same vector, because both start
 from the initial D and apply the same decoded differences. Whatever C_c dropped is still in the
 next difference D_k - est_kj, so it is sent later (error feedback).

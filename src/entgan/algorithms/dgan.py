@@ -26,6 +26,11 @@ the server keeps one global D, built from the largest entries of the users' upda
     updates uploaded for it, weighted by sample counts (Shokri's rule when one user uploads it,
     EntGAN's averaging rule, trunk over all users and head over its task's users, when all do).
 
+On the engine's hooks (`engine.method`): users run `server_generator.DiscriminatorWorker`
+(approach 1's uploads only the selected entries); the server's `aggregate` applies the selected
+updates (1) or keeps each user's D_k (2, 3), `train_global` trains G against the approach's
+critics, `send_down` sends G (and, in approach 1, D).
+
 Approaches 2 and 3: no global D. Each user's D_k stays its own from the common initial D on; the
 users upload D_k (trunk + own task's head) every round and the server keeps the latest copy of each.
 

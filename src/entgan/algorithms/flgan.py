@@ -6,6 +6,9 @@ Who holds what: worker k holds a local generator G_k and discriminator D_k with 
 the server (FedGAN's intermediary) holds the averages G and D and trains nothing. What moves each
 round: G_k (whole) and D_k (shared trunk + its task's head) up to the server ("generator",
 "discriminator-update"), the averaged G and D down to every worker ("generator", "discriminator").
+On the engine's hooks (`engine.method`): a worker's `local_round` is its E local steps, `uploads`
+G_k then D_k; the server's `aggregate` keeps running sums of each kind, `train_global` writes the
+averages into G and D, `send_down` sends both.
 
 One engine round is one synchronisation period: E = `baselines.flgan.local_steps` local steps on
 every worker, then one averaging. Per round, a worker therefore runs E D steps and E G steps.

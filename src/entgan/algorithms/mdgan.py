@@ -8,6 +8,10 @@ generated batches down to every worker ("fake-batch"), the error feedback dL_G/d
 worker ("feedback"), and every P rounds each D_n to another worker ("gossip", peer-to-peer).
 G's parameters never leave the server.
 
+On the engine's hooks (`engine.method`): the server's `open_round` generates and sends every
+worker's two batches, `aggregate` back-propagates each F_n as it lands, `train_global` takes the
+Adam step; a worker's `local_round` is its D steps, F_n and the swap, `uploads` is F_n.
+
     setup:    worker n: build D_n; send (task t_n, shard size m_n) to the server
               server:   build G; announce the swap period P = round(E * mean_n(m_n) / b) rounds
                         (E local epochs at one real batch of b per round)

@@ -31,6 +31,10 @@ the longer of the two updates instead of their sum.
                  D^{t+1} := sample-weighted average of the D_k
                  send G^{t+1}, D^{t+1} to every device
 
+On the engine's hooks (`engine.method`): the devices' round is `server_generator.DiscriminatorWorker`;
+the server's `aggregate` collects the D_k and averages them, `train_global` trains G (serial), or
+`open_round` does it before the uploads arrive (parallel); `send_down` sends G and D.
+
 As in the paper, the server first collects every device's result and then computes their average
 (so it holds the K uploaded discriminators at once; averaging on arrival without the copies is
 EntGAN's own step 3, not Ren et al.'s). The average uses the same multi-task rule as EntGAN (trunk
