@@ -54,6 +54,19 @@ class PooledBatches:
         """Images and their task ids."""
         return torch.cat([batches.next() for batches in self._batches]), self.tasks
 
+    def state_dict(self) -> dict[str, Any]:
+        """Every task's shuffle and position (they share one random stream, so each entry holds
+        the same stream state)."""
+        return {"tasks": [batches.state_dict() for batches in self._batches]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["tasks"]) != len(self._batches):
+            raise ValueError(
+                f"checkpoint holds {len(state['tasks'])} tasks' batches, this run has {len(self._batches)}"
+            )
+        for batches, task_state in zip(self._batches, state["tasks"], strict=True):
+            batches.load_state_dict(task_state)
+
 
 class CentralServer(ServerRole):
     """G, D and the pooled data of every task; no uploads."""
@@ -77,6 +90,8 @@ class CentralServer(ServerRole):
             device,
         )
         self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
+        if self.resumed_state is not None:
+            self.load_state_dict(self.resumed_state)
 
     def participants(self, round_index: int) -> list[int]:
         return []  # the workers' data is pooled here; nobody uploads
@@ -105,7 +120,17 @@ class CentralServer(ServerRole):
             "discriminator": self.D.state_dict(),
             "generator_optimizer": self.g_optimizer.state_dict(),
             "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "latent_stream": self.latent_stream.get_state(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.latent_stream.set_state(state["latent_stream"])
 
 
 class IdleWorker(WorkerRole):
@@ -123,6 +148,6 @@ class IdleWorker(WorkerRole):
 
 class Central(Method):
     name = "central"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = CentralServer
     worker = IdleWorker

@@ -149,6 +149,34 @@ class CompressedGossip:
         self.raw_bytes_sent += self.codecs["none"].payload_bytes(self.numel)
         return receiver.decode(buffers, incoming_codec)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Every open link: the replica estimates at both ends (what error feedback has not
+        delivered yet lives in them) and the measured bandwidths the next codec choice reads; and
+        the figures of the digest."""
+        return {
+            "senders": {peer: sender.mirror.estimate.clone() for peer, sender in self.senders.items()},
+            "receivers": {peer: receiver.estimate.clone() for peer, receiver in self.receivers.items()},
+            "bandwidth": {peer: estimate.bytes_per_second for peer, estimate in self.bandwidth.items()},
+            "codec_uses": dict(self.codec_uses),
+            "payload_bytes_sent": self.payload_bytes_sent,
+            "raw_bytes_sent": self.raw_bytes_sent,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.senders, self.receivers, self.bandwidth = {}, {}, {}
+        for peer, estimate in state["senders"].items():
+            sender = self.senders[int(peer)] = ReplicaSender(self.initial)
+            sender.mirror.estimate.copy_(estimate)
+        for peer, estimate in state["receivers"].items():
+            receiver = self.receivers[int(peer)] = ReplicaReceiver(self.initial)
+            receiver.estimate.copy_(estimate)
+        for peer, bytes_per_second in state["bandwidth"].items():
+            bandwidth = self.bandwidth[int(peer)] = BandwidthEstimate(self.config.bandwidth_smoothing)
+            bandwidth.bytes_per_second = bytes_per_second
+        self.codec_uses = Counter(state["codec_uses"])
+        self.payload_bytes_sent = int(state["payload_bytes_sent"])
+        self.raw_bytes_sent = int(state["raw_bytes_sent"])
+
     def digest(self) -> dict[str, float]:
         figures: dict[str, float] = {f"gossip_codec/{name}": float(n) for name, n in sorted(self.codec_uses.items())}
         figures["gossip_payload_bytes_sent"] = float(self.payload_bytes_sent)
@@ -198,12 +226,15 @@ class DanceGNode(_DanceRole, ServerRole):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.latents = self.context.generator_seed(SeedPurpose.LATENTS)
         workers = self.context.worker_ranks
-        # Init: D_k := D for every D-node. The G-node keeps no D after this.
+        # Init: D_k := D for every D-node (resuming too: it is where every gossip link started).
+        # The G-node keeps no D after this.
         self.transport.send_to_many(model_tensors(initial_D), workers, "discriminator").wait()
         del initial_D
         layout = self.feedback_layout()
         self.upload_kinds = [UploadKind("feedback", layout_of=lambda rank: layout, figures=GENERATOR_FIGURES)]
         self.fakes_in_flight: list[Transfer] = []
+        if self.resumed_state is not None:
+            self.load_state_dict(self.resumed_state)
 
     def open_round(self, round_index: int, participants: list[int]) -> None:
         """X_k^d for every D-node in one pass without a graph; X_k^g in one pass with it; each
@@ -251,7 +282,18 @@ class DanceGNode(_DanceRole, ServerRole):
         self.fakes_in_flight = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.G.state_dict(), "generator_optimizer": self.g_optimizer.state_dict()}
+        """G, its optimizer and the latent stream of the next round's fakes. The fakes sent in a
+        round were received (and answered) by every D-node within it, so nothing else is pending."""
+        return {
+            "generator": self.G.state_dict(),
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "latent_stream": self.latents.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.latents.set_state(state["latent_stream"])
 
 
 class DanceDNode(_DanceRole, WorkerRole):
@@ -280,6 +322,8 @@ class DanceDNode(_DanceRole, WorkerRole):
             *self.config.image_shape,
             device=self.context.device,
         )
+        if self.resumed_state is not None:  # after the gossip's links took the initial D as their start
+            self.load_state_dict(self.resumed_state)
 
     def local_round(self, round_index: int) -> LocalFigures:
         self.transport.receive([self.fakes], SERVER_RANK, "fake-batch").wait()
@@ -313,6 +357,22 @@ class DanceDNode(_DanceRole, WorkerRole):
         unflatten_into(peer_estimate, model_tensors(self.peer_D))
         self.peers.mix(self.D, self.peer_D)
 
+    def state_dict(self) -> dict[str, Any]:
+        """D_k, its optimizer, the real-batch stream and the gossip links' state. A round's
+        gossip is complete within the round; `peer_D` is scratch."""
+        return {
+            "discriminator": self.D.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "gossip": self.gossip.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.D.load_state_dict(state["discriminator"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.gossip.load_state_dict(state["gossip"])
+
     def digest(self) -> dict[str, float]:
         """D_k's fingerprint (D-nodes hold no G) and what the compressed gossip did."""
         return {**model_digest(self.D, "discriminator"), **self.gossip.digest()}
@@ -320,6 +380,6 @@ class DanceDNode(_DanceRole, WorkerRole):
 
 class DanceACGAN(Method):
     name = "acgan-dance"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = DanceGNode
     worker = DanceDNode

@@ -200,7 +200,7 @@ def selected_upload_layout(update_size: int, fraction: float) -> UpdateLayout:
 
 class DGANSelectiveUpdates(Method):
     name = "dgan-1"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = SelectiveUpdatesServer
     worker = SelectiveUpdatesWorker
 
@@ -257,6 +257,10 @@ class _UserDiscriminatorsServer(GeneratorServer):
             [rank for rank in self.context.worker_ranks if self.context.task_of(rank) == task]
             for task in range(len(self.config.tasks))
         ]
+        if self.resumed_state is not None:  # the D^k as the checkpointed round left them
+            discriminators = self.resumed_state["discriminators"]
+            for rank, discriminator in self.discriminators.items():
+                discriminator.load_state_dict(discriminators[str(rank)])
 
     def absorb_upload(self, rank: int, values: torch.Tensor) -> None:
         """D^k := the uploaded D_k (trunk + its task's head); a refused upload leaves D^k as it was."""
@@ -301,7 +305,7 @@ class EachInTurnServer(_UserDiscriminatorsServer):
 
     def setup(self) -> None:
         super().setup()
-        self.turn = 0
+        self.turn = 0 if self.resumed_state is None else int(self.resumed_state["turn"])
 
     def critics_for_round(self) -> list[nn.Module]:
         critics: list[nn.Module] = []
@@ -320,13 +324,13 @@ class EachInTurnServer(_UserDiscriminatorsServer):
 
 class DGANAveragedOutputs(Method):
     name = "dgan-2"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = AveragedOutputsServer
     worker = _UserDiscriminatorsWorker
 
 
 class DGANEachInTurn(Method):
     name = "dgan-3"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = EachInTurnServer
     worker = _UserDiscriminatorsWorker

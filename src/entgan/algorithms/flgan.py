@@ -97,6 +97,8 @@ class FLGANServer(_FLGANModels, ServerRole):
         ]
         self.sample_counts = receive_hellos(self.context)
         self.downloads_in_flight: list[Transfer] = []
+        if self.resumed_state is not None:  # the averages of the checkpointed round go down instead
+            self.load_state_dict(self.resumed_state)
         self.send_down(-1, self.context.worker_ranks)  # init: G_k := G, D_k := D
         settle(*self.downloads_in_flight)
 
@@ -133,7 +135,12 @@ class FLGANServer(_FLGANModels, ServerRole):
         self.downloads_in_flight = []
 
     def state_dict(self) -> dict[str, Any]:
+        """The averages G and D: all the server keeps between rounds (it trains nothing)."""
         return {"generator": self.G.state_dict(), "discriminator": self.D.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.D.load_state_dict(state["discriminator"])
 
 
 class FLGANWorker(_FLGANModels, WorkerRole):
@@ -153,6 +160,8 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         self.expect_down(-1)
         settle(*self.downloads)
         self.downloads = []
+        if self.resumed_state is not None:  # G_k := G, D_k := D came from the server, as after a round
+            self.load_state_dict(self.resumed_state)
 
     def local_round(self, round_index: int) -> LocalFigures:
         settle(*self.downloads)  # G_k := G, D_k := D from the last synchronisation
@@ -191,6 +200,23 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         settle(*self.downloads)
         self.downloads = []
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the worker keeps across a synchronisation: both optimizers' states and the
+        real-batch and latent streams. G_k and D_k are being overwritten by the averages in flight
+        and are not read: resuming, the server sends them."""
+        return {
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "latent_stream": self.latent_stream.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.latent_stream.set_state(state["latent_stream"])
+
     def digest(self) -> dict[str, float]:
         """After the final synchronisation, G_k is the server's G (tests compare the sums)."""
         return {**model_digest(self.G, "generator"), **model_digest(self.D, "discriminator")}
@@ -198,6 +224,6 @@ class FLGANWorker(_FLGANModels, WorkerRole):
 
 class FLGAN(Method):
     name = "flgan"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = FLGANServer
     worker = FLGANWorker

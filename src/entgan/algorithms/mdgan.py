@@ -134,6 +134,8 @@ class MDGANServer(ServerRole):
         self.swap_period = swap_period(config.baselines.mdgan.swap_every_epochs, list(counts.values()), self.batch_size)
         period = torch.tensor([self.swap_period], dtype=torch.int64, device=self.context.device)
         self.transport.send_to_many([period], self.context.worker_ranks, "hello").wait()
+        if self.resumed_state is not None:
+            self.load_state_dict(self.resumed_state)
 
     def open_round(self, round_index: int, participants: list[int]) -> None:
         """Two batches of its own task for every worker; X(g)_n keeps its graph for the feedback.
@@ -171,7 +173,18 @@ class MDGANServer(ServerRole):
         return {"g_steps": 1.0 if self.feedbacks_in else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.G.state_dict(), "generator_optimizer": self.g_optimizer.state_dict()}
+        """G, its optimizer and the latent stream the next round's fakes come from. Nothing is in
+        flight between rounds: a round's fakes are generated, sent and answered within it."""
+        return {
+            "generator": self.G.state_dict(),
+            "generator_optimizer": self.g_optimizer.state_dict(),
+            "latent_stream": self.latent_stream.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["generator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        self.latent_stream.set_state(state["latent_stream"])
 
 
 class MDGANWorker(WorkerRole):
@@ -199,6 +212,8 @@ class MDGANWorker(WorkerRole):
         self.swaps = 0
         self.first_swap_round = self.last_swap_round = 0
         self.last_sent_sum = 0.0
+        if self.resumed_state is not None:
+            self.load_state_dict(self.resumed_state)
 
     def local_round(self, round_index: int) -> LocalFigures:
         incoming = self.transport.receive(
@@ -249,6 +264,31 @@ class MDGANWorker(WorkerRole):
     def finish(self) -> None:
         self.finish_swap()
 
+    def state_dict(self) -> dict[str, Any]:
+        """D_n as the next round will use it: a swap posted in this round is completed first (the
+        peer's D replaces D_n before anything reads D_n again, so completing it here changes nothing
+        but when it is waited for). Then D_n's optimizer, the real-batch stream and the swap
+        history the digest reports."""
+        self.finish_swap()
+        return {
+            "discriminator": self.D.state_dict(),
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "swaps": self.swaps,
+            "first_swap_round": self.first_swap_round,
+            "last_swap_round": self.last_swap_round,
+            "last_sent_sum": self.last_sent_sum,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.D.load_state_dict(state["discriminator"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.swaps = int(state["swaps"])
+        self.first_swap_round = int(state["first_swap_round"])
+        self.last_swap_round = int(state["last_swap_round"])
+        self.last_sent_sum = float(state["last_sent_sum"])
+
     def digest(self) -> dict[str, float]:
         """Which swaps happened, and the D sent away last vs. the D held now (tests trace swaps)."""
         return {
@@ -263,6 +303,6 @@ class MDGANWorker(WorkerRole):
 
 class MDGAN(Method):
     name = "mdgan"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = MDGANServer
     worker = MDGANWorker

@@ -99,13 +99,13 @@ class RenParallelServer(_RenServer):
 
 class RenSerial(Method):
     name = "ren-serial"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = RenSerialServer
     worker = DiscriminatorWorker
 
 
 class RenParallel(Method):
     name = "ren-parallel"
-    capabilities = Capabilities()
+    capabilities = Capabilities(resume=True)
     server = RenParallelServer
     worker = DiscriminatorWorker

@@ -168,6 +168,8 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
         self.upload_kinds = [
             UploadKind("discriminator-update", layout_of=lambda rank: self.upload_layout(self.context.task_of(rank)))
         ]
+        if self.resumed_state is not None:  # what goes down below is then the checkpointed G and D
+            self.load_state_dict(self.resumed_state)
         # Initialisation: every worker starts from the same G and D.
         workers = self.context.worker_ranks
         self.transport.send_to_many(model_tensors(self.G), workers, "generator").wait()
@@ -221,6 +223,15 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
         """The server's discriminator(s) for the checkpoint."""
         return {"discriminator": self.D.state_dict()}
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """G, its optimizer and the global D (where the method has one) as the checkpointed round
+        left them. Nothing else lasts from one round to the next on the server: uploads are
+        consumed within their round, and the torch random state is the engine's."""
+        self.G.load_state_dict(state["generator"])
+        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        if "discriminator" in state:
+            self.D.load_state_dict(state["discriminator"])
+
 
 class DiscriminatorWorker(_ServerGeneratorModels, WorkerRole):
     """Worker k: a read-only copy of G and its own D_k, trained on local real data against G's
@@ -244,6 +255,8 @@ class DiscriminatorWorker(_ServerGeneratorModels, WorkerRole):
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
         self.G.requires_grad_(False)  # the worker's G only generates; G is trained at the server
         self.incoming: list[Transfer] = []
+        if self.resumed_state is not None:  # G (and D_k := D) came from the server, as after a round
+            self.load_state_dict(self.resumed_state)
 
     def local_round(self, round_index: int) -> LocalFigures:
         settle(*self.incoming)  # G (and D_k := D) must be whole before D_k trains against G's fakes
@@ -280,6 +293,26 @@ class DiscriminatorWorker(_ServerGeneratorModels, WorkerRole):
     def finish(self) -> None:
         settle(*self.incoming)
         self.incoming = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next round needs that the server does not re-send on resuming: D_k's optimizer
+        and the real-batch and latent streams. G, and D where D_k := D, are in flight from the
+        server at this point and are not read: resuming, the server sends the same models again."""
+        state: dict[str, Any] = {
+            "discriminator_optimizer": self.d_optimizer.state_dict(),
+            "real_batches": self.real.state_dict(),
+            "latent_stream": self.latent_stream.get_state(),
+        }
+        if not self.discriminator_comes_down:  # D_k is this worker's own
+            state["discriminator"] = self.D.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.discriminator_comes_down:
+            self.D.load_state_dict(state["discriminator"])
+        self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
+        self.real.load_state_dict(state["real_batches"])
+        self.latent_stream.set_state(state["latent_stream"])
 
     def digest(self) -> dict[str, float]:
         return {**model_digest(self.G, "generator"), **model_digest(self.D, "discriminator")}

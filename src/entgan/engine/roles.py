@@ -131,12 +131,17 @@ class RoundControl:
     would serialise evaluation into their path and undo the overlap of every method), so the server
     announces its decision after round r and a worker reads it after finishing round r+1. A stop
     decided after round r therefore ends the run after round r+1, on every rank alike.
+
+    Resuming from round r: the server's checkpoint of round r was written before its decision
+    about round r went out, a worker's after it had read the decision about round r-1; so the
+    resumed server announces its decision about round r (taken again from round r's row) before
+    its first round, and every decision of the run is sent, read and counted once, as in a run
+    that never stopped.
     """
 
-    def __init__(self, context: RunContext, first_round: int) -> None:
+    def __init__(self, context: RunContext) -> None:
         self.transport = context.transport
         self.workers = context.worker_ranks
-        self.first_round = first_round
         self._announced: Transfer | None = None
         self._flag = torch.zeros(1, dtype=torch.int64, device=context.device)
 
@@ -154,7 +159,7 @@ class RoundControl:
 
     def should_stop(self, round_index: int) -> bool:
         """Worker, after round `round_index`: read the server's decision about the round before."""
-        if round_index == self.first_round:
+        if round_index == 0:
             return False
         self.transport.receive([self._flag], SERVER_RANK, "control").wait()
         return bool(self._flag.item())
@@ -202,9 +207,16 @@ def serve(
 
     latest: dict[str, float] = {}
     rows: list[dict[str, Any]] = run_dir.metrics() if first_round else []
-    control = RoundControl(context, first_round=first_round)
+    control = RoundControl(context)
     stopped_because = "rounds"
     ending = False  # a stop was announced: this round is the last
+    if 0 < first_round < config.rounds:
+        # Resumed: the decision about the checkpointed round, taken again from its row (the last
+        # one kept), goes out now, where it went out after that round's checkpoint (`RoundControl`).
+        reason = stop_reason(config.stop, rows[-1]) if rows else None
+        if reason is not None:
+            stopped_because, ending = reason, True
+        control.announce(stop=ending)
     progress = tqdm(
         total=config.rounds, initial=first_round, desc=f"{config.name} [{method.name}]", disable=not show_progress
     )
@@ -339,9 +351,11 @@ def work(context: RunContext, method: type[Method]) -> None:
     rounds = WorkerRounds(context, worker)
     if "meter" in engine_state:
         rounds.meter.load_state_dict(engine_state["meter"])
-    control = RoundControl(context, first_round=first_round)
+    control = RoundControl(context)
     for round_index in range(first_round, config.rounds):
         rounds.run(round_index)
+        # Read before the checkpoint, so that it holds every message up to it (see `RoundControl`).
+        stop = control.should_stop(round_index)
         if is_checkpoint_round(round_index + 1, config.checkpoint.every):
             state = {
                 "format": 2,
@@ -351,7 +365,7 @@ def work(context: RunContext, method: type[Method]) -> None:
                 "engine": {"round": round_index + 1, "meter": rounds.meter.state_dict(), **engine_snapshot(context)},
             }
             run_dir.save_checkpoint(state, round_index + 1, rank=context.rank, keep=config.checkpoint.keep)
-        if control.should_stop(round_index):
+        if stop:
             break
     rounds.finish()
     digest = {
