@@ -10,13 +10,13 @@ riding on the last one, and keeps them in flight until the next round's uploads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from entgan.control.overlap import settle
 from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.method import ServerRole, UploadKind, WorkerRole
+from entgan.engine.method import ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.reports import FigureMeans, TrafficMeter, WorkerReport, summarise_reports
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import Update, send_update
@@ -106,13 +106,13 @@ class WorkerRounds:
             self.uploads_in_flight = []
             report = self.meter.report(figures.d_loss, figures.real_realness, figures.fake_realness, figures.epsilon)
             self.meter.restart()  # the uploads below are booked in the next report
-            self.send(worker.uploads(round_index), report, round_index)
+            self.send(list(worker.uploads(round_index)), report, round_index)
         if worker.participates(round_index + 1):
             worker.expect_down(round_index)
 
-    def send(self, uploads, report: WorkerReport, round_index: int) -> None:  # type: ignore[no-untyped-def]
+    def send(self, uploads: Sequence[Upload], report: WorkerReport, round_index: int) -> None:
+        """Each upload in its checked envelope, the report riding on the last one."""
         key = self.context.session_keys[SERVER_RANK]
-        uploads = list(uploads)
         for position, upload in enumerate(uploads):
             extras = torch.tensor(list(upload.figures), dtype=torch.float32)
             if position == len(uploads) - 1:
