@@ -26,13 +26,18 @@ def crashing_class_name(method: str) -> str:
 
 
 def _crashing(method: str) -> type[Method]:
-    """The method with a worker that dies when the engine first asks about round CRASH_ROUND_INDEX
-    (`participates`, asked of every worker every round, whether it takes part or not)."""
+    """The method with a worker that dies as round CRASH_ROUND_INDEX starts. The engine asks every
+    worker whether it takes part in round r twice, whether it does or not: at the end of round r-1
+    (to post the receives of what comes down for r) and as round r starts, after the stop decision
+    about round r-2 was read and the checkpoint of round r-1 written; the crash is on the second."""
     base = method_class(method)
 
     def participates(self: WorkerRole, round_index: int) -> bool:
         if self.context.resume is None and self.context.rank == CRASH_RANK and round_index == CRASH_ROUND_INDEX:
-            os._exit(EXIT_CODE)
+            asked = getattr(self, "_asked_about_crash_round", 0) + 1
+            self._asked_about_crash_round = asked  # type: ignore[attr-defined]
+            if asked == 2:
+                os._exit(EXIT_CODE)
         return base.worker.participates(self, round_index)
 
     name = crashing_class_name(method)

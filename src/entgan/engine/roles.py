@@ -326,15 +326,19 @@ def restore_engine_state(context: RunContext) -> dict[str, Any]:
 
 
 def checkpoint_state(
-    context: RunContext, name: str, server: ServerRole, round_number: int, engine: dict[str, Any]
+    context: RunContext, name: str, role: ServerRole | WorkerRole, round_number: int, engine: dict[str, Any]
 ) -> dict[str, Any]:
+    """One rank's checkpoint of round `round_number`: its role's state and the engine's. The
+    server's also holds the run's config, so a checkpoint alone can be sampled from."""
+    own = {"config": context.config.model_dump(mode="json"), "server": role.state_dict()} if context.is_server else {
+        "worker": role.state_dict()
+    }
     return {
         "format": 2,
         "algorithm": name,
         "round": round_number,
-        "config": context.config.model_dump(mode="json"),
-        "server": server.state_dict(),
-        "engine": {**engine, **engine_snapshot(context)},
+        **own,
+        "engine": {"round": round_number, **engine, **engine_snapshot(context)},
     }
 
 
@@ -357,13 +361,7 @@ def work(context: RunContext, method: type[Method]) -> None:
         # Read before the checkpoint, so that it holds every message up to it (see `RoundControl`).
         stop = control.should_stop(round_index)
         if is_checkpoint_round(round_index + 1, config.checkpoint.every):
-            state = {
-                "format": 2,
-                "algorithm": method.name,
-                "round": round_index + 1,
-                "worker": worker.state_dict(),
-                "engine": {"round": round_index + 1, "meter": rounds.meter.state_dict(), **engine_snapshot(context)},
-            }
+            state = checkpoint_state(context, method.name, worker, round_index + 1, {"meter": rounds.meter.state_dict()})
             run_dir.save_checkpoint(state, round_index + 1, rank=context.rank, keep=config.checkpoint.keep)
         if stop:
             break
