@@ -108,7 +108,7 @@ def test_dcgan_run_with_adaptive_codec_and_random_pairs(tmp_path: Path, cache_di
     assert any(key.startswith("gossip_bandwidth_to_rank") for d in digests for key in d)
     checkpoint = torch.load(RunDirectory(tmp_path / "run").latest_checkpoint(), weights_only=True)
     assert checkpoint["algorithm"] == "acgan-dance"
-    assert set(checkpoint["server"]) == {"generator", "generator_optimizer"}  # the G-node holds no D
+    assert set(checkpoint["server"]) == {"generator", "generator_optimizer", "latent_stream"}  # the G-node holds no D
     assert math.isfinite(summary["final_eval"]["fid/overall"])
 
 

@@ -15,6 +15,7 @@ from entgan.engine.registry import METHOD_PATHS, method_class
 from entgan.rundir import RunDirectory
 
 from conftest import tiny_config, worker_digests
+from test_traffic import assert_reports_add_up
 from crashing_workers import CRASH_RANK, crashing_class_name
 
 METHODS = sorted(METHOD_PATHS)
@@ -82,6 +83,7 @@ def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_metrics(
         **METHOD_SETTINGS.get(method, {}),
     )
     straight = launch_local(config, tmp_path / "straight", cache_dir=cache_dir, show_progress=False)
+    assert_reports_add_up(tmp_path / "straight", method)
     crashed_dir = tmp_path / "crashed"
     crashed = launch_local(
         config, crashed_dir, cache_dir=cache_dir, show_progress=False,
