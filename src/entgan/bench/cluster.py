@@ -580,6 +580,61 @@ def wrap(command: list[str], config: PerNodeNetworkConfig) -> list[str]:
     ]
 
 
+def round_figures(run_dir: Path, log_path: Path | None = None) -> dict[str, float]:
+    """A finished run's time and traffic per round.
+
+    - `s_per_round`, `median_s_per_round`: the server's `round_s` over rounds 2..N (round 1 carries
+      the first exchange);
+    - `server_bytes_per_round`: the server's payload, sent + received, per round over rounds 2..N;
+    - `sent_bytes_per_round`: the payload every rank sent over the whole run (set-up and
+      worker-to-worker gossip included, from the summary and the workers' digests) per round;
+    - `wire_bytes_per_round` (per-node runs, from the log): bytes through all worker links, both
+      directions, per round; worker-to-worker traffic crosses two links, and headers and
+      retransmissions count."""
+    from statistics import mean, median
+
+    from entgan.rundir import SUMMARY_FILE, RunDirectory
+
+    run = RunDirectory(run_dir)
+    rows = run.metrics()
+    if len(rows) < 2:
+        raise ValueError(f"{run_dir}: needs at least two rounds of metrics")
+    steady = rows[1:]
+    server = [row["server/bytes_sent"] + row["server/bytes_received"] for row in rows]
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    workers_sent = sum(json.loads(path.read_text()).get("bytes_sent", 0.0) for path in run.workers.glob("rank-*.json"))
+    figures = {
+        "rounds": float(len(rows)),
+        "s_per_round": mean(row["round_s"] for row in steady),
+        "median_s_per_round": median(row["round_s"] for row in steady),
+        "server_bytes_per_round": (server[-1] - server[0]) / len(steady),
+        "sent_bytes_per_round": (summary["server/bytes_sent"] + workers_sent) / len(rows),
+    }
+    if log_path is not None and log_path.is_file():
+        wire = link_traffic_in_log(log_path.read_text(errors="replace"))
+        if wire is not None:
+            figures["wire_bytes_per_round"] = wire["bytes"] / len(rows)
+    return figures
+
+
+def results_table(out_dir: Path, profile: str) -> str:
+    """The README's per-node-link table for a bench output folder (edge clock: pending)."""
+    lines = [
+        "| method | link profile | measured s/round (mean; median) | edge-clock s/round | server sent + received, "
+        "MB/round | all ranks sent, MB/round | through the links, MB/round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run_dir in sorted(path for path in (out_dir / "runs").iterdir() if (path / "summary.json").is_file()):
+        figures = round_figures(run_dir, out_dir / "logs" / f"{run_dir.name}.log")
+        wire = figures.get("wire_bytes_per_round")
+        lines.append(
+            f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} | pending | "
+            f"{figures['server_bytes_per_round'] / 1e6:.2f} | {figures['sent_bytes_per_round'] / 1e6:.2f} | "
+            f"{'–' if wire is None else f'{wire / 1e6:.2f}'} |"
+        )
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ command line
 def parse_link(text: str) -> LinkProfile:
     """`UP`, `UP/DOWN` or `UP/DOWN/LATENCY_MS` (Mbit/s, Mbit/s, ms) -> a link profile."""
@@ -613,6 +668,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, help="stop the job after this many seconds")
     commands.add_parser("check", help="say whether this machine can make a cluster, and what it can shape")
     commands.add_parser("clean", help="remove namespaces left by clusters whose creator died")
+    table = commands.add_parser("table", help="time and bytes per round of a per-node bench's runs (markdown)")
+    table.add_argument("out", help="the bench output folder")
+    table.add_argument("--profile", default="edge-uneven", help="link profile name for the table")
     return parser
 
 
@@ -632,6 +690,9 @@ def _raise_on_signal(signal_number: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "table":
+        print(results_table(Path(args.out), args.profile))
+        return 0
     if args.command == "clean":
         reason = unavailable_reason()
         if reason is not None:
