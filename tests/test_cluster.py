@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -125,6 +126,46 @@ def test_cluster_refuses_clearly_without_root() -> None:
 
 
 # ------------------------------------------------------------------------- real namespaces
+_HOLD_A_CLUSTER = """
+import sys, time
+from entgan.bench.cluster import EmulatedCluster
+from entgan.bench.links import LinkProfile
+with EmulatedCluster(2, [LinkProfile(uplink_mbit=5), LinkProfile(uplink_mbit=10)]) as cluster:
+    cluster.start(cluster.nodes[1], ["sleep", "600"])  # a process inside a namespace, too
+    print(cluster.owner, flush=True)
+    time.sleep(600)
+"""
+
+
+def _hold_a_cluster() -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen([sys.executable, "-c", _HOLD_A_CLUSTER], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert process.stdout is not None
+    owner = process.stdout.readline().strip()
+    assert owner, "the cluster was not made"
+    return process, owner
+
+
+@needs_cluster
+def test_sigint_removes_the_cluster_and_a_killed_creators_leftovers_are_removed_next_time() -> None:
+    host_qdiscs = _host_qdiscs()
+    process, owner = _hold_a_cluster()
+    assert len(leftovers_of(owner)["namespaces"]) == 4  # switch, server, 2 workers
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert leftovers_of(owner) == {"namespaces": [], "host_devices": []}
+
+    crashed, crashed_owner = _hold_a_cluster()
+    crashed.kill()  # no chance to clean up
+    crashed.wait(timeout=60)
+    assert len(leftovers_of(crashed_owner)["namespaces"]) == 4
+    with EmulatedCluster(1) as cluster:  # the next cluster finds them (dead owner) and removes them
+        assert len([name for name in cluster.removed_leftovers if crashed_owner in name]) == 4
+        assert leftovers_of(crashed_owner)["namespaces"] == []
+    assert leftovers_of(cluster.owner)["namespaces"] == []
+    assert _host_qdiscs() == host_qdiscs
+
+
 def _comparable(row: dict[str, Any]) -> dict[str, Any]:
     """A metrics row without what legitimately differs between two runs: time (keys ending `_s`),
     memory (rss), and received/cumulative traffic (a resumed group re-sends the models once)."""
