@@ -7,13 +7,13 @@ why. The unit tests at the top run everywhere.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,26 @@ def _final_g_everywhere(run_dir: Path, config: RunConfig, summary: dict[str, Any
             assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=1e-9, abs=1e-9)
 
 
+def _start(cluster: EmulatedCluster, config: RunConfig, tmp_path: Path, cache_dir: Path, max_restarts: int = 0) -> TorchrunJob:
+    """torchrun on every node of `cluster` for `config`, into tmp_path/run (node logs in tmp_path/nodes)."""
+    return cluster.start_torchrun(_write(config, tmp_path / "c.yaml"), tmp_path / "run", tmp_path / "nodes",
+                                  secret=SECRET, env={**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir)},
+                                  max_restarts=max_restarts, entry_args=["--no-progress"])
+
+
+def _after_rounds(run_dir: Path, rounds_done: int, action: Callable[[], None], record: dict[str, Any]) -> None:
+    """Once the run has logged `rounds_done` rounds, note how many it has and do `action`."""
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        rows = RunDirectory(run_dir).metrics() if (run_dir / "metrics.jsonl").exists() else []
+        if len(rows) >= rounds_done:
+            record["round"] = len(rows)
+            action()
+            record["done"] = True
+            return
+        time.sleep(0.05)
+
+
 def _watch_placement(job: TorchrunJob, seen: dict[str, Any]) -> None:
     """Once every rank has started, record which namespace each rank's process is in."""
     deadline = time.monotonic() + 240
@@ -216,9 +236,7 @@ def test_torchrun_across_namespaces_runs_20_rounds_and_leaves_nothing(tmp_path: 
     with EmulatedCluster(3, LINKS) as cluster:
         owner = cluster.owner
         assert len(leftovers_of(owner)["namespaces"]) == 5  # switch + server + 3 workers
-        job = cluster.start_torchrun(_write(config, tmp_path / "c.yaml"), run_dir, tmp_path / "nodes",
-                                     secret=SECRET, env={**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir)},
-                                     entry_args=["--no-progress"])
+        job = _start(cluster, config, tmp_path, cache_dir)
         watcher = threading.Thread(target=_watch_placement, args=(job, seen), daemon=True)
         watcher.start()
         codes = job.wait(timeout_s=600)
@@ -238,18 +256,6 @@ def test_torchrun_across_namespaces_runs_20_rounds_and_leaves_nothing(tmp_path: 
     assert _host_qdiscs() == host_qdiscs
 
 
-def _kill_rank_when(run_dir: Path, rank: int, rounds_done: int, killed: dict[str, int]) -> None:
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        rows = RunDirectory(run_dir).metrics() if (run_dir / "metrics.jsonl").exists() else []
-        if len(rows) >= rounds_done:
-            killed["round"] = len(rows)
-            killed["pid"] = RunDirectory(run_dir).pid(rank)
-            os.kill(killed["pid"], signal.SIGKILL)
-            return
-        time.sleep(0.05)
-
-
 def _checkpoints_load(run_dir: Path) -> None:
     for path in sorted((run_dir / "checkpoints").glob("*.pt")):
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -263,19 +269,21 @@ def test_sigkilled_worker_in_its_namespace_restarts_the_group_under_torchrun(tmp
     straight = tmp_path / "straight"
     launch_local(config, straight, cache_dir=cache_dir, show_progress=False)  # the uninterrupted run
     run_dir = tmp_path / "run"
-    killed: dict[str, int] = {}
+    killed: dict[str, Any] = {}
     with EmulatedCluster(3, LINKS) as cluster:
-        job = cluster.start_torchrun(_write(config, tmp_path / "c.yaml"), run_dir, tmp_path / "nodes",
-                                     secret=SECRET, env={**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir)},
-                                     max_restarts=1, entry_args=["--no-progress"])
-        killer = threading.Thread(target=_kill_rank_when, args=(run_dir, 2, 10, killed), daemon=True)
+        job = _start(cluster, config, tmp_path, cache_dir, max_restarts=1)
+
+        def kill_rank_2() -> None:
+            os.kill(RunDirectory(run_dir).pid(2), signal.SIGKILL)
+
+        killer = threading.Thread(target=_after_rounds, args=(run_dir, 10, kill_rank_2, killed), daemon=True)
         killer.start()
         codes = job.wait(timeout_s=600)
         killer.join(timeout=5)
         owner = cluster.owner
 
     logs = {path.name: path.read_text()[-3000:] for path in sorted((tmp_path / "nodes").glob("*"))}
-    assert killed, "the worker was never killed"
+    assert killed.get("done"), "the worker was never killed"
     assert codes == [0, 0, 0, 0], logs
     assert "(exitcode: -9)" in logs["node-2.log"], logs  # its torchrun agent saw the SIGKILL, and restarted
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -293,21 +301,6 @@ def test_sigkilled_worker_in_its_namespace_restarts_the_group_under_torchrun(tmp
     assert leftovers_of(owner) == {"namespaces": [], "host_devices": []}
 
 
-def _cut_link_when(cluster: EmulatedCluster, run_dir: Path, rank: int, rounds_done: int, down_s: float,
-                   cut: dict[str, float]) -> None:
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline:
-        rows = RunDirectory(run_dir).metrics() if (run_dir / "metrics.jsonl").exists() else []
-        if len(rows) >= rounds_done:
-            cut["round"] = len(rows)
-            cluster.set_link(rank, up=False)
-            time.sleep(down_s)
-            cluster.set_link(rank, up=True)
-            cut["down_s"] = down_s
-            return
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @needs_cluster
 def test_a_link_down_past_the_timeouts_times_out_restarts_and_loses_nothing(tmp_path: Path, cache_dir: Path) -> None:
@@ -319,19 +312,23 @@ def test_a_link_down_past_the_timeouts_times_out_restarts_and_loses_nothing(tmp_
     straight = tmp_path / "straight"
     launch_local(config, straight, cache_dir=cache_dir, show_progress=False)
     run_dir = tmp_path / "run"
-    cut: dict[str, float] = {}
+    cut: dict[str, Any] = {}
     with EmulatedCluster(3, LINKS) as cluster:
-        job = cluster.start_torchrun(_write(config, tmp_path / "c.yaml"), run_dir, tmp_path / "nodes",
-                                     secret=SECRET, env={**os.environ, "ENTGAN_CACHE_DIR": str(cache_dir)},
-                                     max_restarts=1, entry_args=["--no-progress"])
-        cutter = threading.Thread(target=_cut_link_when, args=(cluster, run_dir, 3, 8, down_s, cut), daemon=True)
+        job = _start(cluster, config, tmp_path, cache_dir, max_restarts=1)
+
+        def cut_rank_3() -> None:  # at the switch, as if its cable were pulled, then put back
+            cluster.set_link(3, up=False)
+            time.sleep(down_s)
+            cluster.set_link(3, up=True)
+
+        cutter = threading.Thread(target=_after_rounds, args=(run_dir, 8, cut_rank_3, cut), daemon=True)
         cutter.start()
         codes = job.wait(timeout_s=600)
         cutter.join(timeout=60)
         owner = cluster.owner
 
     logs = {path.name: path.read_text() for path in sorted((tmp_path / "nodes").glob("*"))}
-    assert cut.get("down_s") == down_s, "the link was never cut"
+    assert cut.get("done"), "the link was never cut and restored"
     assert codes == [0, 0, 0, 0], {name: text[-3000:] for name, text in logs.items()}
     # A clear timeout: the server's wait for the cut-off worker ended with gloo's timeout message.
     assert "Timed out waiting" in logs["node-0.log"], logs["node-0.log"][-3000:]
