@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from entgan.bench.links import PerNodeNetworkConfig
 from entgan.config import AlgorithmName, ConfigError, RunConfig, format_validation_error, load_config
 
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -71,8 +72,10 @@ class MemorySweepConfig(_Strict):
 
 class NetworkConfig(_Strict):
     """A rate-limited link: every rank of a run talks over the loopback of a private network
-    namespace, shaped with a token-bucket filter (`tc ... tbf`), so the rate is one shared link."""
+    namespace, shaped with a token-bucket filter (`tc ... tbf`), so the rate is one shared link.
+    (`mode: per-node`, `PerNodeNetworkConfig`: one namespace and one link per node instead.)"""
 
+    mode: Literal["shared"] = "shared"
     rate_mbit: PositiveFloat
     burst_kbit: PositiveFloat = 32.0
     """Token-bucket size; must hold at least one packet of `mtu` bytes."""
@@ -94,6 +97,20 @@ class NetworkConfig(_Strict):
                 f"of mtu {self.mtu} bytes; the link would drop every full-size packet"
             )
         return self
+
+
+def _network_mode(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("mode", "shared"))
+    return str(getattr(value, "mode", "shared"))
+
+
+BenchNetwork = Annotated[
+    Annotated[NetworkConfig, Tag("shared")] | Annotated[PerNodeNetworkConfig, Tag("per-node")],
+    Discriminator(_network_mode),
+]
+"""`network:` a link shared by all ranks (`mode: shared`, the default) or one link per worker
+(`mode: per-node`)."""
 
 
 class BenchConfig(_Strict):
@@ -129,7 +146,7 @@ class BenchConfig(_Strict):
     """Row the others are compared with (ratios of time to target and of server memory);
     ignored when the bench does not run it."""
     memory_sweep: MemorySweepConfig | None = None
-    network: NetworkConfig | None = None
+    network: BenchNetwork | None = None
     run_timeout_s: PositiveFloat | None = None
     """Kill a run (and record it as failed) after this much wall-clock; default: 3x the budget
     plus 10 minutes for start-up and evaluations."""
@@ -240,6 +257,12 @@ def _cross_check(bench: BenchConfig) -> list[str]:
         except ValidationError as error:
             for line in format_validation_error(error, location).splitlines()[1:]:
                 problems.append(line.replace("  - ", f"  - {location}: ", 1))
+    if isinstance(bench.network, PerNodeNetworkConfig):
+        links = len(bench.network.links)
+        counts = [bench.base.num_workers] + (list(bench.memory_sweep.workers) if bench.memory_sweep else [])
+        if any(count != links for count in counts):
+            problems.append(f"  - network.links: one link profile per worker: {links} profiles for runs with "
+                            f"{sorted(set(counts))} workers")
     if bench.memory_sweep is not None:
         for index, count in enumerate(bench.memory_sweep.workers):
             try:
@@ -274,7 +297,10 @@ def parse_bench_config(data: object, origin: str = "<bench config>", relative_to
     try:
         bench = BenchConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, origin)) from None
+        message = format_validation_error(error, origin)
+        for tag in ("shared", "per-node"):  # the network union's tag is no part of the field's path
+            message = message.replace(f"network.{tag}.", "network.")
+        raise ConfigError(message) from None
     problems = _cross_check(bench)
     if problems:
         raise ConfigError("\n".join([f"{origin}: invalid configuration", *problems]))

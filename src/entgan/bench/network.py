@@ -8,6 +8,9 @@ namespace disappears with the run's last process.
 
 The namespace is made with `unshare --net` (as root), or `unshare --map-root-user --net` (an
 unprivileged user namespace, where the kernel allows them). When neither works, `probe` says why.
+
+`network.mode: per-node` (a `PerNodeNetworkConfig`) is handed to `entgan.bench.cluster`: one
+namespace and one shaped link per node, the run started with torchrun on every node.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import subprocess
 from dataclasses import dataclass
 
 from entgan.bench.config import NetworkConfig
+from entgan.bench.links import PerNodeNetworkConfig
 
 # Runs inside the new namespace: bring loopback up with the configured MTU, attach the token
 # bucket, run the command, then print the bucket's counters (so the log shows the traffic that
@@ -42,13 +46,19 @@ class NetworkUnavailable(RuntimeError):
 class NetworkStatus:
     """What the bench could do about the requested network, in words fit for the report."""
 
-    requested: NetworkConfig | None
+    requested: NetworkConfig | PerNodeNetworkConfig | None
     active: bool
     detail: str
 
     def describe(self) -> str:
         if self.requested is None:
             return "unconstrained (loopback, no rate limit)"
+        if isinstance(self.requested, PerNodeNetworkConfig):
+            from entgan.bench.cluster import describe
+
+            if self.active:
+                return describe(self.requested)
+            return f"UNCONSTRAINED: per-node links were requested but could not be set up: {self.detail}"
         link = _link_words(self.requested)
         if self.active:
             return f"{link}, shared by all ranks of a run ({self.detail})"
@@ -67,8 +77,13 @@ def namespace_command(euid: int) -> list[str]:
     return ["unshare", "--net"] if euid == 0 else ["unshare", "--map-root-user", "--net"]
 
 
-def wrap(command: list[str], config: NetworkConfig, euid: int | None = None) -> list[str]:
-    """`command`, to be run in a fresh network namespace behind the shaped loopback."""
+def wrap(command: list[str], config: NetworkConfig | PerNodeNetworkConfig, euid: int | None = None) -> list[str]:
+    """`command`, to be run in a fresh network namespace behind the shaped loopback (per-node:
+    across an emulated cluster, with torchrun on every node)."""
+    if isinstance(config, PerNodeNetworkConfig):
+        from entgan.bench import cluster
+
+        return cluster.wrap(command, config)
     euid = os.geteuid() if euid is None else euid
     return [
         *namespace_command(euid),
@@ -85,13 +100,15 @@ def wrap(command: list[str], config: NetworkConfig, euid: int | None = None) -> 
     ]
 
 
-def probe(config: NetworkConfig | None) -> NetworkStatus:
+def probe(config: NetworkConfig | PerNodeNetworkConfig | None) -> NetworkStatus:
     """Try the namespace and the shaping once with a no-op command; report what works.
 
     Raises NetworkUnavailable if it does not work and the config says the network is required.
     """
     if config is None:
         return NetworkStatus(None, active=False, detail="no network section")
+    if isinstance(config, PerNodeNetworkConfig):
+        return _probe_per_node(config)
     problem = _missing_tools() or _trial(config)
     if problem is None:
         how = "root" if os.geteuid() == 0 else "unprivileged user namespace"
@@ -100,6 +117,20 @@ def probe(config: NetworkConfig | None) -> NetworkStatus:
         raise NetworkUnavailable(
             f"network: cannot emulate the constrained link: {problem}. Run as root (or where unprivileged "
             f"user namespaces are allowed), or set network.required: false to run unconstrained."
+        )
+    return NetworkStatus(config, active=False, detail=problem)
+
+
+def _probe_per_node(config: PerNodeNetworkConfig) -> NetworkStatus:
+    from entgan.bench import cluster
+
+    problem = cluster.unavailable_reason() or cluster.probe(config)
+    if problem is None:
+        return NetworkStatus(config, active=True, detail="emulated cluster")
+    if config.required:
+        raise NetworkUnavailable(
+            f"network: cannot make the per-node cluster: {problem}. Run as root, or set network.required: false "
+            "to run unconstrained."
         )
     return NetworkStatus(config, active=False, detail=problem)
 
@@ -126,7 +157,13 @@ _SENT = re.compile(r"qdisc tbf .*?\n\s*Sent (\d+) bytes (\d+) pkt \(dropped (\d+
 
 
 def shaped_traffic(log_text: str) -> dict[str, int] | None:
-    """Bytes, packets and drops that went through the shaped loopback, read from a run's log."""
+    """Bytes, packets and drops that went through the shaped loopback, read from a run's log
+    (per-node runs: through all the workers' links, both directions)."""
+    from entgan.bench.cluster import link_traffic_in_log
+
+    per_node = link_traffic_in_log(log_text)
+    if per_node is not None:
+        return per_node
     matches = _SENT.findall(log_text)
     if not matches:
         return None
