@@ -127,7 +127,10 @@ def test_cluster_refuses_clearly_without_root() -> None:
 
 # ------------------------------------------------------------------------- real namespaces
 _HOLD_A_CLUSTER = """
-import sys, time
+import signal, sys, time
+# A process started from a background job inherits SIGINT ignored, and Python then raises no
+# KeyboardInterrupt: give this one the default handler, as a user's terminal would.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from entgan.bench.cluster import EmulatedCluster
 from entgan.bench.links import LinkProfile
 with EmulatedCluster(2, [LinkProfile(uplink_mbit=5), LinkProfile(uplink_mbit=10)]) as cluster:
