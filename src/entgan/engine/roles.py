@@ -255,7 +255,6 @@ def serve(
             rows.append(row)
             if is_checkpoint_round(round_number, config.checkpoint.every) or is_last:
                 engine = {
-                    "round": round_number,
                     "train_clock_s": train_clock,
                     "last_eval_s": clock.last_eval_s,
                     "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
