@@ -290,7 +290,7 @@ def test_nan_and_wrongly_shaped_updates_are_refused_and_training_goes_on(tmp_pat
 
 def _rank_with_secret(rank: int, world_size: int, config_data: dict, run_dir: str, store: str, intruder: int) -> None:
     secret = b"the-real-job-secret-0123456789" if rank != intruder else b"a-guessed-secret-000000000000"
-    _spawned_rank(rank, world_size, config_data, run_dir, store, LaunchOptions(resume=True, show_progress=False), secret)
+    _spawned_rank(rank, world_size, config_data, run_dir, store, LaunchOptions(resume=True, show_progress=False), secret, None)
 
 
 @pytest.mark.slow

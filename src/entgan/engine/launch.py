@@ -28,6 +28,7 @@ from entgan.config import ConfigError, RunConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method
+from entgan.engine.processes import LauncherSurroundings, start_method
 from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
@@ -129,7 +130,7 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
     else:
         session_keys = {SERVER_RANK: worker_handshake(transport, rank, secret, config.name)}
     resume_round = _agree_on_resume_round(transport, run, workers, options.resume)
-    _shorten_timeout(config.engine.round_timeout_s)
+    _shorten_timeout(transport, config.engine.round_timeout_s)
     context = RunContext(
         config=config,
         rank=rank,
@@ -189,9 +190,11 @@ def _agree_on_resume_round(transport: Transport, run: RunDirectory, workers: lis
     return int(decision.item())
 
 
-def _shorten_timeout(seconds: float) -> None:
-    """After start-up, a stuck peer should surface within the per-round timeout, not the start one."""
+def _shorten_timeout(transport: Transport, seconds: float) -> None:
+    """After start-up, a stuck peer should surface within the per-round timeout, not the start one:
+    for every point-to-point wait (the transport's own timeout) and for collectives (the group's)."""
     dist.barrier()
+    transport.timeout = datetime.timedelta(seconds=seconds)
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_timeout is not None:
         set_timeout(datetime.timedelta(seconds=seconds))
@@ -205,7 +208,9 @@ def _spawned_rank(
     store_path: str,
     options: LaunchOptions,
     secret: bytes,
+    surroundings: None,
 ) -> None:
+    del surroundings  # applied while the arguments were unpickled (`LauncherSurroundings`)
     config = RunConfig.model_validate(config_data)
     if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # embedded runs stay on loopback
@@ -282,9 +287,15 @@ def _run_with_restarts(config: RunConfig, run: RunDirectory, options: LaunchOpti
     return json.loads((run.root / SUMMARY_FILE).read_text())
 
 
+FAILED_GROUP_GRACE_S = 3.0
+"""Once a rank of a local group has failed, how long the others get to exit by themselves, and then
+to exit after SIGTERM, before SIGKILL. torch's default is 30 s after SIGTERM, which is what a
+stopped (hung) process always costs, since it cannot act on SIGTERM."""
+
+
 def _spawn_group(config: RunConfig, run: RunDirectory, options: LaunchOptions, secret: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="entgan-rendezvous-") as rendezvous:
-        mp.start_processes(
+        group = mp.start_processes(
             _spawned_rank,
             args=(
                 config.world_size,
@@ -293,8 +304,11 @@ def _spawn_group(config: RunConfig, run: RunDirectory, options: LaunchOptions, s
                 os.path.join(rendezvous, "store"),
                 options,
                 secret,
+                LauncherSurroundings(),
             ),
             nprocs=config.world_size,
-            join=True,
-            start_method="spawn",
+            join=False,
+            start_method=start_method(),
         )
+        while not group.join(grace_period=FAILED_GROUP_GRACE_S):
+            pass

@@ -11,6 +11,7 @@ Message kinds map to gloo tags, so two kinds of message between the same pair ne
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -50,6 +51,13 @@ def _on_wire(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tens
     if wire_dtype is None or not tensor.is_floating_point() or tensor.dtype == wire_dtype:
         return tensor
     return tensor.to(wire_dtype)
+
+
+def _wait(work: dist.Work, timeout: datetime.timedelta | None) -> None:
+    if timeout is None:
+        work.wait()
+    else:
+        work.wait(timeout)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -103,9 +111,11 @@ class Transfer:
         works: Sequence[dist.Work | None],
         counters: TrafficCounters,
         on_arrival: Sequence[Callable[[], None] | None] | None = None,
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         self._works = list(works)
         self._counters = counters
+        self._timeout = timeout
         self._on_arrival = list(on_arrival) if on_arrival is not None else [None] * len(self._works)
 
     def __len__(self) -> int:
@@ -116,7 +126,7 @@ class Transfer:
         if work is None:
             return
         started = time.perf_counter()
-        work.wait()
+        _wait(work, self._timeout)
         self._counters.wait_seconds += time.perf_counter() - started
         self._works[index] = None
         arrived = self._on_arrival[index]
@@ -136,6 +146,7 @@ class Transfer:
             [work for transfer in transfers for work in transfer._works],
             transfers[0]._counters,
             [callback for transfer in transfers for callback in transfer._on_arrival],
+            transfers[0]._timeout,
         )
 
     @property
@@ -152,6 +163,15 @@ class Transport:
         self.device = device
         self.counters = TrafficCounters()
         self._can_receive_from_any = dist.get_backend() == "gloo"
+        self.timeout: datetime.timedelta | None = None
+        """How long any one wait may block before it raises (None: the process group's timeout).
+        Set after start-up to the per-round timeout: gloo applies a group's timeout changed after
+        creation to collectives but not to point-to-point waits, so each wait carries its own."""
+
+    def _transfer(
+        self, works: Sequence[dist.Work | None], on_arrival: Sequence[Callable[[], None] | None] | None = None
+    ) -> Transfer:
+        return Transfer(works, self.counters, on_arrival, self.timeout)
 
     def _tag(self, kind: str) -> int:
         base, body, _ = kind.partition(BODY_SUFFIX)
@@ -167,7 +187,7 @@ class Transport:
         for tensor in tensors:
             works.append(dist.isend(tensor.detach().contiguous(), dst=dst, tag=tag))
             self.counters.sent[base_kind(kind)] += tensor_bytes(tensor)
-        return Transfer(works, self.counters)
+        return self._transfer(works)
 
     def receive(
         self, buffers: Iterable[torch.Tensor], src: int, kind: str, wire_dtype: torch.dtype | None = None
@@ -189,7 +209,7 @@ class Transport:
                 on_arrival.append(None)
             works.append(dist.irecv(wire, src=src, tag=tag))
             self.counters.received[base_kind(kind)] += tensor_bytes(wire)
-        return Transfer(works, self.counters, on_arrival)
+        return self._transfer(works, on_arrival)
 
     def send_to_many(
         self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str, wire_dtype: torch.dtype | None = None
@@ -205,7 +225,7 @@ class Transport:
             for dst in dsts:
                 works.append(dist.isend(payload, dst=dst, tag=tag))
                 self.counters.sent[base_kind(kind)] += tensor_bytes(payload)
-        return Transfer(works, self.counters)
+        return self._transfer(works)
 
     def receive_from_any(self, buffer: torch.Tensor, kind: str, expected: Sequence[int]) -> int:
         """Receive one message into `buffer` from whichever of `expected` sends first; return its rank.
@@ -215,12 +235,14 @@ class Transport:
         """
         started = time.perf_counter()
         if self._can_receive_from_any:
-            source = dist.recv(buffer, src=None, tag=self._tag(kind))
+            work = dist.irecv(buffer, src=None, tag=self._tag(kind))
+            _wait(work, self.timeout)
+            source = work._source_rank()
             if source not in expected:
                 raise RuntimeError(f"rank {self.rank} got an unexpected '{kind}' message from rank {source}")
         else:
             source = expected[0]
-            dist.recv(buffer, src=source, tag=self._tag(kind))
+            _wait(dist.irecv(buffer, src=source, tag=self._tag(kind)), self.timeout)
         self.counters.wait_seconds += time.perf_counter() - started
         self.counters.received[base_kind(kind)] += tensor_bytes(buffer)
         return int(source)
@@ -237,7 +259,7 @@ class Transport:
         works = dist.batch_isend_irecv(operations)
         self.counters.sent[base_kind(kind)] += tensor_bytes(outgoing)
         self.counters.received[base_kind(kind)] += tensor_bytes(incoming)
-        return Transfer(works, self.counters)
+        return self._transfer(works)
 
     def exchange_many(
         self,
@@ -259,4 +281,4 @@ class Transport:
         works = dist.batch_isend_irecv(operations) if operations else []
         self.counters.sent[base_kind(kind)] += sum(tensor_bytes(tensor) for tensor in outgoing)
         self.counters.received[base_kind(kind)] += sum(tensor_bytes(buffer) for buffer in incoming)
-        return Transfer(works, self.counters)
+        return self._transfer(works)

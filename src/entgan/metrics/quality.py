@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from entgan.metrics.classifier import DomainClassifier
+
+if TYPE_CHECKING:
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 __all__ = ["ClassifierFeatures", "QualityEvaluator", "QualityReport"]
 
@@ -134,6 +137,10 @@ class QualityEvaluator:
             self._fid_by_task[task] = fid
 
     def _new_fid(self, features: ClassifierFeatures) -> FrechetInceptionDistance:
+        # Imported here: torchmetrics pulls in scipy and matplotlib (over a second per process),
+        # and only the rank that evaluates needs it.
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
         # sync_on_compute=False: the evaluator runs on one rank of a live process group, and
         # torchmetrics would otherwise try to gather its state from every rank (a deadlock).
         fid = FrechetInceptionDistance(
