@@ -11,7 +11,14 @@ import torch
 
 from entgan.gan import generator_loss
 from entgan.algorithms.local_training import error_feedback
-from entgan.algorithms.mdgan import average_gradients, backpropagate_feedback, swap_partners, swap_period
+from entgan.algorithms.mdgan import (
+    average_gradients,
+    deal_batches,
+    default_batches_per_task,
+    swap_partners,
+    swap_period,
+)
+from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.api import load_generator
 from entgan.config import ModelConfig
 from entgan.engine.launch import launch_local
@@ -25,27 +32,32 @@ TINY_MODEL = ModelConfig(family="mlp", latent_dim=8, hidden_dim=16, task_embeddi
 
 
 # ---------------------------------------------------------------------- MD-GAN math, one process
-def test_feedback_backpropagated_through_g_is_the_gradient_of_the_mean_generator_loss() -> None:
+@pytest.mark.parametrize("graphs", ["held", "recomputed"])
+def test_feedback_backpropagated_through_g_is_the_gradient_of_the_mean_generator_loss(graphs: str) -> None:
     torch.manual_seed(0)
     generator = build_generator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2)
     tasks = [0, 0, 1]  # worker n serves tasks[n]
-    discriminators = [build_discriminator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2).eval() for _ in tasks]
+    discriminators = [build_discriminator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2) for _ in tasks]
     latents = [torch.randn(5, TINY_MODEL.latent_dim) for _ in tasks]
 
     # Distributed: each worker returns F_n on its batch; the server back-propagates every F_n.
     generator.zero_grad(set_to_none=True)
     for discriminator, z, task in zip(discriminators, latents, tasks, strict=True):
-        fakes = generator(z, task)
-        feedback, _, _ = error_feedback(discriminator, fakes, task)
+        fakes = FakesAwaitingFeedback(generator, z, task, graphs)  # type: ignore[arg-type]
+        assert fakes.holds_graph == (graphs == "held")
+        feedback, _, _ = error_feedback(discriminator, fakes.images, task)
         assert all(p.grad is None for p in discriminator.parameters())  # D is not trained by feedback
-        backpropagate_feedback(fakes, feedback)
+        assert discriminator.training  # put back in train mode after the eval-mode feedback
+        fakes.backpropagate(feedback)
+        with pytest.raises(RuntimeError, match="already"):
+            fakes.backpropagate(feedback)  # nothing of the batch is kept once used
     average_gradients(generator, len(tasks))
     distributed = [p.grad.clone() for p in generator.parameters()]
 
-    # One process: the mean of the workers' G losses, differentiated directly.
+    # One process: the mean of the workers' G losses (D in eval mode), differentiated directly.
     generator.zero_grad(set_to_none=True)
     for discriminator in discriminators:
-        discriminator.requires_grad_(False)
+        discriminator.requires_grad_(False).eval()
     losses = [
         generator_loss(discriminator, generator(z, task), task)[0]
         for discriminator, z, task in zip(discriminators, latents, tasks, strict=True)
@@ -58,17 +70,76 @@ def test_feedback_backpropagated_through_g_is_the_gradient_of_the_mean_generator
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_swap_partners_form_the_same_derangement_on_every_worker() -> None:
-    for workers in range(2, 7):
+def test_feedback_is_computed_with_dropout_off() -> None:
+    torch.manual_seed(1)
+    discriminator = build_discriminator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2)
+    assert any(isinstance(module, torch.nn.Dropout) and module.p > 0 for module in discriminator.modules())
+    fakes = torch.rand(6, *IMAGE_SHAPE) * 2 - 1
+    feedback, loss, _ = error_feedback(discriminator, fakes, task=1)
+
+    images = fakes.clone().requires_grad_(True)
+    discriminator.eval()
+    eval_loss, _ = generator_loss(discriminator, images, 1)
+    (eval_feedback,) = torch.autograd.grad(eval_loss, images)
+    torch.testing.assert_close(feedback, eval_feedback, rtol=0, atol=0)
+    assert loss == pytest.approx(eval_loss.item(), rel=1e-6)
+
+    # The train-mode gradient (what the feedback was before) carries dropout's random masks.
+    discriminator.train()
+    train_loss, _ = generator_loss(discriminator, images, 1)
+    (train_feedback,) = torch.autograd.grad(train_loss, images)
+    assert not torch.allclose(train_feedback, eval_feedback)
+
+
+def test_recomputed_fakes_match_held_ones_with_batchnorm_and_move_its_statistics_once() -> None:
+    model = ModelConfig(family="dcgan", latent_dim=8, hidden_dim=8, task_embedding_dim=4)
+    torch.manual_seed(2)
+    reference = build_generator(model, IMAGE_SHAPE, num_tasks=2)
+    z, feedback = torch.randn(4, 8), torch.randn(4, *IMAGE_SHAPE)
+    results = {}
+    for graphs in ("held", "recomputed"):
+        generator = build_generator(model, IMAGE_SHAPE, num_tasks=2)
+        generator.load_state_dict(reference.state_dict())
+        fakes = FakesAwaitingFeedback(generator, z, 1, graphs)  # type: ignore[arg-type]
+        fakes.backpropagate(feedback)
+        results[graphs] = (fakes.images, [p.grad for p in generator.parameters()], [b.clone() for b in generator.buffers()])
+    held, recomputed = results["held"], results["recomputed"]
+    torch.testing.assert_close(recomputed[0], held[0], rtol=0, atol=0)  # the recomputed X is the one sent
+    for a, b in zip(recomputed[1], held[1], strict=True):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(recomputed[2], held[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # running statistics moved once, as when held
+    assert any(not torch.equal(a, b) for a, b in zip(held[2], reference.buffers()))
+
+
+def test_a_tasks_workers_get_two_distinct_batches_each_out_of_its_k_batches() -> None:
+    for workers in range(1, 9):
+        for batches in range(1, 7):
+            dealt = deal_batches(workers, batches)
+            assert len(dealt) == workers
+            used = {index for pair in dealt for index in pair}
+            assert used <= set(range(batches))  # drawn from the task's k_t batches, no more
+            answered = {answer for _, answer in dealt}
+            assert len(answered) <= batches  # graphs held for the task: at most k_t
+            if batches >= 2:
+                assert all(d != g for d, g in dealt)
+            if batches <= 2 * workers:
+                assert used == set(range(batches))  # every batch generated is used
+    assert [default_batches_per_task(n) for n in (1, 2, 4, 8, 16)] == [2, 2, 2, 3, 4]
+
+
+def test_swap_partners_derange_within_each_task_and_agree_on_every_worker() -> None:
+    for worker_tasks in ([0, 0], [0, 1, 0, 1], [0, 0, 0, 1, 1, 2], [1, 0, 1, 1, 0, 0, 1]):
         for swap_index in range(20):
-            partners = swap_partners(workers, seed=3, swap_index=swap_index)
-            assert sorted(partners) == list(range(workers))  # everyone sends one D and receives one
-            assert all(target != source for source, target in enumerate(partners))  # nobody keeps its own
-            assert partners == swap_partners(workers, seed=3, swap_index=swap_index)  # no coordinator needed
-    draws = {tuple(swap_partners(5, seed=3, swap_index=index)) for index in range(20)}
+            partners = swap_partners(worker_tasks, seed=3, swap_index=swap_index)
+            assert sorted(partners) == list(range(len(worker_tasks)))  # everyone sends one D and receives one
+            for source, target in enumerate(partners):
+                assert worker_tasks[target] == worker_tasks[source]  # only within a task
+                alone = worker_tasks.count(worker_tasks[source]) == 1
+                assert (target == source) == alone  # nobody keeps its own D, unless alone in its task
+            assert partners == swap_partners(worker_tasks, seed=3, swap_index=swap_index)  # no coordinator
+    draws = {tuple(swap_partners([0] * 5, seed=3, swap_index=index)) for index in range(20)}
     assert len(draws) > 1  # a fresh random pairing at each swap, not a fixed ring
-    with pytest.raises(ValueError, match="at least 2 workers"):
-        swap_partners(1, seed=3, swap_index=0)
 
 
 def test_swap_period_counts_epochs_of_the_mean_shard() -> None:
@@ -115,6 +186,9 @@ def test_mdgan_run_moves_fakes_and_feedback_and_swaps_discriminators_every_e_epo
 
     rows = _check_rows_and_checkpoint(run_dir, summary, rounds=4)
     assert all(row["g_steps"] == 1 for row in rows)  # one G step per round, from all the feedback
+    # k_t = 2 for both tasks: workers 1 and 2 (task "low") both answer batch 1 of their task, worker 3
+    # ("high") batch 1 of its own: two graphs held while the feedback is out.
+    assert all(row["feedback_graphs_held"] == 2 for row in rows)
     batch_bytes = 16 * 28 * 28 * 4
     assert summary["server/bytes_sent/fake-batch"] == 4 * 3 * 2 * batch_bytes  # rounds x workers x (X(d), X(g))
     assert summary["server/bytes_received/feedback"] >= 4 * 3 * batch_bytes  # dL/dx for every X(g) image
@@ -122,17 +196,35 @@ def test_mdgan_run_moves_fakes_and_feedback_and_swaps_discriminators_every_e_epo
 
     digests = _worker_digests(run_dir)
     assert sorted(digests) == [1, 2, 3]
-    for digest in digests.values():
-        assert digest["swap_period"] == 2
-        assert (digest["swaps"], digest["first_swap_round"], digest["last_swap_round"]) == (2, 2, 4)
-        assert digest["bytes_sent/gossip"] == digest["bytes_received/gossip"] > 0
-    # The swap after the last round (the second swap) is traceable: the D that worker n sent is
-    # exactly the D that worker pi(n) ends with.
-    partners = swap_partners(3, seed=config.seed, swap_index=1)
-    for index, target in enumerate(partners):
+    fakes = {rank: (d["last_fakes_for_discriminator_sum"], d["last_fakes_for_generator_sum"]) for rank, d in digests.items()}
+    assert fakes[1] == fakes[2]  # a task's workers share its batches
+    assert fakes[1][0] != fakes[1][1] and fakes[3][0] != fakes[3][1]  # two distinct batches each
+    assert not set(fakes[3]) & set(fakes[1])  # the other task's batches are its own
+    for rank in (1, 2):  # task "low": two workers, who swap with each other every 2 rounds
+        assert digests[rank]["swap_period"] == 2
+        assert (digests[rank]["swaps"], digests[rank]["first_swap_round"], digests[rank]["last_swap_round"]) == (2, 2, 4)
+        assert digests[rank]["bytes_sent/gossip"] == digests[rank]["bytes_received/gossip"] > 0
+    assert digests[3]["swaps"] == 0 and digests[3].get("bytes_sent/gossip", 0) == 0  # alone in its task
+    # The swap after the last round is traceable: the D that worker 1 sent is the D worker 2 ends with.
+    partners = swap_partners(config.worker_tasks(), seed=config.seed, swap_index=1)
+    assert partners == [1, 0, 2]
+    for index in (0, 1):
         sent = digests[index + 1]["last_sent_discriminator_sum"]
-        assert digests[target + 1]["discriminator_sum"] == pytest.approx(sent, rel=1e-12, abs=1e-12)
+        assert digests[partners[index] + 1]["discriminator_sum"] == pytest.approx(sent, rel=1e-12, abs=1e-12)
         assert digests[index + 1]["discriminator_sum"] != pytest.approx(sent, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_mdgan_with_recomputed_feedback_graphs_matches_held_graphs(tmp_path: Path, cache_dir: Path) -> None:
+    rows = {}
+    for graphs in ("held", "recomputed"):
+        config = tiny_config(algorithm="mdgan", rounds=3, eval={"every": 3}, engine={"feedback_graphs": graphs})
+        summary = launch_local(config, tmp_path / graphs, cache_dir=cache_dir, show_progress=False)
+        rows[graphs] = (RunDirectory(tmp_path / graphs).metrics(), summary["generator_sum"])
+    assert all(row["feedback_graphs_held"] == 0 for row in rows["recomputed"][0])
+    assert rows["recomputed"][1] == pytest.approx(rows["held"][1], rel=1e-6)
+    for held, recomputed in zip(rows["held"][0], rows["recomputed"][0], strict=True):
+        assert recomputed["g_loss"] == pytest.approx(held["g_loss"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -262,6 +262,11 @@ class EngineConfig(_Strict):
     round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     """Process-group timeout once training runs: a stuck peer surfaces as an error after this."""
     threads_per_process: PositiveInt = 1
+    feedback_graphs: Literal["held", "recomputed"] = "held"
+    """How a server that back-propagates workers' error feedback (MD-GAN, DANCE) has each fake
+    batch's graph when the feedback lands: `held` since the forward (memory per batch in flight),
+    or `recomputed` from the stored latent (one more forward per batch, one graph at a time).
+    Same gradients either way (`gan.feedback`)."""
 
 
 class CheckpointConfig(_Strict):
@@ -343,6 +348,10 @@ class MDGANConfig(_Strict):
     d_steps: PositiveInt = 1
     """Discriminator learning steps per round on each worker (L in the paper), all on the
     round's real batch and its X^(d) fakes; 1 is the standard one D step per G step."""
+    batches_per_task: PositiveInt | None = None
+    """k_t: distinct fake batches the server generates per task and round, shared by that task's
+    workers (each gets two of them: X^(d) and X^(g)). None: max(2, ceil(log2 N_t)) for the task's
+    N_t workers (`algorithms.mdgan.default_batches_per_task`). More than 2 N_t is the same as 2 N_t."""
 
 
 class FLGANConfig(_Strict):

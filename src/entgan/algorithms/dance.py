@@ -31,7 +31,7 @@ D-node the same start, then drops it); worker k is a D-node holding D_k and its 
                   receive i's header, then its payload; est_ik += decoded
                   D_k := (1 - mixing) * D_k + mixing * est_ik
                   bandwidth_kj := EMA(payload bytes / transfer time)
-                e_k := dL_G(D_k(X_k^g, t_k)) / dX_k^g                     # the follower's response
+                e_k := dL_G(D_k(X_k^g, t_k)) / dX_k^g  (D_k in eval mode)  # the follower's response
                 send e_k (+ G loss, WorkerReport) to the G-node, in an update envelope  # feedback
       G-node:   G := Adam step on (1/K') sum_k <e_k, dX_k^g/dtheta>   over the K' accepted e_k
                                                                     # the leader's move
@@ -76,6 +76,7 @@ from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.gan import RealBatches, adam, model_digest
+from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.models import build_discriminator, build_generator
 from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
@@ -237,31 +238,35 @@ class DanceGNode(_DanceRole, ServerRole):
             self.load_state_dict(self.resumed_state)
 
     def open_round(self, round_index: int, participants: list[int]) -> None:
-        """X_k^d for every D-node in one pass without a graph; X_k^g in one pass with it; each
-        D-node's share goes down as one message."""
+        """X_k^d for every D-node in one pass without a graph; X_k^g in one pass whose graph is held
+        or recomputed when the responses land (`engine.feedback_graphs`); each D-node's share goes
+        down as one message."""
         self.participants_now = participants
         batch_size = self.config.optimizer.batch_size
         d_steps = self.dance.d_steps
         worker_tasks = torch.tensor([self.context.task_of(rank) for rank in participants], device=self.context.device)
+        d_tasks = worker_tasks.repeat_interleave(d_steps * batch_size)
         with torch.no_grad():
-            d_fakes = self._generate(worker_tasks.repeat_interleave(d_steps * batch_size))
-        self.g_fakes = self._generate(worker_tasks.repeat_interleave(batch_size))
+            d_fakes = self.G(self._latents(d_tasks.numel()), d_tasks)
+        g_tasks = worker_tasks.repeat_interleave(batch_size)
+        graphs = self.config.engine.feedback_graphs
+        self.g_fakes = FakesAwaitingFeedback(self.G, self._latents(g_tasks.numel()), g_tasks, graphs)
         settle(*self.fakes_in_flight)
         self.fakes_in_flight = [
-            self.transport.send([torch.cat([d_part.reshape(-1), g_part.detach().reshape(-1)])], rank, "fake-batch")
+            self.transport.send([torch.cat([d_part.reshape(-1), g_part.reshape(-1)])], rank, "fake-batch")
             for rank, d_part, g_part in zip(
-                participants, d_fakes.split(d_steps * batch_size), self.g_fakes.split(batch_size), strict=True
+                participants, d_fakes.split(d_steps * batch_size), self.g_fakes.images.split(batch_size), strict=True
             )
         ]
 
-    def _generate(self, tasks: torch.Tensor) -> torch.Tensor:
-        return self.G(self.G.sample_latent(tasks.numel(), generator=self.latents), tasks)
+    def _latents(self, count: int) -> torch.Tensor:
+        return self.G.sample_latent(count, generator=self.latents)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         """dL_G/dX_k^g from every D-node, in arrival order, placed at k's rows of X^g; the rows of
         a refused upload stay zero, so that D-node does not steer G this round."""
         batch_size = self.config.optimizer.batch_size
-        self.feedback = torch.zeros_like(self.g_fakes)
+        self.feedback = torch.zeros_like(self.g_fakes.images)
         self.feedbacks_in = 0
         for update in accepted:
             rows = self.participants_now.index(update.rank) * batch_size
@@ -272,8 +277,9 @@ class DanceGNode(_DanceRole, ServerRole):
         """The leader's move: the mean G loss over the D-nodes heard from, through G."""
         if self.feedbacks_in:
             self.g_optimizer.zero_grad(set_to_none=True)
-            self.g_fakes.backward(self.feedback / self.feedbacks_in)
+            self.g_fakes.backpropagate(self.feedback / self.feedbacks_in)
             self.g_optimizer.step()
+        self.g_fakes.drop()
         del self.g_fakes, self.feedback
         return {"g_steps": 1.0 if self.feedbacks_in else 0.0}
 

@@ -50,11 +50,19 @@ def generator_step(
 def error_feedback(discriminator: Discriminator, fakes: torch.Tensor, task: int) -> tuple[torch.Tensor, float, float]:
     """Worker: F = dL_G/dx for every image x of `fakes` (the generator loss on D's `task` head).
 
-    Only the images get gradients; D is not updated by this pass. Returns (F, loss, realness).
+    Only the images get gradients; D is not updated by this pass. D is in eval mode for it
+    (dropout off, then restored): F is what the server back-propagates into G, and dropout's
+    random masks would only add noise to it; D's own training steps keep their dropout.
+    Returns (F, loss, realness).
     """
     images = fakes.detach().requires_grad_(True)
-    loss, realness = generator_loss(discriminator, images, task)  # type: ignore[arg-type]
-    (feedback,) = torch.autograd.grad(loss, images)
+    was_training = discriminator.training
+    discriminator.eval()
+    try:
+        loss, realness = generator_loss(discriminator, images, task)  # type: ignore[arg-type]
+        (feedback,) = torch.autograd.grad(loss, images)
+    finally:
+        discriminator.train(was_training)
     return feedback, loss.item(), realness
 
 

@@ -8,35 +8,47 @@ generated batches down to every worker ("fake-batch"), the error feedback dL_G/d
 worker ("feedback"), and every P rounds each D_n to another worker ("gossip", peer-to-peer).
 G's parameters never leave the server.
 
-On the engine's hooks (`engine.method`): the server's `open_round` generates and sends every
-worker's two batches, `aggregate` back-propagates each F_n as it lands, `train_global` takes the
-Adam step; a worker's `local_round` is its D steps, F_n and the swap, `uploads` is F_n.
+On the engine's hooks (`engine.method`): the server's `open_round` generates each task's batches
+and sends every worker its two, `aggregate` back-propagates each batch's feedback once it is in,
+`train_global` takes the Adam step; a worker's `local_round` is its D steps, F_n and the swap,
+`uploads` is F_n.
 
     setup:    worker n: build D_n; send (task t_n, shard size m_n) to the server
               server:   build G; announce the swap period P = round(E * mean_n(m_n) / b) rounds
                         (E local epochs at one real batch of b per round)
     round i = 1, 2, ...:
-      server:   for each worker n:  X(d)_n := G(Z, t_n)   (no graph)
-                                    X(g)_n := G(Z', t_n)  (graph kept until F_n arrives)
-                                    send (X(d)_n, X(g)_n) to worker n
+      server:   for each task t, with workers N_t and k_t batches:
+                  X_t^1 .. X_t^k := G(Z^1, t) .. G(Z^k, t)   (the graph kept for those used as X(g))
+                  worker j of t: (X(d)_j, X(g)_j) := (X_t^(2j mod k), X_t^(2j+1 mod k)); send both
       worker n: X(r)_n := b samples of the local shard
                 L times: D_n := D_n - lr * grad L_D(X(r)_n, X(d)_n)    (task t_n's head)
-                F_n := { dL_G(D_n(X(g)_n)) / dx  for x in X(g)_n }
+                F_n := { dL_G(D_n(X(g)_n)) / dx  for x in X(g)_n }     (D_n in eval mode)
                 send F_n to the server
-                if i mod P == 0: send D_n to worker pi_i(n); D_n := the D received from pi_i^-1(n)
-      server:   grad_w := 1/N sum_n sum_{x in X(g)_n} F_n(x) . dx/dw   (X(g)_n.backward(F_n) as each
-                          F_n lands, which frees that batch's graph; then the division by N)
+                if i mod P == 0: send D_n to worker pi_i(n) of the same task;
+                                 D_n := the D received from pi_i^-1(n)
+      server:   grad_w := 1/N sum_n sum_{x in X(g)_n} F_n(x) . dx/dw   (the F_n of one batch are
+                          summed; X_t^b.backward(sum) once its last F_n is in, which frees that
+                          batch's graph; then the division by N)
                 G := Adam step with grad_w
 
 Choices where the paper leaves room or the multi-task setting asks for one:
-- The paper's server generates k <= N distinct batches and hands each worker two of them. Here G is
-  task-conditioned and a worker's batches must be of its own task, so each worker gets two batches
-  of its own: N no-grad passes and N passes whose graphs the server holds until the feedback is in.
-  Those N graphs are this method's real memory cost on the server.
-- pi_i is a random derangement drawn from the run seed and the swap's index (`swap_partners`), so
-  every worker agrees on it without a coordinator, and every worker sends and receives exactly one
-  D. The whole D moves (trunk and every task's head); each worker keeps its own Adam state, as the
-  paper swaps parameters only. With one worker there is no one to swap with.
+- The paper's server generates k <= N distinct batches and hands each worker two of them, and
+  discusses small k (such as log N): the server's work and memory grow with k, not N. G is
+  task-conditioned here and a worker's batches must be of its own task, so the batches are per
+  task: k_t of them for the task's N_t workers (`baselines.mdgan.batches_per_task`), by default
+  max(2, ceil(log2 N_t)): two is the fewest that still gives every worker two distinct batches, one
+  to train D_n on and one to answer with feedback. Batches are dealt in turn (`deal_batches`), so
+  they are used evenly. The server holds at most k_t graphs per task, or one at a time with
+  `engine.feedback_graphs: recomputed` (`gan.feedback`).
+- The feedback F_n is computed with D_n in eval mode (dropout off): the server back-propagates it
+  into G, and dropout's masks would only add noise. D_n's training steps keep their dropout.
+- pi_i is a random derangement within each task's workers, drawn from the run seed and the swap's
+  index (`swap_partners`), so every worker agrees on it without a coordinator, and every worker of
+  a task with two or more workers sends and receives exactly one D. Swapping within a task keeps a
+  D_n's task head trained on the data it sees (a swap across tasks hands a worker a D whose head
+  for its task another task's worker never trained). The whole D moves (trunk and heads); each
+  worker keeps its own Adam state, as the paper swaps parameters only. A task's only worker has no
+  one to swap with and keeps its D.
 - Epochs count real samples drawn; shards may differ in size, so the period is computed once by
   the server from the mean shard (the paper's shards are equal) and every worker swaps together.
 - Losses are the project's shared non-saturating GAN losses (the same for every method).
@@ -46,6 +58,8 @@ Choices where the paper leaves room or the multi-task setting asks for one:
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -63,6 +77,7 @@ from entgan.engine.transport import Transfer
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.engine.uploads import receive_hellos, send_hello
 from entgan.gan import RealBatches, adam, model_digest
+from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
@@ -71,14 +86,8 @@ FEEDBACK_FIGURES = ("g_loss", "g_fake_realness")
 
 
 # ---------------------------------------------------------------------- the method's math
-# The worker's half, F_n = dL_G/dx, is `local_training.error_feedback` (DANCE returns the same).
-def backpropagate_feedback(fakes: torch.Tensor, feedback: torch.Tensor) -> None:
-    """Server: add sum_x F(x) . dx/dw to G's gradients through `fakes`' graph (the chain rule), and
-    free that graph. Summed over the workers and divided by their number (`average_gradients`),
-    this is the gradient of the workers' mean G loss, as if G were trained against every D_n at once."""
-    fakes.backward(feedback.view_as(fakes))
-
-
+# The worker's half, F_n = dL_G/dx, is `local_training.error_feedback` (DANCE returns the same);
+# the server's, sum_x F_n(x) . dx/dw through the batch's graph, is `gan.feedback`.
 def average_gradients(module: torch.nn.Module, count: int) -> None:
     """Divide the gradients summed over `count` workers' feedback by `count` (the paper's 1/N)."""
     for parameter in module.parameters():
@@ -94,16 +103,41 @@ def swap_period(swap_every_epochs: float, shard_sizes: list[int], batch_size: in
     return max(1, round(swap_every_epochs * mean_shard / batch_size))
 
 
-def swap_partners(num_workers: int, seed: int, swap_index: int) -> list[int]:
-    """pi for swap number `swap_index`: worker n sends its D to worker pi[n]. A derangement (nobody
-    keeps its own D) drawn from the run seed, so every worker computes the same one on its own."""
-    if num_workers < 2:
-        raise ValueError(f"a swap needs at least 2 workers, found {num_workers}")
+def swap_partners(worker_tasks: Sequence[int], seed: int, swap_index: int) -> list[int]:
+    """pi for swap number `swap_index`: worker n sends its D to worker pi[n], a worker of the same
+    task. Within each task of two or more workers, a derangement (nobody keeps its own D) drawn
+    from the run seed, so every worker computes the same pi on its own; a task's only worker maps
+    to itself (it does not swap)."""
     stream = torch.Generator().manual_seed(seed * 1_000_003 + swap_index)
-    while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e
-        permutation = torch.randperm(num_workers, generator=stream).tolist()
-        if all(target != source for source, target in enumerate(permutation)):
-            return permutation
+    partners = list(range(len(worker_tasks)))
+    by_task: dict[int, list[int]] = defaultdict(list)
+    for worker, task in enumerate(worker_tasks):
+        by_task[task].append(worker)
+    for task in sorted(by_task):
+        members = by_task[task]
+        if len(members) < 2:
+            continue
+        while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e
+            order = torch.randperm(len(members), generator=stream).tolist()
+            if all(target != source for source, target in enumerate(order)):
+                break
+        for source, target in enumerate(order):
+            partners[members[source]] = members[target]
+    return partners
+
+
+def default_batches_per_task(workers: int) -> int:
+    """k_t for a task of `workers` workers: max(2, ceil(log2 N_t)) (see the module docstring)."""
+    return max(2, math.ceil(math.log2(workers))) if workers > 1 else 2
+
+
+def deal_batches(workers: int, batches: int) -> list[tuple[int, int]]:
+    """(X(d), X(g)) batch indices for each of a task's `workers`, out of `batches` (k_t): worker j
+    gets batches 2j and 2j+1 mod k_t, so every batch is used about equally often and, for
+    k_t >= 2, a worker's two batches differ. Batches past 2 N_t would never be dealt: k_t is
+    capped there."""
+    batches = min(batches, 2 * workers)
+    return [((2 * worker) % batches, (2 * worker + 1) % batches) for worker in range(workers)]
 
 
 def feedback_layout(config: RunConfig) -> UpdateLayout:
@@ -138,31 +172,63 @@ class MDGANServer(ServerRole):
             self.load_state_dict(self.resumed_state)
 
     def open_round(self, round_index: int, participants: list[int]) -> None:
-        """Two batches of its own task for every worker; X(g)_n keeps its graph for the feedback.
+        """Each task's k_t batches, dealt two to each of its workers; a batch some worker answers
+        with feedback keeps what its backward needs (`gan.feedback`).
 
-        A worker's batches leave as soon as they exist, so it starts its D steps while the server
-        is still generating for the next workers."""
-        self.graphs: dict[int, torch.Tensor] = {}
+        A worker's batches leave as soon as its task's batches exist, so it starts its D steps
+        while the server is still generating for the next task."""
+        self.awaiting: dict[tuple[int, int], FakesAwaitingFeedback] = {}
+        self.answer_batch: dict[int, tuple[int, int]] = {}  # rank -> its X(g)'s (task, batch)
         self.sends: list[Transfer] = []
+        by_task: dict[int, list[int]] = defaultdict(list)
         for rank in participants:
-            task = self.context.task_of(rank)
-            with torch.no_grad():
-                for_discriminator = self.G(self._latents(), task)
-            for_generator = self.G(self._latents(), task)
-            self.sends.append(self.transport.send([for_discriminator, for_generator], rank, "fake-batch"))
-            self.graphs[rank] = for_generator
+            by_task[self.context.task_of(rank)].append(rank)
+        for task, ranks in sorted(by_task.items()):
+            dealt = deal_batches(len(ranks), self.batches_per_task(len(ranks)))
+            answered = {answer for _, answer in dealt}
+            batches: list[torch.Tensor] = []
+            for batch in range(max(max(pair) for pair in dealt) + 1):
+                if batch in answered:
+                    fakes = FakesAwaitingFeedback(self.G, self._latents(), task, self.config.engine.feedback_graphs)
+                    self.awaiting[(task, batch)] = fakes
+                    batches.append(fakes.images)
+                else:
+                    with torch.no_grad():
+                        batches.append(self.G(self._latents(), task))
+            for rank, (for_discriminator, for_generator) in zip(ranks, dealt, strict=True):
+                pair = [batches[for_discriminator], batches[for_generator]]
+                self.sends.append(self.transport.send(pair, rank, "fake-batch"))
+                self.answer_batch[rank] = (task, for_generator)
+        self.graphs_held = sum(fakes.holds_graph for fakes in self.awaiting.values())
         self.g_optimizer.zero_grad(set_to_none=True)
+
+    def batches_per_task(self, workers: int) -> int:
+        configured = self.config.baselines.mdgan.batches_per_task
+        return configured if configured is not None else default_batches_per_task(workers)
 
     def _latents(self) -> torch.Tensor:
         return self.G.sample_latent(self.batch_size, generator=self.latent_stream)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
-        """grad_w += sum_x F_n(x) . dx/dw as each F_n lands (which frees X(g)_n's graph)."""
+        """grad_w += sum_x F(x) . dx/dw per batch, F summed over the workers that answered it, once
+        the batch's last expected F has landed (which frees its graph)."""
         self.feedbacks_in = 0
+        expected = defaultdict(int)
+        for key in self.answer_batch.values():
+            expected[key] += 1
+        summed: dict[tuple[int, int], torch.Tensor] = {}
         for update in accepted:
-            backpropagate_feedback(self.graphs.pop(update.rank), update.values)
+            key = self.answer_batch[update.rank]
+            summed[key] = summed[key] + update.values if key in summed else update.values.clone()
+            expected[key] -= 1
             self.feedbacks_in += 1
-        self.graphs.clear()  # the graphs of refused feedback are dropped unused
+            if expected[key] == 0:
+                self.awaiting.pop(key).backpropagate(summed.pop(key))
+        for key, feedback in summed.items():  # batches with some of their feedback refused
+            self.awaiting.pop(key).backpropagate(feedback)
+        for fakes in self.awaiting.values():  # batches whose feedback was all refused
+            fakes.drop()
+        self.awaiting.clear()
 
     def train_global(self, round_index: int) -> dict[str, float]:
         """G := Adam step with the gradient averaged over the accepted feedback (the paper's 1/N)."""
@@ -170,7 +236,7 @@ class MDGANServer(ServerRole):
             average_gradients(self.G, self.feedbacks_in)
             self.g_optimizer.step()
         settle(*self.sends)
-        return {"g_steps": 1.0 if self.feedbacks_in else 0.0}
+        return {"g_steps": 1.0 if self.feedbacks_in else 0.0, "feedback_graphs_held": float(self.graphs_held)}
 
     def state_dict(self) -> dict[str, Any]:
         """G, its optimizer and the latent stream the next round's fakes come from. Nothing is in
@@ -210,6 +276,7 @@ class MDGANWorker(WorkerRole):
         self.swap_period = int(period.item())
         self.swap_in_flight: tuple[Transfer, torch.Tensor] | None = None
         self.swaps = 0
+        self.fake_sums = [0.0, 0.0]
         self.first_swap_round = self.last_swap_round = 0
         self.last_sent_sum = 0.0
         if self.resumed_state is not None:
@@ -222,6 +289,7 @@ class MDGANWorker(WorkerRole):
         real = self.real.next()  # X(r)_n, drawn while the fakes are in flight
         self.finish_swap()
         incoming.wait()
+        self.fake_sums = [float(fakes.double().sum()) for fakes in (self.fakes_for_discriminator, self.fakes_for_generator)]
         task = self.context.task
         d_figures = FigureMeans(3)  # loss, real realness, fake realness
         for _ in range(self.config.baselines.mdgan.d_steps):
@@ -231,7 +299,7 @@ class MDGANWorker(WorkerRole):
         # The swap is posted before the feedback leaves (both asynchronous) only so that this
         # round's report counts its bytes; D_n has produced F_n either way.
         round_number = round_index + 1
-        if self.config.num_workers > 1 and round_number % self.swap_period == 0:
+        if round_number % self.swap_period == 0:
             self.start_swap(round_number)
         return LocalFigures(*d_figures.means())
 
@@ -239,9 +307,14 @@ class MDGANWorker(WorkerRole):
         return [Upload("feedback", self.feedback, self.feedback_layout, figures=self.feedback_figures)]
 
     def start_swap(self, round_number: int) -> None:
-        """Send D_n to pi(n) and post the receive of pi^-1(n)'s D; it lands before D_n is used again."""
-        partners = swap_partners(self.config.num_workers, self.config.seed, self.swaps)
+        """Send D_n to pi(n) and post the receive of pi^-1(n)'s D; it lands before D_n is used again.
+        Swap number s is the same for every worker (the s-th multiple of the period), so a worker
+        alone in its task, which never swaps, still agrees with the others on pi."""
+        swap_index = round_number // self.swap_period - 1
+        partners = swap_partners(self.config.worker_tasks(), self.config.seed, swap_index)
         me = self.context.worker_index
+        if partners[me] == me:
+            return
         send_to = self.context.rank_of_worker(partners[me])
         receive_from = self.context.rank_of_worker(partners.index(me))
         outgoing = flatten(model_tensors(self.D))
@@ -290,13 +363,17 @@ class MDGANWorker(WorkerRole):
         self.last_sent_sum = float(state["last_sent_sum"])
 
     def digest(self) -> dict[str, float]:
-        """Which swaps happened, and the D sent away last vs. the D held now (tests trace swaps)."""
+        """Which swaps happened, the D sent away last vs. the D held now, and the last round's
+        fakes (tests trace swaps and shared batches)."""
         return {
             "swap_period": float(self.swap_period),
             "swaps": float(self.swaps),
             "first_swap_round": float(self.first_swap_round),
             "last_swap_round": float(self.last_swap_round),
             "last_sent_discriminator_sum": self.last_sent_sum,
+            # The last round's X(d) and X(g): a task's workers share batches, tasks do not.
+            "last_fakes_for_discriminator_sum": self.fake_sums[0],
+            "last_fakes_for_generator_sum": self.fake_sums[1],
             **model_digest(self.D, "discriminator"),
         }
 
