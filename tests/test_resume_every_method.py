@@ -19,7 +19,9 @@ from test_traffic import assert_reports_add_up
 from crashing_workers import CRASH_RANK, crashing_class_name
 
 METHODS = sorted(METHOD_PATHS)
-MEMORY_KEYS = ("server/rss_bytes", "server/peak_rss_bytes", "server/rss_increase_bytes")
+MEMORY_KEYS = (
+    "server/rss_bytes", "server/peak_rss_bytes", "server/rss_increase_bytes", "server/hwm_bytes", "server/hwm_increase_bytes",
+)
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     # DANCE's default codec (`auto`) picks each link's compression from its measured wall-clock
     # bandwidth, so two runs of one seed need not agree; a forced lossy codec makes them agree, and
@@ -106,7 +108,10 @@ def test_a_worker_killed_mid_run_resumes_to_the_uninterrupted_metrics(
 
 
 def _digest(digest: dict[str, Any]) -> dict[str, Any]:
-    """A worker's end-of-run digest without its timing (and bandwidth, which is measured time)."""
+    """A worker's end-of-run digest without its timing (and bandwidth, which is measured time) and
+    memory."""
     return {
-        key: value for key, value in digest.items() if not key.endswith("_s") and "bandwidth" not in key
+        key: value
+        for key, value in digest.items()
+        if not key.endswith("_s") and not key.startswith("memory_") and "bandwidth" not in key
     }

@@ -145,6 +145,7 @@ def _sweep_cell(runs: Sequence[RunResult]) -> dict[str, Any]:
         "status": "ok" if ok else "failed",
         "server_peak_rss_bytes": _median([run.server_peak_rss_bytes for run in runs]) if ok else None,
         "server_rss_increase_bytes": _median([run.server_rss_increase_bytes for run in runs]) if ok else None,
+        "server_hwm_increase_bytes": _median([run.server_hwm_increase_bytes for run in runs]) if ok else None,
         "error": next((run.error for run in runs if not run.ok), None),
         "runs": [
             {
@@ -152,6 +153,7 @@ def _sweep_cell(runs: Sequence[RunResult]) -> dict[str, Any]:
                 "status": run.status,
                 "server_peak_rss_bytes": run.server_peak_rss_bytes,
                 "server_rss_increase_bytes": run.server_rss_increase_bytes,
+                "server_hwm_increase_bytes": run.server_hwm_increase_bytes,
             }
             for run in runs
         ],
@@ -316,6 +318,14 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
                 row.append(text)
         rows.append(row)
     lines += _table(["method", *(f"K={count}" for count in counts)], rows)
+    high_water_marks = [
+        [method, *(_mib(cells[count].get("server_hwm_increase_bytes")) if count in cells else "–" for count in counts)]
+        for method, cells in sweep["by_method"].items()
+    ]
+    if any(cell != "–" for row in high_water_marks for cell in row[1:]):
+        lines += ["", "The kernel's high-water mark (VmHWM, reset after warm-up and after each evaluation) over "
+                  "the idle runtime, MiB: it cannot miss a peak shorter than the sampling interval:", ""]
+        lines += _table(["method", *(f"K={count}" for count in counts)], high_water_marks)
     if sweep["reference_ratios"]:
         ref = sweep["reference"]
         lines += ["", f"`{ref}`'s increase divided by the method's at the same K (below 1: `{ref}` needs less):", ""]

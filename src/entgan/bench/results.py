@@ -107,6 +107,8 @@ class RunResult:
     server_peak_rss_bytes: int | None = None
     server_baseline_rss_bytes: int | None = None
     server_rss_increase_bytes: int | None = None
+    server_hwm_increase_bytes: int | None = None
+    """The server's kernel high-water mark over the idle runtime (never misses a short peak)."""
     server_bytes_sent: float | None = None
     server_bytes_received: float | None = None
     workers_bytes_sent: float | None = None
@@ -178,6 +180,7 @@ def read_run(
         server_peak_rss_bytes=summary.get("server_peak_rss_bytes"),
         server_baseline_rss_bytes=summary.get("server_baseline_rss_bytes"),
         server_rss_increase_bytes=summary.get("server_rss_increase_bytes"),
+        server_hwm_increase_bytes=summary.get("server_hwm_increase_bytes"),
         server_bytes_sent=summary.get("server/bytes_sent"),
         server_bytes_received=summary.get("server/bytes_received"),
         workers_bytes_sent=workers_sent,

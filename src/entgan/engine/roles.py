@@ -26,6 +26,7 @@ from entgan.engine.rounds import ServerRounds, WorkerRounds
 from entgan.engine.transport import Transfer
 from entgan.gan import adam
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
+from entgan.metrics.probes import high_water_mark_bytes, reset_high_water_mark
 from entgan.metrics.classifier import DomainClassifier
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
@@ -234,6 +235,7 @@ def serve(
             "server/rss_bytes": current_rss_bytes(),
             "server/peak_rss_bytes": max(memory.peak_bytes, earlier_peak["peak_bytes"]),
             "server/rss_increase_bytes": max(memory.increase_bytes, earlier_peak["increase_bytes"]),
+            **_high_water_mark_fields(memory, earlier_peak),
             "server/bytes_sent": counters.bytes_sent,
             "server/bytes_received": counters.bytes_received,
             "server/comm_wait_s": counters.wait_seconds,
@@ -257,7 +259,12 @@ def serve(
                 engine = {
                     "train_clock_s": train_clock,
                     "last_eval_s": clock.last_eval_s,
-                    "peak": {"peak_bytes": row["server/peak_rss_bytes"], "increase_bytes": row["server/rss_increase_bytes"]},
+                    "peak": {
+                        "peak_bytes": row["server/peak_rss_bytes"],
+                        "increase_bytes": row["server/rss_increase_bytes"],
+                        "hwm_bytes": row.get("server/hwm_bytes", 0),
+                        "hwm_increase_bytes": row.get("server/hwm_increase_bytes", 0),
+                    },
                 }
                 state = checkpoint_state(context, method.name, server, round_number, engine)
                 run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
@@ -289,6 +296,8 @@ def serve(
         "server_peak_rss_bytes": rows[-1]["server/peak_rss_bytes"],
         "server_baseline_rss_bytes": memory.baseline_bytes,
         "server_rss_increase_bytes": rows[-1]["server/rss_increase_bytes"],
+        "server_hwm_bytes": rows[-1].get("server/hwm_bytes"),
+        "server_hwm_increase_bytes": rows[-1].get("server/hwm_increase_bytes"),
         "refused_updates": sum(row.get("refused_updates", 0.0) for row in rows),
         # Differential privacy spent by each private worker over the whole run (at privacy.delta):
         # its latest report (a worker that sat out the last rounds reported in an earlier row).
@@ -348,6 +357,10 @@ def work(context: RunContext, method: type[Method]) -> None:
     run_dir = RunDirectory(context.run_dir)
     shard = worker_shards(config, build_tasks(config, load_source(config.data)))[context.worker_index]
     worker: WorkerRole = method.worker(context)
+    # What the worker's role costs: its peak memory (the kernel's mark, checkpoint writing included)
+    # over the RSS with the runtime and its shard loaded.
+    baseline_memory = current_rss_bytes()
+    reset_high_water_mark()
     worker.setup(shard)
     engine_state = restore_engine_state(context)
     first_round = engine_state.get("round", 0)
@@ -373,10 +386,29 @@ def work(context: RunContext, method: type[Method]) -> None:
         **context.transport.counters.as_dict(),
         **rounds.meter.setup_bytes,
         **rounds.meter.unreported(),
+        **_worker_memory(baseline_memory),
     }
     path = run_dir.workers / f"rank-{context.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy
     path.write_text(json.dumps(digest, indent=2, sort_keys=True))
+
+
+def _worker_memory(baseline: int) -> dict[str, int]:
+    peak = high_water_mark_bytes()
+    if peak is None:
+        return {}
+    return {"memory_baseline_bytes": baseline, "memory_peak_bytes": peak, "memory_increase_bytes": max(0, peak - baseline)}
+
+
+def _high_water_mark_fields(memory: PeakRSSMonitor, earlier: dict[str, int]) -> dict[str, int]:
+    """The server's kernel high-water mark over the run so far, harness left out (none where the
+    kernel cannot reset it), carried across a resume like the sampled peak."""
+    if memory.high_water_mark_bytes is None:
+        return {}
+    return {
+        "server/hwm_bytes": max(memory.high_water_mark_bytes, earlier.get("hwm_bytes", 0)),
+        "server/hwm_increase_bytes": max(memory.high_water_mark_increase_bytes or 0, earlier.get("hwm_increase_bytes", 0)),
+    }
 
 
 def _eval_fields(row: dict[str, Any]) -> dict[str, float]:

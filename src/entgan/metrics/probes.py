@@ -18,9 +18,10 @@ from types import TracebackType
 
 import psutil
 
-__all__ = ["PeakRSSMonitor", "Stopwatch", "current_rss_bytes"]
+__all__ = ["PeakRSSMonitor", "Stopwatch", "current_rss_bytes", "high_water_mark_bytes", "reset_high_water_mark"]
 
 _PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 _PROC_STATM = Path("/proc/self/statm")
@@ -38,6 +39,32 @@ def current_rss_bytes() -> int:
         return int(psutil.Process().memory_info().rss)
 
 
+def high_water_mark_bytes() -> int | None:
+    """The kernel's peak RSS of this process since its start or the last `reset_high_water_mark`
+    (VmHWM in /proc/self/status), or None where there is none. Unlike sampling, it cannot miss a
+    spike however short."""
+    try:
+        text = _PROC_STATUS.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            return int(value) * 1024 if unit.lower() == "kb" else int(value)
+    return None
+
+
+def reset_high_water_mark() -> bool:
+    """Lower VmHWM to the current RSS (writing 5 to /proc/self/clear_refs, Linux 4.0+), so that
+    it measures from now: after warm-up, or after work that is not to be counted. False where the
+    kernel does not offer it (the mark then counts from the process's start)."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def release_free_memory() -> None:
     """Hand memory the allocator holds but no object uses back to the OS (glibc `malloc_trim`).
 
@@ -51,12 +78,13 @@ def release_free_memory() -> None:
 
 
 class PeakRSSMonitor:
-    """Samples this process's RSS on a daemon thread and keeps the maximum.
+    """This process's peak memory over a window, from `start()` to `stop()`, less `paused()` work.
 
-    Sampling (rather than only reading the OS high-water mark) gives a peak for a *window* —
-    from `start()` to `stop()` — and a baseline at start, so `increase_bytes` isolates what the
-    measured work added. Allocations shorter than `interval_s` can be missed; `os_peak_bytes()`
-    (the kernel's lifetime VmHWM) is a cross-check that never misses but cannot be windowed.
+    Two measures of the same window: RSS sampled on a daemon thread every `interval_s` (a peak
+    over time; allocations shorter than the interval can be missed), and the kernel's high-water
+    mark (VmHWM), reset at `start()` and after each paused stretch, read before each one: it
+    cannot miss a spike. Both are also given as the increase over the baseline RSS at `start()`,
+    which isolates what the measured work added.
     """
 
     def __init__(self, interval_s: float = 0.05) -> None:
@@ -70,6 +98,9 @@ class PeakRSSMonitor:
         self._peak = 0
         self._increase = 0
         self._paused = False
+        self._hwm = 0
+        self._hwm_increase = 0
+        self._hwm_available = False
 
     def _sample(self) -> None:
         rss = current_rss_bytes()
@@ -85,6 +116,7 @@ class PeakRSSMonitor:
         Memory the paused work leaves resident (the allocator keeps freed pages) raises the
         baseline by as much, so it is not charged to the monitored work either."""
         self._sample()
+        self._read_high_water_mark()
         before = current_rss_bytes()
         with self._lock:
             self._paused = True
@@ -96,6 +128,14 @@ class PeakRSSMonitor:
             with self._lock:
                 self._paused = False
                 self._baseline += max(0, left_behind)
+            self._hwm_available = reset_high_water_mark()
+
+    def _read_high_water_mark(self) -> None:
+        mark = high_water_mark_bytes() if self._hwm_available and not self._paused else None
+        if mark is not None:
+            with self._lock:
+                self._hwm = max(self._hwm, mark)
+                self._hwm_increase = max(self._hwm_increase, mark - self._baseline)
 
     def _run(self) -> None:
         while not self._stop_event.wait(self.interval_s):
@@ -111,6 +151,9 @@ class PeakRSSMonitor:
         with self._lock:
             self._peak = self._baseline
             self._increase = 0
+            self._hwm = self._baseline
+            self._hwm_increase = 0
+        self._hwm_available = reset_high_water_mark()
         self._thread = threading.Thread(target=self._run, name="peak-rss-monitor", daemon=True)
         self._thread.start()
         return self
@@ -120,6 +163,7 @@ class PeakRSSMonitor:
         if self._thread is None:
             return
         self._sample()
+        self._read_high_water_mark()
         self._stop_event.set()
         self._thread.join()
         self._thread = None
@@ -157,18 +201,21 @@ class PeakRSSMonitor:
         with self._lock:
             return max(0, self._increase)
 
-    @staticmethod
-    def os_peak_bytes() -> int | None:
-        """Kernel's lifetime peak RSS (VmHWM in /proc/self/status), or None where unavailable."""
-        try:
-            text = _PROC_STATUS.read_text()
-        except OSError:
+    @property
+    def high_water_mark_bytes(self) -> int | None:
+        """The kernel's peak RSS over the window so far (None where it cannot be reset)."""
+        if not self._hwm_available:
             return None
-        for line in text.splitlines():
-            if line.startswith("VmHWM:"):
-                value, unit = line.split()[1:3]
-                return int(value) * 1024 if unit.lower() == "kb" else int(value)
-        return None
+        self._read_high_water_mark()
+        return self._hwm
+
+    @property
+    def high_water_mark_increase_bytes(self) -> int | None:
+        """`high_water_mark_bytes` above the baseline: what the monitored work added at its peak."""
+        if not self._hwm_available:
+            return None
+        self._read_high_water_mark()
+        return max(0, self._hwm_increase)
 
 
 class Stopwatch:
