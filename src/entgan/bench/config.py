@@ -57,6 +57,9 @@ class MemorySweepConfig(_Strict):
     """Rounds per sweep run (no time budget: the same work at every count)."""
     methods: list[AlgorithmName] | None = None
     """Methods swept; default: every method of the bench."""
+    variants: list[VariantConfig] = []
+    """Swept too: a method with some of the base configuration changed (e.g. MD-GAN with its
+    feedback graphs recomputed), a row of its own named by the variant."""
     repeats: PositiveInt = 1
     """Runs per method and worker count, each in a fresh process; the report gives the median. An
     identical run's server RSS varies by an MiB or two (where the C allocator and the math libraries
@@ -174,9 +177,11 @@ class BenchConfig(_Strict):
         return self.run_timeout_s if self.run_timeout_s is not None else 3 * self.time_budget_s + 600
 
     def swept_methods(self) -> list[str]:
+        """Row labels of the memory sweep: its methods, then its variants."""
         if self.memory_sweep is None:
             return []
-        return list(self.memory_sweep.methods) if self.memory_sweep.methods is not None else list(self.methods)
+        methods = list(self.memory_sweep.methods) if self.memory_sweep.methods is not None else list(self.methods)
+        return [*methods, *(variant.name for variant in self.memory_sweep.variants)]
 
     def quick(self) -> BenchConfig:
         """A smoke run of the same bench: every step exercised, no figure meaningful."""

@@ -88,13 +88,14 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
             ]
             for count in sweep.workers
         }
+        variants = {variant.name: variant_config_data(bench.base, variant) for variant in sweep.variants}
         for repeat in range(sweep.repeats):
-            for method in filter(wanted, bench.swept_methods()):
+            for label in filter(wanted, bench.swept_methods()):
+                row_base = variants.get(label, {**base, "algorithm": label})
                 for count, tasks in tasks_at.items():
-                    key = f"sweep-{method}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
-                    data = {**base, "algorithm": method, "name": f"{bench.name}-{key}", "rounds": sweep.rounds,
-                            "tasks": tasks}
-                    runs.append(PlannedRun(key, "memory_sweep", method, _validated(data, key)))
+                    key = f"sweep-{label}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
+                    data = {**row_base, "name": f"{bench.name}-{key}", "rounds": sweep.rounds, "tasks": tasks}
+                    runs.append(PlannedRun(key, "memory_sweep", label, _validated(data, key)))
     return runs
 
 
