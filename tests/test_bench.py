@@ -420,6 +420,17 @@ def test_tiny_bench_writes_table_json_and_plots(tmp_path: Path, cache_dir: Path)
     for plot in ("plots/fid_vs_time.png", "plots/server_memory_vs_workers.png"):
         assert (out / plot).stat().st_size > 0 and f"]({plot})" in markdown
     assert (out / "runs" / "entgan" / "metrics.jsonl").is_file()
+    # One `tensorboard --logdir OUT` shows every run, named by its row, method and seed.
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+    tensorboard = EventMultiplexer()
+    tensorboard.AddRunsFromDirectory(str(out))
+    tensorboard.Reload()
+    planned = plan_runs(load_bench_config(tmp_path / "bench.yaml"))
+    names = {f"runs/{run.key}/tb/{run.algorithm}-seed{run.config.seed}": run for run in planned}
+    assert set(tensorboard.Runs()) == set(names) and len(names) == 4
+    scalars = tensorboard.PluginRunToTagToContent("scalars")
+    assert all("fid/overall" in scalars[name] for name in names)
 
     # A second invocation with --resume reuses every finished run instead of training again.
     started = time.perf_counter()

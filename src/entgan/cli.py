@@ -1,7 +1,11 @@
-"""The `entgan` command: run, sample, validate.
+"""The `entgan` command: run, sample, validate (and bench, job, kb from `cli_bench`, `cli_job`).
 
 Every user error (bad config, unreadable data, existing run directory) is reported on one line per
 problem, naming the file and field, with exit status 2, before any process is spawned.
+
+Building the parser imports nothing heavy, so `entgan --help` and `entgan CMD --help` answer at
+once: a command's handler imports what it needs (torch, pydantic, ...) when that command runs.
+`tests/test_cli_startup.py` holds every command's `--help` to that.
 """
 
 from __future__ import annotations
@@ -12,15 +16,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from entgan.config import ConfigError, load_config
-from entgan.data import DataError
-
 EXIT_USAGE = 2
 
 
 def _command_run(args: argparse.Namespace) -> int:
     from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
+    from entgan.config import ConfigError, load_config
     from entgan.engine.launch import launch_local, resume_local
 
     if (args.config is None) == (args.resume is None):
@@ -50,6 +52,7 @@ def _command_run(args: argparse.Namespace) -> int:
 
 def _command_sample(args: argparse.Namespace) -> int:
     from entgan.api import sample_run
+    from entgan.config import ConfigError
     from entgan.plots import save_image_grid
 
     if args.n < 1:
@@ -66,6 +69,7 @@ def _command_sample(args: argparse.Namespace) -> int:
 
 
 def _command_validate(args: argparse.Namespace) -> int:
+    from entgan.config import load_config
     from entgan.engine.launch import preflight
 
     config = load_config(args.config)
@@ -108,11 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user can fix, reported in one message with exit status 2. Imported only when
+    a command has failed (an `except` clause evaluates its expression only then)."""
+    from entgan.config import ConfigError
+    from entgan.data.errors import DataError
+
+    return ConfigError, DataError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, DataError) as error:
+    except _user_errors() as error:
         print(f"entgan: error: {error}", file=sys.stderr)
         return EXIT_USAGE
 

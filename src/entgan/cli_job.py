@@ -18,15 +18,17 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from entgan.lifelong.api import Jobs, JobStatus
-from entgan.lifelong.spec import load_job_spec
-from entgan.lifelong.store import JobRecord, TransitionRecord
+if TYPE_CHECKING:  # imported by the handlers, so that building the parser stays light
+    from entgan.lifelong.api import Jobs, JobStatus
+    from entgan.lifelong.store import JobRecord, TransitionRecord
 
 
 def _jobs(args: argparse.Namespace, *, create: bool = False) -> Jobs:
     """The jobs folder of the command line; only `create` and the controller may start a new one."""
+    from entgan.lifelong.api import Jobs
+
     return Jobs(root=args.root, db=args.db, must_exist=not create)
 
 
@@ -54,6 +56,8 @@ def _transition_line(record: TransitionRecord) -> str:
 
 # ------------------------------------------------------------------------------------------- job
 def _command_create(args: argparse.Namespace) -> int:
+    from entgan.lifelong.spec import load_job_spec
+
     spec = load_job_spec(args.spec)  # before the database: a bad spec leaves nothing behind
     with _jobs(args, create=True) as jobs:
         job = jobs.create(spec, spec_path=args.spec)

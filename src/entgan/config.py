@@ -278,6 +278,14 @@ class CheckpointConfig(_Strict):
     server and the workers, which may be a round apart, always share a complete one."""
 
 
+class TrackingConfig(_Strict):
+    """Where the server reports a run's progress besides `metrics.jsonl` (always written)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files in `RUN_DIR/tb/`: every round's figures, the per-task FID and
+    fidelity curves and the sample grids (`tensorboard --logdir runs/`)."""
+
+
 class StopConfig(_Strict):
     """When a run ends before its round budget (benchmarks compare methods on time, not rounds)."""
 
@@ -425,6 +433,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     warm_start: WarmStartConfig | None = None
     stop: StopConfig = StopConfig()

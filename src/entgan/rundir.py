@@ -10,6 +10,7 @@ Layout::
       checkpoints/round-NNNN.pt          the server's state after round NNNN (also latest.pt)
       checkpoints/round-NNNN.rank-K.pt   worker K's state after the same round (resume needs all)
       samples/<task>/round-NNNN.png
+      tb/<method>-seedN/    TensorBoard event files (`entgan.tracking`; tracking.tensorboard)
       plots/training.png
       workers/rank-K.json   each worker's end-of-run digest
       pids/rank-K           the process id of rank K while the run is going

@@ -36,6 +36,7 @@ from entgan.engine.transport import Transport
 from entgan.metrics.classifier import DomainClassifier, train_domain_classifier
 from entgan.models import check_model_supports
 from entgan.rundir import SUMMARY_FILE, RunDirectory
+from entgan.tracking import check_tracking
 
 
 def default_cache_dir() -> Path:
@@ -46,12 +47,13 @@ def default_cache_dir() -> Path:
 def preflight(config: RunConfig, algorithm_path: str | None = None, *, resuming: bool = False) -> None:
     """Everything that can be checked before spawning: the method exists and supports what the
     config asks of it, data readable, tasks present, shards non-empty, model family fits the
-    image shape. Raises ConfigError / DataError."""
+    image shape, the tracker's package installed. Raises ConfigError / DataError."""
     check_capabilities(config, load_algorithm(config, algorithm_path), resuming=resuming)
     try:
         check_model_supports(config.model, config.image_shape, len(config.tasks))
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check_tracking(config.tracking)
     source = load_source(config.data)
     tasks = build_tasks(config, source)
     worker_shards(config, tasks)

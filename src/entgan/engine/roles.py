@@ -2,7 +2,8 @@
 
 The engine owns everything that is not the method itself: the round (`engine.rounds`, driving
 the method's hooks), timing, memory and traffic probes, evaluation (FID, task fidelity, sample
-grids), the metrics stream, checkpoints and resuming, the progress bar.
+grids), the metrics stream (`metrics.jsonl` and TensorBoard's, `entgan.tracking`), checkpoints
+and resuming, the progress bar.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 from entgan.plots import plot_training, save_image_grid
 from entgan.rundir import RunDirectory
+from entgan.tracking import RunTracker
 
 
 EVALUATION_SEED_OFFSET = 7919
@@ -50,11 +52,15 @@ class Evaluation:
     grid_size: int
     seed: int
 
-    def run(self, server: ServerRole, run_dir: RunDirectory, round_index: int) -> dict[str, float]:
+    def run(
+        self, server: ServerRole, run_dir: RunDirectory, round_index: int
+    ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """The round's quality figures, and the sample grid of every task (also written as PNG)."""
         fakes = self.samples(server.generator)
-        for name, images in fakes.items():
-            save_image_grid(images[: self.grid_size], run_dir.sample_grid_path(name, round_index))
-        return self.evaluator.evaluate(fakes).to_dict()
+        grids = {name: images[: self.grid_size] for name, images in fakes.items()}
+        for name, grid in grids.items():
+            save_image_grid(grid, run_dir.sample_grid_path(name, round_index))
+        return self.evaluator.evaluate(fakes).to_dict(), grids
 
     def samples(self, generator: Generator) -> dict[str, torch.Tensor]:
         latents = torch.Generator().manual_seed(self.seed)  # the same latents at every evaluation
@@ -193,6 +199,8 @@ def serve(
     evaluation = build_evaluation(context, classifier)
     evaluation.warm_up(config)
     warm_up_runtime(config)
+    # Opened before the memory baseline: the writer's modules and thread belong to the idle runtime.
+    tracker = RunTracker.open(config, run_dir.root, method.name, resume_round=resumed_round(context))
     # Baseline = the idle runtime (interpreter, torch, a warmed-up evaluation harness); the increase
     # over it is what the method itself costs the server: models, optimizer state, buffers,
     # activations. Evaluation and checkpoint writing are paused out of the window.
@@ -242,18 +250,20 @@ def serve(
             **method_row,
         }
         harness_started = time.perf_counter()
-        with memory.paused():  # evaluation and checkpoints are the harness, not the method
+        with memory.paused():  # evaluation, logging and checkpoints are the harness, not the method
+            grids: dict[str, torch.Tensor] = {}
             every_seconds = config.eval.every_seconds
             if (
                 is_last
                 or is_eval_round(round_number, config.eval.every, config.rounds)
                 or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
             ):
-                quality = evaluation.run(server, run_dir, round_number)
+                quality, grids = evaluation.run(server, run_dir, round_number)
                 row.update(quality)
                 latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
                 clock.last_eval_s = train_clock
             run_dir.append_metrics(row)  # before the checkpoint: a checkpoint's round is always logged
+            tracker.log_round(row, grids)
             rows.append(row)
             if is_checkpoint_round(round_number, config.checkpoint.every) or is_last:
                 engine = {
@@ -278,6 +288,7 @@ def serve(
             stopped_because, ending = reason, True
         control.announce(stop=ending)
     progress.close()
+    tracker.close()
     control.finish()
 
     server.finish()
@@ -320,6 +331,11 @@ def is_checkpoint_round(round_number: int, every: int) -> bool:
 def engine_snapshot(context: RunContext) -> dict[str, Any]:
     """What every rank's engine must carry across a resume: its random state and traffic counters."""
     return {"torch_rng": torch.get_rng_state(), "counters": context.transport.counters.state_dict()}
+
+
+def resumed_round(context: RunContext) -> int:
+    """The round this rank's checkpoint was taken after (0: a fresh start)."""
+    return int(context.resume["engine"]["round"]) if context.resume is not None else 0
 
 
 def restore_engine_state(context: RunContext) -> dict[str, Any]:
