@@ -168,7 +168,7 @@ def export_images(
         shutil.rmtree(out)
     started = time.monotonic()
     report = ExportReport(
-        out=str(out), model=model.label, checkpoint=str(model.resolved.checkpoint), seed=seed,
+        out=str(out), model=model.label, checkpoint=str(model.resolved.checkpoint.resolve()), seed=seed,
         images_per_task=n, batch_size=batch_size, image_shape=list(model.config.image_shape), tasks=chosen,
         labels={task: label for label, task in enumerate(sorted(chosen))},
     )

@@ -26,7 +26,7 @@ import torch
 from entgan.config import RunConfig
 from entgan.data.errors import DataError
 from entgan.deployed import LoadedModel
-from entgan.metrics.utility import UtilityReport, classification_accuracy_score
+from entgan.metrics.utility import MIN_STEPS, UtilityReport, classification_accuracy_score
 
 FALLBACK_TEST_SHARE = 0.2
 SNAPSHOT_TRAIN, SNAPSHOT_HOLDOUT = "train", "holdout"  # lifelong.edge.TRAIN_DIR / HOLDOUT_DIR
@@ -140,6 +140,7 @@ def evaluate_utility(
     epochs: int = 4,
     seed: int = 0,
     max_test_per_task: int | None = 2000,
+    min_steps: int = MIN_STEPS,
 ) -> UtilityReport:
     """The train-on-synthetic / test-on-real score of `model` on held-out real images, beside
     the same classifier trained on as many of the run's real training images.
@@ -170,6 +171,7 @@ def evaluate_utility(
         epochs=epochs,
         seed=seed,
         tasks=model.task_names,
+        min_steps=min_steps,
     )
     report.test_data, report.test_disjoint, report.model = reals.description, reals.disjoint, model.label
     if report.train_per_task < samples_per_task:

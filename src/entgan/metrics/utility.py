@@ -26,7 +26,12 @@ from torch import Tensor
 
 from entgan.metrics.classifier import train_domain_classifier
 
-__all__ = ["UtilityReport", "classification_accuracy_score", "per_task_accuracy"]
+__all__ = ["UtilityReport", "classification_accuracy_score", "per_task_accuracy", "training_epochs"]
+
+BATCH_SIZE = 64
+MIN_STEPS = 150
+"""Fewest optimizer steps either classifier takes: with few images per task, `epochs` passes alone
+would leave the classifier barely trained and the score would measure that, not the data."""
 
 Sampler = Callable[[str, int], Tensor]
 """`sampler(task, n)`: n generated images (N, C, H, W) in [-1, 1] of `task`, deterministically."""
@@ -47,6 +52,7 @@ class UtilityReport:
     """Training images per task, for both classifiers."""
     test_per_task: dict[str, int]
     epochs: int
+    """Passes over the training images (at least the asked-for number; more for small sets)."""
     seed: int
     test_data: str = ""
     """What the real test images are, in words (and whether the generator ever saw them)."""
@@ -75,12 +81,20 @@ def per_task_accuracy(predicted: Tensor, labels: Tensor, tasks: Sequence[str]) -
     }
 
 
+def training_epochs(images: int, epochs: int, min_steps: int = MIN_STEPS) -> int:
+    """`epochs`, raised so that training on `images` images takes at least `min_steps` steps."""
+    per_epoch = max(1, -(-images // BATCH_SIZE))
+    return max(epochs, -(-min_steps // per_epoch))
+
+
 def _train_and_test(
     train: Mapping[str, Tensor], test: Mapping[str, Tensor], tasks: Sequence[str], epochs: int, seed: int
 ) -> dict[str, float]:
     images = torch.cat([train[task] for task in tasks])
     labels = torch.cat([torch.full((train[task].shape[0],), index, dtype=torch.int64) for index, task in enumerate(tasks)])
-    classifier = train_domain_classifier(images, labels, num_classes=len(tasks), epochs=epochs, seed=seed)
+    classifier = train_domain_classifier(
+        images, labels, num_classes=len(tasks), epochs=epochs, seed=seed, batch_size=BATCH_SIZE
+    )
     test_images = torch.cat([test[task] for task in tasks])
     test_labels = torch.cat(
         [torch.full((test[task].shape[0],), index, dtype=torch.int64) for index, task in enumerate(tasks)]
@@ -97,6 +111,7 @@ def classification_accuracy_score(
     epochs: int = 4,
     seed: int = 0,
     tasks: Sequence[str] | None = None,
+    min_steps: int = MIN_STEPS,
 ) -> UtilityReport:
     """CAS of `sampler` on `real_test` (images per task), and the real-data reference if
     `real_train` is given (per task, at least as many images as are used).
@@ -115,6 +130,7 @@ def classification_accuracy_score(
         per_task = min(per_task, *(int(real_train[task].shape[0]) for task in tasks))
     if per_task < 1:
         raise ValueError("no real training images to compare with")
+    epochs = training_epochs(per_task * len(tasks), epochs, min_steps)
     synthetic = {task: sampler(task, per_task).detach().float().cpu() for task in tasks}
     synthetic_scores = _train_and_test(synthetic, real_test, tasks, epochs, seed)
     real_scores = None
