@@ -51,7 +51,7 @@ def _by_task(config: RunConfig, images: torch.Tensor, labels: torch.Tensor) -> d
     return grouped
 
 
-def _training_images(config: RunConfig) -> dict[str, torch.Tensor]:
+def training_images(config: RunConfig) -> dict[str, torch.Tensor]:
     """Each task's images exactly as the run's workers loaded them (all shards together)."""
     from entgan.data import build_tasks, load_source
 
@@ -92,7 +92,7 @@ def held_out_reals(config: RunConfig, seed: int = 0) -> RealData:
     from entgan.data import load_source
     from entgan.data.transforms import first_per_class
 
-    train = _training_images(config)
+    train = training_images(config)
     data = config.data
     holdout = _snapshot_holdout(config)
     if holdout is not None:
