@@ -54,10 +54,10 @@ class ResolvedModel:
     snapshot: dict[str, Any] | None = None
     """A job version's data snapshot (train and held-out folders), from the knowledge base."""
 
-    def key(self) -> tuple[str, int, int]:
+    def key(self) -> tuple[str, str, int, int]:
         """Changes whenever a different checkpoint becomes current (new version, new round)."""
         stat = self.checkpoint.stat()
-        return str(self.checkpoint), stat.st_mtime_ns, stat.st_size
+        return self.label, str(self.checkpoint), stat.st_mtime_ns, stat.st_size
 
 
 @dataclass

@@ -50,7 +50,7 @@ MEDIA_TYPES = {"grid": "image/png", "npy": "application/x-npy", "zip": "applicat
 @dataclass
 class _Current:
     model: LoadedModel
-    key: tuple[str, int, int]
+    key: tuple[str, str, int, int]
     loaded_at: str
 
 
