@@ -61,3 +61,15 @@ def worker_digests(run_dir: Path) -> list[dict[str, Any]]:
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One classifier cache per test session (the classifier for the tiny data trains in ~1 s)."""
     return tmp_path_factory.getbasetemp() / "classifier-cache"
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run (tasks low and high, server checkpoints after rounds 2 and 4), trained once
+    per test session for the tests that read a real run directory (~10 s)."""
+    from entgan.engine.launch import launch_local
+
+    run_dir = tmp_path_factory.mktemp("trained-tiny") / "run"
+    cache = tmp_path_factory.getbasetemp() / "classifier-cache"
+    launch_local(tiny_config(), run_dir, cache_dir=cache, show_progress=False)
+    return run_dir

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     from entgan.cli_job import add_job_commands
 
     add_job_commands(commands)
+
+    from entgan.cli_export import add_export_commands
+
+    add_export_commands(commands)
     return parser
 
 

@@ -460,7 +460,8 @@ class Controller:
             if deployed is not None:
                 self.store.add_evaluation(db, job, deployed, "deployed", result["deployed"], now)
             self.store.add_decision(db, job, candidate.version, deployed, decision.deploy, decision.rule,
-                                    decision.message, {**decision.figures(), "holdout": result["holdout"]}, now)
+                                    decision.message, {**decision.figures(), "holdout": result["holdout"],
+                                                       **({"cas": result["cas"]} if "cas" in result else {})}, now)
             against = "" if deployed is None else f" and deployed version {deployed}"
             job = self.store.transition(
                 db, job, Stage.EVAL, State.COMPLETED, Reason.SUCCEEDED,

@@ -15,9 +15,9 @@ from typing import Any
 from entgan.lifelong.spec import DeploySpec
 
 Figures = Mapping[str, Mapping[str, float | None]]
-"""{task: {"fid": .., "fidelity": ..}}"""
+"""{task: {"fid": .., "fidelity": .., "cas": ..}} ("cas" only when the eval stage measured it)"""
 
-LOWER_IS_BETTER = {"fid": True, "fidelity": False}
+LOWER_IS_BETTER = {"fid": True, "fidelity": False, "cas": False}
 
 
 @dataclass(frozen=True)

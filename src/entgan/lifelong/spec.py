@@ -56,6 +56,8 @@ from entgan.config import (
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=NAME_PATTERN)]
 Metric = Literal["fid", "fidelity"]
+DeployMetric = Literal["fid", "fidelity", "cas"]
+"""What the deploy rule compares: the trigger metrics, or `cas` (`JobEvalSpec.cas`)."""
 Operator = Literal[">", ">=", "<", "<=", "==", "!="]
 RESERVED_TASK_SELECTORS = ("any", "every")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
@@ -254,11 +256,26 @@ class TriggerSpec(_Strict):
 
 
 # --------------------------------------------------------------------------------- eval and deploy
+class CasSpec(_Strict):
+    """The classification accuracy score (train on synthetic, test on real; `metrics.utility`): a small
+    classifier trained on a model's generated images, labelled by task, is tested on the held-out
+    real images; per task, the share of that task's real images it recognises (higher is better)."""
+
+    samples_per_task: Annotated[int, Field(ge=2)] = 500
+    """Generated images per task the classifier trains on (at most as many as the smallest task has
+    real training images, so the real-data reference trains on as many)."""
+    epochs: PositiveInt = 4
+    """Classifier training epochs (more for small sets: at least 150 steps)."""
+
+
 class JobEvalSpec(_Strict):
     samples_per_task: Annotated[int, Field(ge=2)] = 500
     """Generated images per task that FID and task fidelity are computed on."""
     seed: int = 0
     """Seed of the latents: candidate and deployed model are sampled from the same latents."""
+    cas: CasSpec | None = None
+    """Also measure the classification accuracy score of both models (on by itself, with these
+    defaults, when `deploy.metric` is `cas`). It needs at least two tasks."""
 
 
 class DeploySpec(_Strict):
@@ -269,9 +286,11 @@ class DeploySpec(_Strict):
     `every-task`: deploy only if every task is better. `any-task`: deploy if some task is better and
     none is worse. A candidate that adds tasks is deployed when no old task is worse (its purpose is
     the new task; the old ones must not be forgotten). The first candidate is deployed as it is.
+
+    `metric`: `fid` (lower is better), `fidelity` or `cas` (higher is better; see `CasSpec`).
     """
 
-    metric: Metric = "fid"
+    metric: DeployMetric = "fid"
     require: Literal["every-task", "any-task"] = "every-task"
     min_improvement: Annotated[float, Field(ge=0)] = 0.0
     tolerance: Annotated[float, Field(ge=0)] = 0.1
@@ -292,6 +311,21 @@ class JobSpec(_Strict):
             if task.name in RESERVED_TASK_SELECTORS:
                 raise ValueError(f"task name {task.name!r} is reserved (trigger conditions use it)")
         return self
+
+    @model_validator(mode="after")
+    def _cas_has_tasks_to_tell_apart(self) -> JobSpec:
+        if (self.deploy.metric == "cas" or self.eval.cas is not None) and self.edge.root is None \
+                and len(self.edge.tasks) < 2:
+            raise ValueError("the classification accuracy score (deploy.metric: cas, eval.cas) tells tasks apart: "
+                             f"it needs at least 2 tasks, edge.tasks lists {len(self.edge.tasks)} and there is no edge.root")
+        return self
+
+    @property
+    def cas(self) -> CasSpec | None:
+        """The score's settings if the eval stage measures it (asked for, or the deploy metric)."""
+        if self.eval.cas is not None:
+            return self.eval.cas
+        return CasSpec() if self.deploy.metric == "cas" else None
 
     def resolved(self, base: Path) -> JobSpec:
         """This spec with every relative path made absolute against `base` (the spec's folder)."""

@@ -175,9 +175,62 @@ def run_eval(request: EvalRequest, workdir: Path) -> dict[str, Any]:
         "deployed_tasks": None,
         "holdout": {name: int(images.shape[0]) for name, images in reals.items()},
     }
+    deployed = None
     if request.deployed is not None:
         deployed = load_checkpoint(request.deployed.checkpoint)
         common = [task for task in candidate.task_names if task in deployed.task_names]
         result["deployed"] = measure(evaluator, deployed, common, samples, seed) if common else {}
         result["deployed_tasks"] = deployed.task_names
+    if spec.cas is not None:
+        result["cas"] = measure_cas(spec, candidate, deployed, reals, result)
     return result
+
+
+def measure_cas(spec: JobSpec, candidate: Any, deployed: Any, reals: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Add each task's classification accuracy score to the figures in `result` (as "cas") and return
+    the summary: both models' classifiers are tested on the same held-out images, trained with the
+    same seed on as many images per task.
+
+    Per-task scores depend on which tasks the classifier tells apart, so the deployed model and the
+    candidate are compared on the tasks they share; a candidate's new task gets its score from the
+    classifier over all of its tasks. A deployed model sharing fewer than 2 tasks has no score.
+    """
+    from entgan.deployed import LoadedModel, ResolvedModel
+    from entgan.metrics.utility import classification_accuracy_score
+    from entgan.utility import training_images
+
+    settings, seed = spec.cas, spec.eval.seed
+    assert settings is not None
+    tasks = candidate.task_names
+    if len(tasks) < 2:
+        raise DataError(f"the classification accuracy score tells tasks apart; the candidate has one task {tasks}")
+
+    def score(checkpoint: Any, names: list[str], real_train: Any = None) -> Any:
+        model = LoadedModel(ResolvedModel(str(checkpoint.path), checkpoint.path, str(checkpoint.path)),
+                            checkpoint.config, checkpoint.generator.eval())
+        return classification_accuracy_score(
+            lambda task, n: model.sample(task, n, seed=seed), {task: reals[task] for task in names},
+            real_train=real_train, samples_per_task=settings.samples_per_task, epochs=settings.epochs,
+            seed=seed, tasks=names,
+        )
+
+    full = score(candidate, tasks, training_images(candidate.config))
+    candidate_scores = dict(full.synthetic_per_task)
+    deployed_scores: dict[str, float] = {}
+    if deployed is not None:
+        common = [task for task in tasks if task in deployed.task_names]
+        if len(common) >= 2:
+            deployed_scores = score(deployed, common).synthetic_per_task
+            if common != tasks:
+                candidate_scores.update(score(candidate, common).synthetic_per_task)
+    for task, value in candidate_scores.items():
+        result["candidate"][task]["cas"] = value
+    for task, value in deployed_scores.items():
+        result["deployed"][task]["cas"] = value
+    return {
+        "candidate": full.synthetic,
+        "real_reference": full.real,
+        "train_per_task": full.train_per_task,
+        "epochs": full.epochs,
+        "test_per_task": full.test_per_task,
+    }
