@@ -377,9 +377,33 @@ class FakeLauncher:
             (workdir / "error.json").write_text(json.dumps(self.fail_next))
             self.fail_next = None
             return FakeStage(3)
-        result = self._train(request, workdir) if request["stage"] == "train" else self._eval(request)
+        if request["stage"] == "train":
+            result = self._train(request, workdir)
+        elif request["stage"] == "eval":
+            result = self._eval(request)
+        else:
+            result = self._measure(request)
         (workdir / "result.json").write_text(json.dumps(result))
         return FakeStage(0)
+
+    @staticmethod
+    def _classifier(request: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+        """What `stages.job_classifier` returns: the job's classifier for these tasks, or a new file
+        (named by its content) in the job's knowledge-base folder."""
+        import hashlib
+
+        key = "+".join(sorted(tasks))
+        for known in request["classifiers"]:
+            if known["key"] == key:
+                return {"version": known["version"], "key": key, "classes": [], "file": known["file"],
+                        "sha256": known["sha256"]}
+        content = f"classifier for {key}".encode()
+        sha256 = hashlib.sha256(content).hexdigest()
+        path = Path(request["kb_dir"]) / "classifiers" / f"classifier-{sha256[:16]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return {"version": None, "key": key, "classes": [{"task": t, "classes": ["0"], "labels": [0]} for t in tasks],
+                "file": str(path), "sha256": sha256}
 
     @staticmethod
     def _train(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -396,7 +420,8 @@ class FakeLauncher:
         ]
         return {"checkpoint": str(run / "checkpoints" / "latest.pt"), "run_dir": str(run),
                 "snapshot": {"root": str(workdir / "data"), "tasks": tasks},
-                "summary": {"rounds": 2, "train_clock_s": 0.5, "wall_clock_s": 1.0, "first_eval": {}, "final_eval": {}}}
+                "summary": {"rounds": 2, "train_clock_s": 0.5, "wall_clock_s": 1.0, "first_eval": {}, "final_eval": {}},
+                "classifier": FakeLauncher._classifier(request, [t["name"] for t in tasks])}
 
     def _eval(self, request: dict[str, Any]) -> dict[str, Any]:
         fids = self.figures.pop(0)
@@ -408,7 +433,15 @@ class FakeLauncher:
             "deployed": None if deployed is None else {t: {"fid": 100.0, "fidelity": 0.5} for t in tasks if t != "C"},
             "deployed_tasks": None if deployed is None else ["A", "B"],
             "holdout": {task: 4 for task in tasks},
+            "classifier": self._classifier(request, tasks),
         }
+
+    def _measure(self, request: dict[str, Any]) -> dict[str, Any]:
+        fids = self.figures.pop(0)
+        tasks = [task["name"] for task in request["tasks"]]
+        return {"deployed": {task: {"fid": fids[task], "fidelity": 0.5} for task in tasks},
+                "holdout": {task: 4 for task in tasks}, "snapshot": {"root": "", "tasks": []},
+                "classifier": self._classifier(request, tasks)}
 
 
 def _drive(controller: Controller, clock: FakeClock, ticks: int = 12) -> None:
