@@ -723,22 +723,24 @@ def test_remeasure_only_when_a_stale_figure_could_change_the_verdict() -> None:
     metric = {"kind": "metric", "metric": "fid", "operator": ">", "threshold": 40, "max_age_s": 100}
     figures = {"A": {"fid": 30.0, "fidelity": 0.5}, "B": {"fid": 30.0, "fidelity": 0.5}}
 
-    def seen(now: float, samples: int = 0) -> Observation:
-        return Observation(now=now, samples={"A": samples}, trained_samples={"A": 0}, deployed_figures=figures,
+    def seen(now: float, new: int = 0, at_edge: tuple[str, ...] = ("A", "B")) -> Observation:
+        return Observation(now=now, samples={task: 3 + (new if task == "A" else 0) for task in at_edge},
+                           trained_samples={"A": 3, "B": 3}, deployed_figures=figures,
                            deployed_measured_at={"A": 1000.0, "B": 1050.0}, deployed_tasks=("A", "B"))
 
     alone = trigger([{"kind": "samples", "at_least": 5}, metric])
     assert remeasure_reason(alone, seen(1100.0)) is None  # both figures young enough
     reason = remeasure_reason(alone, seen(1120.0))
     assert reason is not None and "A 120 s old" in reason and "B" not in reason
-    assert remeasure_reason(alone, seen(1120.0, samples=9)) is None  # fires anyway on samples
+    assert remeasure_reason(alone, seen(1120.0, new=9)) is None  # fires anyway on samples
+    assert remeasure_reason(alone, seen(1120.0, at_edge=("B",))) is None  # A is gone: cannot be measured
     closed = {"kind": "window", "start": "00:00", "end": "00:01", "utc": True}
     assert remeasure_reason(trigger([closed, metric], "and"), seen(43200.0)) is None  # can't fire anyway
     no_age = trigger([{**metric, "max_age_s": None}])
     assert remeasure_reason(no_age, seen(10**9)) is None  # figures of any age are taken as they are
     named = trigger([{**metric, "task": "B"}])
     assert remeasure_reason(named, seen(1120.0)) is None  # B was measured 70 s ago
-    never = Observation(now=0.0, samples={}, trained_samples={}, deployed_figures={}, deployed_measured_at={},
+    never = Observation(now=0.0, samples={"A": 3}, trained_samples={}, deployed_figures={}, deployed_measured_at={},
                         deployed_tasks=("A",))
     assert "A never measured" in remeasure_reason(trigger([metric]), never)
 

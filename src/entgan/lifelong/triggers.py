@@ -130,11 +130,13 @@ def metric_conditions(conditions: list[Condition]) -> list[MetricCondition]:
 def stale_figures(condition: MetricCondition, observation: Observation) -> dict[str, float | None]:
     """The deployed tasks `condition` reads whose figure is older than its `max_age_s`, with their
     age in seconds (None: never measured). Empty when the condition takes figures of any age or
-    nothing is deployed."""
+    nothing is deployed. Only tasks with data at the edge count: the others cannot be measured
+    again, and would ask for a measurement at every check."""
     if condition.max_age_s is None or observation.deployed_figures is None:
         return {}
     measured = observation.deployed_measured_at or {}
     tasks = observation.deployed_tasks or tuple(sorted(observation.deployed_figures))
+    tasks = tuple(task for task in tasks if observation.samples.get(task, 0) > 0)
     if condition.task not in ("any", "every"):
         tasks = tuple(task for task in tasks if task == condition.task)
     stale: dict[str, float | None] = {}
