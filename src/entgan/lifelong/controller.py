@@ -48,10 +48,10 @@ from entgan.lifelong.edge import count_samples, edge_tasks, ignored_folders
 from entgan.lifelong.spec import NAME_PATTERN
 from entgan.lifelong.stages import (
     ERROR_FILE,
+    KB_DIR,
     LOG_FILE,
     REQUEST_FILE,
     RESULT_FILE,
-    KB_DIR,
     CandidateRef,
     ClassifierRef,
     EvalRequest,
@@ -419,11 +419,11 @@ class Controller:
     def _request(self, job: JobRecord) -> TrainRequest | EvalRequest | MeasureRequest:
         deployed = self.store.deployed_version(job.name)
         parent = None if deployed is None else ModelRef(version=deployed.version, checkpoint=Path(deployed.checkpoint))
-        classifiers = {"classifiers": self.classifier_refs(job.name), "kb_dir": job.workdir / KB_DIR}
+        classifiers, kb_dir = self.classifier_refs(job.name), job.workdir / KB_DIR
         if job.stage is Stage.TRAIN:
             return TrainRequest(
                 job=job.name, cycle=job.cycle, spec=job.spec, tasks=self._training_tasks(job),
-                parent=parent, cache_dir=self.cache_dir, **classifiers,
+                parent=parent, cache_dir=self.cache_dir, classifiers=classifiers, kb_dir=kb_dir,
             )
         if job.stage is Stage.MEASURE:
             if deployed is None or parent is None:
@@ -432,7 +432,7 @@ class Controller:
             return MeasureRequest(
                 job=job.name, cycle=job.cycle, spec=job.spec, deployed=parent,
                 tasks=[at_edge[name] for name in deployed.task_names if name in at_edge],
-                cache_dir=self.cache_dir, **classifiers,
+                cache_dir=self.cache_dir, classifiers=classifiers, kb_dir=kb_dir,
             )
         candidate = self._candidate(job)
         return EvalRequest(
@@ -444,7 +444,8 @@ class Controller:
             ),
             deployed=parent,
             cache_dir=self.cache_dir,
-            **classifiers,
+            classifiers=classifiers,
+            kb_dir=kb_dir,
         )
 
     def classifier_refs(self, name: str) -> list[ClassifierRef]:

@@ -28,6 +28,7 @@ when it returns, and a process killed mid-transaction leaves no trace of it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -397,10 +398,15 @@ class JobStore:
         backup = None
         if version > 0:
             backup = self.path.with_name(f"{self.path.name}.schema-{version}.bak")
-            if not backup.exists():
-                with sqlite3.connect(backup) as copy:
+            if not backup.exists():  # written whole under another name first: a copy is complete or absent
+                partial = backup.with_name(backup.name + ".partial")
+                partial.unlink(missing_ok=True)
+                copy = sqlite3.connect(partial)
+                try:
                     self._db.backup(copy)
-                copy.close()
+                finally:
+                    copy.close()
+                os.replace(partial, backup)
         try:
             with self.transaction() as db:
                 found = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
