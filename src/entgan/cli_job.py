@@ -23,6 +23,7 @@ from typing import Any
 from entgan.lifelong.api import Jobs, JobStatus
 from entgan.lifelong.controller import next_check_at
 from entgan.lifelong.spec import load_job_spec
+from entgan.lifelong.states import Stage, State
 from entgan.lifelong.store import ClassifierRecord, JobRecord, TransitionRecord
 
 
@@ -108,7 +109,7 @@ def _status_text(status: JobStatus, now: float) -> str:
         lines.append(f"  trigger: checked {age:.0f} s ago (every {period:g} s): {outcome}")
         lines.extend("    " + line for line in _verdict_lines(job.last_check))
     upcoming = next_check_at(job)
-    if (job.stage.value, job.state.value) == ("train", "Waiting") and upcoming is not None:
+    if (job.stage, job.state) == (Stage.TRAIN, State.WAITING) and upcoming is not None:
         lines.append(f"  next trigger check: {_when(upcoming)}{_from_now(upcoming, now)}")
     return "\n".join(lines)
 
