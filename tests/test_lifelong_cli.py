@@ -56,6 +56,15 @@ BAD_SPECS = {
         {"edge": {"tasks": [{"name": "A", "path": "edge/A"}, {"name": "A", "path": "edge/B"}]}},
         "edge.tasks: Value error, task names must be unique, duplicated: ['A']",
     ),
+    "metric max age not positive": (
+        {"trigger": {"conditions": [{"kind": "metric", "metric": "fid", "operator": ">", "threshold": 1,
+                                     "max_age_s": 0}]}},
+        "trigger.conditions.0.max_age_s: Input should be greater than 0 (found 0)",
+    ),
+    "retry delay cap not positive": (
+        {"trigger": {"max_retry_delay_s": -5, "conditions": [{"kind": "samples", "at_least": 5}]}},
+        "trigger.max_retry_delay_s: Input should be greater than 0 (found -5)",
+    ),
     "unknown field": (
         {"trigger": {"check_period": 5, "conditions": [{"kind": "samples", "at_least": 5}]}},
         "trigger.check_period: unknown field",
@@ -126,8 +135,13 @@ def test_views_of_jobs_and_knowledge_base(tmp_path: Path, capsys: pytest.Capture
     assert "digits  A" in out and "fA" in out
     status, out, _ = _run(capsys, "kb", "models", *root)
     assert "v1" in out and "A 55.5/0.50, B 66.6/0.50" in out
+    [classifier] = Jobs(tmp_path / "jobs").classifiers("digits")
+    assert "CLASSIFIER" in out and f"c1 ({classifier.sha256[:12]})" in out
+    status, out, _ = _run(capsys, "kb", "classifiers", *root)
+    assert status == 0 and f"c1          {classifier.sha256[:12]}" in out and classifier.file in out
     status, out, _ = _run(capsys, "kb", "show", "digits:v1", *root)
     assert "decision in cycle 1" in out and "nothing is deployed yet" in out and "55.5" in out
+    assert "trained with the job's classifier c1 (" in out and "CLASSIFIER" in out
     status, out, _ = _run(capsys, "job", "watch", "--count", "1", *root)
     assert status == 0 and "latest transitions" in out
     status, _, err = _run(capsys, "kb", "show", "v7", *root)
@@ -138,3 +152,26 @@ def test_views_of_jobs_and_knowledge_base(tmp_path: Path, capsys: pytest.Capture
     assert status == 0 and _run(capsys, "job", "list", *root)[1].startswith("no jobs")
     status, _, err = _run(capsys, "kb", "tasks", "--root", str(tmp_path / "typo"))
     assert status == 2 and "no jobs database here" in err and not (tmp_path / "typo").exists()
+
+
+def test_status_shows_the_back_off_after_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _edge(tmp_path)
+    spec = _spec(tmp_path, job_data(Path("edge")))
+    root = ["--root", str(tmp_path / "jobs")]
+    assert _run(capsys, "job", "create", str(spec), *root)[0] == 0
+    clock = FakeClock()
+    with Jobs(tmp_path / "jobs", clock=clock) as jobs:
+        launcher = FakeLauncher([])
+        launcher.fail_always = {"reason": "DataError", "message": "no images"}
+        controller = jobs.controller(launcher=launcher)
+        for _ in range(30):  # fails at ~2 s, backs off 20 s, fails again at ~24 s: 40 s now
+            controller.tick()
+            clock.now += 1
+        job = jobs.job("digits")
+
+    status, out, _ = _run(capsys, "job", "status", "digits", "--json", *root)
+    data = json.loads(out)
+    assert (data["failures"], data["retry_at"]) == (2, job.retry_at) and data["next_check_at"] == job.retry_at
+    status, out, _ = _run(capsys, "job", "status", "digits", *root)
+    assert "failures: 2 in a row; next attempt (trigger check) not before" in out
+    assert "next trigger check:" in out

@@ -204,3 +204,75 @@ def _group_of(pid: int) -> int | None:
         return os.getpgid(pid)
     except (ProcessLookupError, PermissionError):
         return None
+
+
+def test_a_jobs_cycles_share_one_classifier_and_a_failing_stage_backs_off(
+    tmp_path: Path, cache_dir: Path, mnist: tuple[np.ndarray, np.ndarray]
+) -> None:
+    import hashlib
+
+    from entgan.lifelong.stages import MeasureRequest, ModelRef, run_measure
+
+    edge = write_first_two_tasks(mnist, tmp_path / "edge", count=20)
+    spec_path = write_spec(tmp_path / "job.yaml", edge, rounds=20)
+    data = yaml.safe_load(spec_path.read_text())
+    data["trigger"]["max_retry_delay_s"] = 4.0  # period 0.5 s: waits of 1, 2, 4, 4 s after failures
+    spec_path.write_text(yaml.safe_dump(data))
+    jobs = Jobs(tmp_path / "jobs")
+    jobs.create(spec_path)
+
+    # Two cycles on the same tasks (the second with 20 more images of A): one classifier for both.
+    jobs.run_controller(until_idle=True, tick_s=0.2, timeout_s=300, cache_dir=cache_dir)
+    write_digits(mnist, edge / "A", [0, 1], start=20, count=10)
+    jobs.run_controller(until_idle=True, tick_s=0.2, timeout_s=300, cache_dir=cache_dir)
+    assert not [t.message for t in jobs.logs("digits") if t.state == State.FAILED.value]
+    assert jobs.job("digits").cycle == 2
+
+    [classifier] = jobs.classifiers("digits")
+    evaluations = jobs.evaluations("digits")
+    assert {e.cycle for e in evaluations} == {1, 2}
+    assert {e.classifier for e in evaluations} == {classifier.version}  # every FID of both cycles
+    assert [version.classifier for version in jobs.versions("digits")] == [1, 1]  # and the runs' own evals
+    file = Path(classifier.file)
+    assert sorted(file.parent.iterdir()) == [file]  # the one file in the job's knowledge base
+    assert file.parent == jobs.job("digits").workdir / "knowledge-base" / "classifiers"
+    assert hashlib.sha256(file.read_bytes()).hexdigest() == classifier.sha256
+
+    # The deployed model measured again on today's held-out images, with that same classifier.
+    job, deployed = jobs.job("digits"), jobs.status("digits").deployed
+    controller = jobs.controller(cache_dir=cache_dir)
+    request = MeasureRequest(
+        job=job.name, cycle=job.cycle, spec=job.spec,
+        deployed=ModelRef(version=deployed.version, checkpoint=Path(deployed.checkpoint)),
+        tasks=controller._training_tasks(job), cache_dir=cache_dir,
+        classifiers=controller.classifier_refs(job.name), kb_dir=job.workdir / "knowledge-base",
+    )
+    measured = run_measure(request, tmp_path / "measure")
+    assert (measured["classifier"]["version"], measured["classifier"]["sha256"]) == (1, classifier.sha256)
+    assert set(measured["deployed"]) == {"A", "B"}
+    assert all(math.isfinite(values["fid"]) for values in measured["deployed"].values())
+
+    # A train stage that keeps failing (its parent checkpoint is gone): the retries back off.
+    Path(deployed.checkpoint).unlink()
+    write_digits(mnist, edge / "B", [7, 8], start=20, count=10)
+
+    def failed() -> list[Any]:
+        return [run for run in jobs.attempts("digits") if run.stage is Stage.TRAIN and run.status == "failed"]
+
+    controller.recover()
+    deadline = time.monotonic() + 120
+    try:
+        while len(failed()) < 4:
+            assert time.monotonic() < deadline, "timed out waiting for 4 failed train attempts"
+            controller.tick()
+            time.sleep(0.05)
+    finally:
+        controller.stop_attempts()
+    runs = failed()
+    waits = [later.started_at - earlier.finished_at for earlier, later in zip(runs, runs[1:])]
+    for wait, delay in zip(waits, (1.0, 2.0, 4.0)):
+        assert delay <= wait < delay + 1.0, waits
+    assert jobs.job("digits").failures == 4
+    failures = [t for t in jobs.logs("digits") if t.state == State.FAILED.value]
+    assert len(failures) == 4 and all("checkpoint file not found" in t.message for t in failures)
+    print(f"waits between failed attempts: {[round(wait, 2) for wait in waits]} s")

@@ -21,7 +21,14 @@ from entgan.lifelong.edge import build_snapshot, count_samples, edge_tasks, held
 from entgan.lifelong.spec import DeploySpec, TriggerSpec, parse_job_spec
 from entgan.lifelong.states import InvalidTransition, check_transition
 from entgan.lifelong.store import StaleState
-from entgan.lifelong.triggers import Observation, check_due, evaluate_trigger, in_window
+from entgan.lifelong.triggers import (
+    Observation,
+    check_due,
+    evaluate_trigger,
+    in_window,
+    remeasure_reason,
+    retry_delay,
+)
 
 # ------------------------------------------------------------------------------------- helpers
 
@@ -366,6 +373,7 @@ class FakeLauncher:
         self.figures = list(figures)  # FID per task for each successive eval's candidate
         self.started: list[Path] = []
         self.fail_next: dict[str, str] | None = None
+        self.fail_always: dict[str, str] | None = None
         self.hang = False
 
     def start(self, workdir: Path) -> FakeStage:
@@ -373,13 +381,37 @@ class FakeLauncher:
         request = json.loads((workdir / "request.json").read_text())["request"]
         if self.hang:
             return FakeStage(None)
-        if self.fail_next is not None:
-            (workdir / "error.json").write_text(json.dumps(self.fail_next))
+        if self.fail_next is not None or self.fail_always is not None:
+            (workdir / "error.json").write_text(json.dumps(self.fail_next or self.fail_always))
             self.fail_next = None
             return FakeStage(3)
-        result = self._train(request, workdir) if request["stage"] == "train" else self._eval(request)
+        if request["stage"] == "train":
+            result = self._train(request, workdir)
+        elif request["stage"] == "eval":
+            result = self._eval(request)
+        else:
+            result = self._measure(request)
         (workdir / "result.json").write_text(json.dumps(result))
         return FakeStage(0)
+
+    @staticmethod
+    def _classifier(request: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
+        """What `stages.job_classifier` returns: the job's classifier for these tasks, or a new file
+        (named by its content) in the job's knowledge-base folder."""
+        import hashlib
+
+        key = "+".join(sorted(tasks))
+        for known in request["classifiers"]:
+            if known["key"] == key:
+                return {"version": known["version"], "key": key, "classes": [], "file": known["file"],
+                        "sha256": known["sha256"]}
+        content = f"classifier for {key}".encode()
+        sha256 = hashlib.sha256(content).hexdigest()
+        path = Path(request["kb_dir"]) / "classifiers" / f"classifier-{sha256[:16]}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        return {"version": None, "key": key, "classes": [{"task": t, "classes": ["0"], "labels": [0]} for t in tasks],
+                "file": str(path), "sha256": sha256}
 
     @staticmethod
     def _train(request: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -396,7 +428,8 @@ class FakeLauncher:
         ]
         return {"checkpoint": str(run / "checkpoints" / "latest.pt"), "run_dir": str(run),
                 "snapshot": {"root": str(workdir / "data"), "tasks": tasks},
-                "summary": {"rounds": 2, "train_clock_s": 0.5, "wall_clock_s": 1.0, "first_eval": {}, "final_eval": {}}}
+                "summary": {"rounds": 2, "train_clock_s": 0.5, "wall_clock_s": 1.0, "first_eval": {}, "final_eval": {}},
+                "classifier": FakeLauncher._classifier(request, [t["name"] for t in tasks])}
 
     def _eval(self, request: dict[str, Any]) -> dict[str, Any]:
         fids = self.figures.pop(0)
@@ -408,7 +441,15 @@ class FakeLauncher:
             "deployed": None if deployed is None else {t: {"fid": 100.0, "fidelity": 0.5} for t in tasks if t != "C"},
             "deployed_tasks": None if deployed is None else ["A", "B"],
             "holdout": {task: 4 for task in tasks},
+            "classifier": self._classifier(request, tasks),
         }
+
+    def _measure(self, request: dict[str, Any]) -> dict[str, Any]:
+        fids = self.figures.pop(0)
+        tasks = [task["name"] for task in request["tasks"]]
+        return {"deployed": {task: {"fid": fids[task], "fidelity": 0.5} for task in tasks},
+                "holdout": {task: 4 for task in tasks}, "snapshot": {"root": "", "tasks": []},
+                "classifier": self._classifier(request, tasks)}
 
 
 def _drive(controller: Controller, clock: FakeClock, ticks: int = 12) -> None:
@@ -568,3 +609,245 @@ def test_edge_folders_that_cannot_be_tasks_are_reported_in_the_trigger_check(job
     assert [task.name for task in jobs.tasks("digits")] == ["A", "B"]
     notes = [part["detail"] for part in jobs.job("digits").last_check["parts"]]
     assert any("['no spaces please']" in note for note in notes)
+
+
+# -------------------------------------------------------------------------- one classifier per job
+
+
+def test_a_jobs_figures_name_one_classifier_until_its_tasks_change(jobs: Jobs, tmp_path: Path) -> None:
+    clock = jobs.clock
+    launcher = FakeLauncher([{"A": 120.0, "B": 130.0}, {"A": 90.0, "B": 95.0}, {"A": 80.0, "B": 90.0, "C": 70.0}])
+    controller = jobs.controller(launcher=launcher)
+    _drive(controller, clock)  # cycle 1: tasks A and B
+    write_images(tmp_path / "edge" / "A" / "0", 5, start=100)
+    clock.now += 10
+    _drive(controller, clock)  # cycle 2: more data, same tasks
+    write_images(tmp_path / "edge" / "C" / "0", 6)
+    clock.now += 10
+    _drive(controller, clock)  # cycle 3: a new task
+
+    first, second = jobs.classifiers("digits")
+    assert (first.version, second.version) == (1, 2) and first.cycle == 1 and second.cycle == 3
+    assert Path(first.file).parent == jobs.job("digits").workdir / "knowledge-base" / "classifiers"
+    by_cycle: dict[int, set[int | None]] = {}
+    for record in jobs.evaluations("digits"):
+        by_cycle.setdefault(record.cycle, set()).add(record.classifier)
+    assert by_cycle == {1: {1}, 2: {1}, 3: {2}}  # the deployed model, too, is measured with the cycle's one
+    assert [v.classifier for v in jobs.versions("digits")] == [1, 1, 2]
+    assert [d.figures["classifier"] for d in jobs.decisions("digits")] == [1, 1, 2]
+    requests = [json.loads((folder / "request.json").read_text())["request"] for folder in launcher.started]
+    assert [len(r["classifiers"]) for r in requests] == [0, 1, 1, 1, 1, 2]  # known ones go to each stage
+
+
+def test_label_space_changes_with_tasks_and_classes_not_with_more_data(tmp_path: Path) -> None:
+    from entgan.lifelong.stages import label_space
+
+    edge = tmp_path / "edge"
+    for task in ("A", "B-2"):
+        write_images(edge / task / "0", 6)
+        write_images(edge / task / "1", 6, seed=1)
+    spec = parse_job_spec(job_data(edge), base=tmp_path)
+
+    def key(name: str) -> str:
+        return label_space(build_snapshot(edge_tasks(spec.edge), 0.25, 28, 1, tmp_path / name))[0]
+
+    before = key("s1")
+    write_images(edge / "A" / "0", 6, start=50)
+    assert key("s2") == before  # more images: the same classifier serves
+    _, classes = label_space(build_snapshot(edge_tasks(spec.edge), 0.25, 28, 1, tmp_path / "s3"))
+    assert classes == [{"task": "A", "classes": ["0", "1"], "labels": [0, 1]},
+                       {"task": "B-2", "classes": ["0", "1"], "labels": [2, 3]}]
+    write_images(edge / "C" / "0", 6)
+    with_c = key("s4")
+    assert with_c != before  # a new task: another classifier
+    write_images(edge / "B-2" / "2", 6)
+    assert key("s5") not in (before, with_c)  # a new class of a task, too
+
+
+# ------------------------------------------------------------------- back-off after failed stages
+
+
+def test_retry_delay_doubles_from_the_check_period_up_to_the_cap() -> None:
+    assert [retry_delay(10, failures, 300) for failures in range(8)] == [10, 20, 40, 80, 160, 300, 300, 300]
+    assert retry_delay(10, 10_000, 300) == 300  # no overflow however long it keeps failing
+    assert retry_delay(60, 3, 30) == 60  # a cap below the check period: one period
+
+
+def test_failing_stage_backs_off_and_the_back_off_survives_a_restart(jobs: Jobs) -> None:
+    from entgan.cli_job import _status_text
+    from entgan.lifelong.spec import JobSpec
+
+    clock = jobs.clock
+    store = jobs.store
+    spec = jobs.job("digits").spec
+    trigger = spec.trigger.model_copy(update={"max_retry_delay_s": 60.0})  # period 10: 20, 40, 60, 60
+    with store.transaction() as db:  # the job as if created with that cap
+        db.execute("UPDATE jobs SET spec = ? WHERE name = 'digits'",
+                   (JobSpec.model_validate({**spec.model_dump(), "trigger": trigger.model_dump()}).model_dump_json(),))
+    launcher = FakeLauncher([{"A": 1.0, "B": 1.0}])
+    launcher.fail_always = {"reason": "DataError", "message": "task 'B' has 1 held-out image(s)"}
+    controller = jobs.controller(launcher=launcher)
+
+    _drive(controller, clock, ticks=200)
+
+    runs = [run for run in store.runs("digits") if run.stage is Stage.TRAIN]
+    assert [run.status for run in runs] == ["failed"] * 5  # a check every 10 s would have made 20
+    waits = [later.started_at - earlier.finished_at for earlier, later in zip(runs, runs[1:])]
+    # After failure n the trigger is checked again 10 * 2^n s later, at most 60 s; it fires, and the
+    # attempt starts at the next tick (1 s).
+    assert waits == [21.0, 41.0, 61.0, 61.0]
+    job = jobs.job("digits")
+    assert job.failures == 5 and job.retry_at == runs[-1].finished_at + 60
+    assert "5 failures in a row, so the trigger is checked again in 60 s" in jobs.logs("digits")[-1].message
+    text = _status_text(jobs.status("digits"), clock.now)
+    assert "failures: 5 in a row; next attempt (trigger check) not before" in text
+    assert f"(in {job.retry_at - clock.now:.0f} s)" in text
+
+    restarted = jobs.controller(launcher=launcher)  # a new controller keeps the back-off
+    restarted.recover()
+    clock.now = job.retry_at - 1
+    restarted.tick()
+    assert len(store.runs("digits")) == 5 and jobs.job("digits").last_check_at == job.last_check_at
+    launcher.fail_always = None
+    clock.now = job.retry_at
+    _drive(restarted, clock)  # tries again on time, and a whole cycle clears the back-off
+    job = jobs.job("digits")
+    assert jobs.status("digits").deployed.version == 1 and (job.failures, job.retry_at) == (0, None)
+    assert "failures:" not in _status_text(jobs.status("digits"), clock.now)
+
+
+# ----------------------------------------------------------- metric trigger: figures that are too old
+
+
+def test_remeasure_only_when_a_stale_figure_could_change_the_verdict() -> None:
+    metric = {"kind": "metric", "metric": "fid", "operator": ">", "threshold": 40, "max_age_s": 100}
+    figures = {"A": {"fid": 30.0, "fidelity": 0.5}, "B": {"fid": 30.0, "fidelity": 0.5}}
+
+    def seen(now: float, new: int = 0, at_edge: tuple[str, ...] = ("A", "B")) -> Observation:
+        return Observation(now=now, samples={task: 3 + (new if task == "A" else 0) for task in at_edge},
+                           trained_samples={"A": 3, "B": 3}, deployed_figures=figures,
+                           deployed_measured_at={"A": 1000.0, "B": 1050.0}, deployed_tasks=("A", "B"))
+
+    alone = trigger([{"kind": "samples", "at_least": 5}, metric])
+    assert remeasure_reason(alone, seen(1100.0)) is None  # both figures young enough
+    reason = remeasure_reason(alone, seen(1120.0))
+    assert reason is not None and "A 120 s old" in reason and "B" not in reason
+    assert remeasure_reason(alone, seen(1120.0, new=9)) is None  # fires anyway on samples
+    assert remeasure_reason(alone, seen(1120.0, at_edge=("B",))) is None  # A is gone: cannot be measured
+    closed = {"kind": "window", "start": "00:00", "end": "00:01", "utc": True}
+    assert remeasure_reason(trigger([closed, metric], "and"), seen(43200.0)) is None  # can't fire anyway
+    no_age = trigger([{**metric, "max_age_s": None}])
+    assert remeasure_reason(no_age, seen(10**9)) is None  # figures of any age are taken as they are
+    named = trigger([{**metric, "task": "B"}])
+    assert remeasure_reason(named, seen(1120.0)) is None  # B was measured 70 s ago
+    never = Observation(now=0.0, samples={"A": 3}, trained_samples={}, deployed_figures={}, deployed_measured_at={},
+                        deployed_tasks=("A",))
+    assert "A never measured" in remeasure_reason(trigger([metric]), never)
+
+
+def test_metric_trigger_measures_the_deployed_model_again_when_its_figures_are_too_old(
+    tmp_path: Path,
+) -> None:
+    edge = tmp_path / "edge"
+    for task in ("A", "B"):
+        write_images(edge / task / "0", 6)
+    spec = tmp_path / "job.yaml"
+    spec.write_text(json.dumps(job_data(edge, trigger={"check_period_s": 10, "conditions": [
+        {"kind": "new-task"},
+        {"kind": "metric", "metric": "fid", "operator": ">", "threshold": 40, "max_age_s": 100}]})))
+    clock = FakeClock()
+    with Jobs(tmp_path / "jobs", clock=clock) as jobs:
+        jobs.create(spec)
+        launcher = FakeLauncher([{"A": 30.0, "B": 30.0}, {"A": 55.0, "B": 30.0}])
+        controller = jobs.controller(launcher=launcher)
+        _drive(controller, clock)  # cycle 1: A and B are new; v1 deployed with FID 30 and 30
+        measured_at = jobs.evaluations("digits", 1)[-1].at
+        job = jobs.job("digits")
+        assert remeasure_reason(job.spec.trigger, controller.observe(job, clock.now)) is None
+
+        clock.now = measured_at + 150  # the figures are 150 s old, more than max_age_s
+        decided_at = clock.now
+        assert "150 s old" in remeasure_reason(job.spec.trigger, controller.observe(job, clock.now))
+        _drive(controller, clock, ticks=4)
+
+        reasons = [t.reason for t in jobs.logs("digits")]
+        start = reasons.index(Reason.FIGURES_STALE)
+        assert reasons[start:] == [Reason.FIGURES_STALE, Reason.STAGE_READY, Reason.LAUNCHING, Reason.PROCESS_STARTED,
+                                   Reason.SUCCEEDED, Reason.DEPLOYED_MEASURED, Reason.TRIGGER_FIRED]
+        stale = jobs.logs("digits")[start]
+        assert (stale.stage, stale.state, stale.cycle) == ("measure", "Waiting", 1) and "A 150 s old" in stale.message
+        measured = [e for e in jobs.evaluations("digits", 1) if e.at > decided_at]
+        assert {(e.task, e.fid, e.role, e.classifier) for e in measured} == {
+            ("A", 55.0, "deployed", 1), ("B", 30.0, "deployed", 1)}  # with the job's classifier of cycle 1
+        request = json.loads((launcher.started[-1] / "request.json").read_text())["request"]
+        assert request["stage"] == "measure" and request["deployed"]["version"] == 1
+        assert [task["name"] for task in request["tasks"]] == ["A", "B"]
+        fired = jobs.logs("digits")[-1]
+        assert fired.cycle == 2 and "A 55" in fired.message  # decided on the fresh figure
+        measure_runs = [r for r in jobs.attempts("digits") if r.stage is Stage.MEASURE]
+        assert [(r.cycle, r.attempt, r.status) for r in measure_runs] == [(1, 1, "completed")]
+
+
+# --------------------------------------------------------------------------------- store schema
+
+
+def _v1_database(path: Path) -> Path:
+    script = (Path(__file__).parent / "data" / "lifelong-store-v1.sql").read_text()
+    with sqlite3.connect(path) as db:
+        db.executescript(script)
+        db.execute("PRAGMA user_version = 1")
+    db.close()
+    return path
+
+
+def test_a_schema_1_database_is_migrated_in_place_after_a_backup(tmp_path: Path) -> None:
+    from entgan.lifelong.store import SCHEMA_VERSION, JobStore
+
+    path = _v1_database(tmp_path / "entgan-jobs.sqlite")
+
+    with JobStore(path) as store:
+        job = store.job("digits")
+        assert (job.cycle, job.failures, job.retry_at) == (1, 0, None)
+        [version] = store.versions("digits")
+        assert version.deployed and version.classifier is None
+        assert [(e.task, e.fid, e.classifier) for e in store.evaluations("digits")] == [
+            ("A", 55.5, None), ("B", 66.6, None)]
+        assert store.latest_figures("digits", 1)["B"] == {"fid": 66.6, "fidelity": 0.5}
+        with store.transaction() as db:  # the new parts work on the migrated file
+            assert store.add_classifier(db, job, "k", [], "/c.pt", "ab" * 32, Stage.TRAIN, 2000.0) == 1
+            for attempt in (1, 2):  # `measure` may complete more than once per cycle, the others may not
+                run = store.start_run(db, job, Stage.MEASURE, lambda n: f"/m{n}", 2000.0)
+                store.finish_run(db, run.id, "completed", 2001.0)
+            store.record_failure(db, "digits", 2, 3000.0)
+        assert store.job("digits").failures == 2
+        with pytest.raises(sqlite3.IntegrityError):
+            with store.transaction() as db:
+                run = store.start_run(db, job, Stage.TRAIN, lambda n: f"/t{n}", 2002.0)
+                store.finish_run(db, run.id, "completed", 2003.0)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    backup = path.with_name(path.name + ".schema-1.bak")
+    with sqlite3.connect(backup) as db:  # the copy is the database as it was
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("SELECT count(*) FROM evaluations").fetchone()[0] == 2
+        assert "failures" not in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+
+
+def test_a_migration_that_fails_leaves_the_database_as_it_was(tmp_path: Path) -> None:
+    from entgan.config import ConfigError
+    from entgan.lifelong.store import JobStore
+
+    path = _v1_database(tmp_path / "entgan-jobs.sqlite")
+    with sqlite3.connect(path) as db:  # something in the way of the migration
+        db.execute("CREATE TABLE classifiers (anything TEXT)")
+    db.close()
+
+    with pytest.raises(ConfigError, match="could not migrate the jobs database from schema 1 to 2") as raised:
+        JobStore(path)
+
+    assert str(path) in str(raised.value) and "left as it was" in str(raised.value)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert "failures" not in [row[1] for row in db.execute("PRAGMA table_info(jobs)")]
+        assert db.execute("SELECT count(*) FROM versions").fetchone()[0] == 1
+    db.close()

@@ -3,7 +3,7 @@
     entgan job create configs/jobs/digits.yaml     # validate and store (bad spec: exit 2, field named)
     entgan job controller                          # the loop that runs every job (Ctrl-C stops it)
     entgan job list | status NAME | logs NAME | watch | delete NAME
-    entgan kb tasks | models | show VERSION
+    entgan kb tasks | models | classifiers | show VERSION
 
 Every command takes `--root DIR` (the jobs folder; default $ENTGAN_JOBS_DIR or ./entgan-jobs)
 and `--db FILE` (default `<root>/entgan-jobs.sqlite`). Handlers return the exit status; user errors
@@ -20,9 +20,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from entgan.lifelong.states import Stage, State
+
 if TYPE_CHECKING:  # imported by the handlers, so that building the parser stays light
     from entgan.lifelong.api import Jobs, JobStatus
-    from entgan.lifelong.store import JobRecord, TransitionRecord
+    from entgan.lifelong.store import ClassifierRecord, JobRecord, TransitionRecord
 
 
 def _jobs(args: argparse.Namespace, *, create: bool = False) -> Jobs:
@@ -99,6 +101,9 @@ def _status_text(status: JobStatus, now: float) -> str:
     if status.attempt is not None:
         lines.append(f"  under way: {status.attempt.stage.value} attempt {status.attempt.attempt}, process "
                      f"{status.attempt.pid or '-'}, folder {status.attempt.workdir}")
+    if job.failures:
+        lines.append(f"  failures: {job.failures} in a row; next attempt (trigger check) not before "
+                     f"{_when(job.retry_at)}{_from_now(job.retry_at, now)}")
     period = job.spec.trigger.check_period_s
     if job.last_check is None:
         lines.append(f"  trigger: not checked yet (checked every {period:g} s)")
@@ -107,7 +112,18 @@ def _status_text(status: JobStatus, now: float) -> str:
         outcome = "fired" if job.last_check["fired"] else "not fired"
         lines.append(f"  trigger: checked {age:.0f} s ago (every {period:g} s): {outcome}")
         lines.extend("    " + line for line in _verdict_lines(job.last_check))
+    from entgan.lifelong.controller import next_check_at
+
+    upcoming = next_check_at(job)
+    if (job.stage, job.state) == (Stage.TRAIN, State.WAITING) and upcoming is not None:
+        lines.append(f"  next trigger check: {_when(upcoming)}{_from_now(upcoming, now)}")
     return "\n".join(lines)
+
+
+def _from_now(moment: float | None, now: float) -> str:
+    if moment is None:
+        return ""
+    return f" (in {moment - now:.0f} s)" if moment > now else " (due)"
 
 
 def _verdict_lines(verdict: dict[str, Any], depth: int = 0) -> list[str]:
@@ -118,6 +134,8 @@ def _verdict_lines(verdict: dict[str, Any], depth: int = 0) -> list[str]:
 
 
 def _command_status(args: argparse.Namespace) -> int:
+    from entgan.lifelong.controller import next_check_at
+
     with _jobs(args) as jobs:
         status = jobs.status(args.name)
         if args.json:
@@ -126,6 +144,7 @@ def _command_status(args: argparse.Namespace) -> int:
                 "name": job.name, "stage": job.stage.value, "state": job.state.value, "cycle": job.cycle,
                 "since": job.state_since, "deployed": status.deployed.version if status.deployed else None,
                 "last_check": job.last_check, "last_check_at": job.last_check_at,
+                "failures": job.failures, "retry_at": job.retry_at, "next_check_at": next_check_at(job),
                 "recent": [vars(record) for record in status.recent],
             }, indent=2))
         else:
@@ -218,21 +237,45 @@ def _figures_text(figures: dict[str, tuple[float | None, float | None]]) -> str:
     ) or "-"
 
 
+def _classifier_text(version: int | None, known: dict[tuple[str, int], ClassifierRecord], job: str) -> str:
+    """A classifier as `c2 (sha256 prefix)`; `?` for figures recorded before classifiers were."""
+    if version is None:
+        return "?"
+    record = known.get((job, version))
+    return f"c{version}" if record is None else record.identity
+
+
 def _command_kb_models(args: argparse.Namespace) -> int:
     with _jobs(args) as jobs:
+        known = {(c.job, c.version): c for c in jobs.classifiers(args.job)}
         rows = []
         for version in jobs.versions(args.job):
-            measured = {
-                e.task: (e.fid, e.fidelity)
-                for e in jobs.store.evaluations(version.job, version.version) if e.role == "candidate"
-            }
+            candidate = [e for e in jobs.store.evaluations(version.job, version.version) if e.role == "candidate"]
+            measured = {e.task: (e.fid, e.fidelity) for e in candidate}
+            used = sorted({e.classifier for e in candidate}, key=lambda c: -1 if c is None else c)
             rows.append([
                 version.job, f"v{version.version}", version.cycle,
                 "-" if version.parent is None else f"v{version.parent}", version.outcome,
                 "yes" if version.deployed else "", ",".join(version.task_names), _figures_text(measured),
+                ",".join(_classifier_text(c, known, version.job) for c in used) or "-",
             ])
-    headers = ["JOB", "VERSION", "CYCLE", "PARENT", "OUTCOME", "DEPLOYED", "TASKS", "FID/FIDELITY AS CANDIDATE"]
+    headers = ["JOB", "VERSION", "CYCLE", "PARENT", "OUTCOME", "DEPLOYED", "TASKS", "FID/FIDELITY AS CANDIDATE",
+               "CLASSIFIER"]
     print(_table(headers, rows) if rows else "no model versions in the knowledge base yet")
+    if rows:
+        print("(figures compare across versions only when measured with the same classifier; `entgan kb classifiers`)")
+    return 0
+
+
+def _command_kb_classifiers(args: argparse.Namespace) -> int:
+    with _jobs(args) as jobs:
+        rows = [
+            [c.job, f"c{c.version}", c.sha256[:12], f"cycle {c.cycle} ({c.stage})", _when(c.created_at),
+             " ".join(f"{k['task']}({','.join(k['classes'])})" for k in c.classes), c.file]
+            for c in jobs.classifiers(args.job)
+        ]
+    headers = ["JOB", "CLASSIFIER", "SHA256", "TRAINED IN", "AT", "TASKS(CLASSES)", "FILE"]
+    print(_table(headers, rows) if rows else "no classifiers in the knowledge base yet")
     return 0
 
 
@@ -252,11 +295,16 @@ def _command_kb_show(args: argparse.Namespace) -> int:
     for task in version.tasks:
         skipped = f", {len(task['skipped'])} unreadable files skipped" if task.get("skipped") else ""
         print(f"    {task['name']}: {task['train']} + {task['holdout']}, {task['fingerprint']}{skipped}")
+    known = {(c.job, c.version): c for c in report.classifiers}
+    if version.classifier is not None:
+        print(f"  trained with the job's classifier {_classifier_text(version.classifier, known, version.job)}")
     if report.evaluations:
         print("  evaluations:")
         rows = [[f"cycle {e.cycle}", e.role, e.task, "-" if e.fid is None else f"{e.fid:.4g}",
-                 "-" if e.fidelity is None else f"{e.fidelity:.3f}", _when(e.at)] for e in report.evaluations]
-        print("    " + _table(["WHEN", "AS", "TASK", "FID", "FIDELITY", "AT"], rows).replace("\n", "\n    "))
+                 "-" if e.fidelity is None else f"{e.fidelity:.3f}", _classifier_text(e.classifier, known, e.job),
+                 _when(e.at)] for e in report.evaluations]
+        headers = ["WHEN", "AS", "TASK", "FID", "FIDELITY", "CLASSIFIER", "AT"]
+        print("    " + _table(headers, rows).replace("\n", "\n    "))
     for decision in report.decisions:
         print(f"  decision in cycle {decision.cycle} (candidate v{decision.candidate}"
               f"{'' if decision.deployed is None else f' vs deployed v{decision.deployed}'}): {decision.message}")
@@ -325,6 +373,11 @@ def add_job_commands(commands: argparse._SubParsersAction) -> None:
     models = kb_commands.add_parser("models", parents=[common], help="model versions: parent, outcome, figures")
     models.add_argument("--job", help="only this job's")
     models.set_defaults(handler=_command_kb_models)
+    classifiers = kb_commands.add_parser(
+        "classifiers", parents=[common], help="the jobs' domain classifiers (the scale of their FIDs)"
+    )
+    classifiers.add_argument("--job", help="only this job's")
+    classifiers.set_defaults(handler=_command_kb_classifiers)
     show = kb_commands.add_parser("show", parents=[common], help="one model version with its figures and decisions")
     show.add_argument("version", help="N, vN, JOB:N or JOB:vN")
     show.add_argument("--job", help="the job (when there are several)")

@@ -33,7 +33,7 @@ from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
 from entgan.engine.transport import Transport
-from entgan.metrics.classifier import DomainClassifier, train_domain_classifier
+from entgan.metrics.classifier import DomainClassifier, load_domain_classifier, train_domain_classifier
 from entgan.models import check_model_supports
 from entgan.rundir import SUMMARY_FILE, RunDirectory
 from entgan.tracking import check_tracking
@@ -59,11 +59,17 @@ def preflight(config: RunConfig, algorithm_path: str | None = None, *, resuming:
     worker_shards(config, tasks)
 
 
-def domain_classifier(config: RunConfig, cache_dir: Path | None = None) -> DomainClassifier:
-    """The classifier whose feature space FID is measured in, trained on all tasks' real data."""
+def domain_classifier(
+    config: RunConfig, cache_dir: Path | None = None, classifier_file: Path | None = None
+) -> DomainClassifier:
+    """The classifier whose feature space FID is measured in: the one stored at `classifier_file`
+    when given (so that runs are measured on one scale, e.g. a lifelong job's), else one trained on
+    all tasks' real data (cached in `cache_dir`)."""
     tasks = build_tasks(config, load_source(config.data))
-    images = torch.cat([task.dataset.images for task in tasks])
     labels = torch.cat([task.dataset.labels for task in tasks])
+    if classifier_file is not None:
+        return _stored_classifier(classifier_file, config, int(labels.max()) + 1)
+    images = torch.cat([task.dataset.images for task in tasks])
     return train_domain_classifier(
         images,
         labels,
@@ -72,6 +78,19 @@ def domain_classifier(config: RunConfig, cache_dir: Path | None = None) -> Domai
         seed=config.seed,
         cache_dir=cache_dir or default_cache_dir(),
     )
+
+
+def _stored_classifier(path: Path, config: RunConfig, num_labels: int) -> DomainClassifier:
+    try:
+        classifier = load_domain_classifier(path)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if classifier.image_shape != config.image_shape or classifier.num_classes < num_labels:
+        raise ConfigError(
+            f"{path}: classifier for images {classifier.image_shape} and {classifier.num_classes} classes; "
+            f"the run has images {config.image_shape} and labels up to {num_labels - 1}"
+        )
+    return classifier
 
 
 def select_backend(config: RunConfig, local_world_size: int, cuda_devices: int | None = None) -> str:
@@ -106,6 +125,8 @@ class LaunchOptions:
     algorithm_path: str | None = None
     """`module:Class` of a `Method` subclass to run instead of `config.algorithm`: bring your
     own method (experiments, tests); the module must be importable by every process."""
+    classifier_file: Path | None = None
+    """A stored domain classifier to measure FID with, instead of one trained on the run's data."""
 
 
 def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, options: LaunchOptions, secret: bytes) -> None:
@@ -148,7 +169,8 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
         if resume_round:
             run.truncate_metrics(resume_round)
             context.log_event({"event": "resumed", "round": resume_round})
-        serve(context, method, domain_classifier(config, options.cache_dir), show_progress=options.show_progress)
+        classifier = domain_classifier(config, options.cache_dir, options.classifier_file)
+        serve(context, method, classifier, show_progress=options.show_progress)
     else:
         work(context, method)
     dist.barrier()
@@ -237,14 +259,18 @@ def launch_local(
     cache_dir: Path | None = None,
     show_progress: bool = True,
     algorithm_path: str | None = None,
+    classifier_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary."""
+    """Check, create the run directory, spawn 1 server + K workers here, wait; return the summary.
+    `classifier_file`: measure FID with this stored domain classifier (see `domain_classifier`)."""
     preflight(config, algorithm_path)
     select_backend(config, local_world_size=config.world_size)  # one that cannot run here fails now, once
     RunDirectory.check_available(run_dir, overwrite=overwrite)  # before minutes of classifier training
-    domain_classifier(config, cache_dir)  # trained (or loaded) once, before the clock starts
+    domain_classifier(config, cache_dir, classifier_file)  # trained (or loaded) once, before the clock starts
     run = RunDirectory.create(run_dir, config, overwrite=overwrite)
-    options = LaunchOptions(cache_dir=cache_dir, show_progress=show_progress, algorithm_path=algorithm_path)
+    options = LaunchOptions(
+        cache_dir=cache_dir, show_progress=show_progress, algorithm_path=algorithm_path, classifier_file=classifier_file
+    )
     return _run_with_restarts(config, run, options)
 
 

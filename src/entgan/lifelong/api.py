@@ -26,6 +26,7 @@ from entgan.lifelong.stages import LOG_FILE, read_json
 from entgan.lifelong.states import ACTIVE_STATES
 from entgan.lifelong.store import (
     DB_FILE,
+    ClassifierRecord,
     DecisionRecord,
     EvaluationRecord,
     JobRecord,
@@ -59,6 +60,8 @@ class VersionReport:
     evaluations: list[EvaluationRecord]
     decisions: list[DecisionRecord]
     """Decisions about this version, as candidate or as the deployed model it was compared with."""
+    classifiers: list[ClassifierRecord]
+    """The job's classifiers (those named by the version and its evaluations among them)."""
 
 
 class Jobs:
@@ -179,6 +182,12 @@ class Jobs:
             self.store.job(job)
         return self.store.versions(job)
 
+    def classifiers(self, job: str | None = None) -> list[ClassifierRecord]:
+        """The jobs' domain classifiers (each job's figures are measured with one of its own)."""
+        if job is not None:
+            self.store.job(job)
+        return self.store.classifiers(job)
+
     def decisions(self, job: str) -> list[DecisionRecord]:
         self.store.job(job)
         return self.store.decisions(job)
@@ -193,7 +202,9 @@ class Jobs:
         job_name, number = self.parse_version(reference, job)
         record = self.store.version(job_name, number)
         decisions = [d for d in self.store.decisions(job_name) if number in (d.candidate, d.deployed)]
-        return VersionReport(record, self.store.evaluations(job_name, number), decisions)
+        return VersionReport(
+            record, self.store.evaluations(job_name, number), decisions, self.store.classifiers(job_name)
+        )
 
     def parse_version(self, reference: str, job: str | None = None) -> tuple[str, int]:
         match = re.fullmatch(r"(?:(?P<job>[A-Za-z0-9_.-]+):)?v?(?P<number>\d+)", reference.strip())

@@ -2,14 +2,24 @@
 
 Each tick, for each job, according to its recorded (stage, state):
 
-- train/Waiting: if the job's check period has passed, look at the edge locations and the knowledge
-  base and evaluate the trigger; store the verdict; if it fired, a new cycle starts (-> Ready);
-- eval/Waiting, deploy/Waiting: -> Ready (these follow the previous stage, no trigger);
-- Ready: start an attempt (-> Starting), in a fresh folder; train and eval run in a stage process
-  of their own (-> Running); deploy is a file copy done here;
+- train/Waiting: if the job's check period has passed (and, after failed stages, its back-off),
+  look at the edge locations and the knowledge base and evaluate the trigger; store the verdict; if
+  it fired, a new cycle starts (-> Ready). When a metric condition would read deployed figures
+  older than its `max_age_s` and they could change the verdict, the deployed model is measured
+  again first (-> measure/Waiting), and the trigger decides when that measurement is recorded;
+- eval/Waiting, deploy/Waiting, measure/Waiting: -> Ready (these follow the previous stage);
+- Ready: start an attempt (-> Starting), in a fresh folder; train, eval and measure run in a stage
+  process of their own (-> Running); deploy is a file copy done here;
 - Running: poll the stage process; when it ends, record its outputs and the stage's completion
   (or failure, with the reason and the end of its log) in one transaction, and hand over to the
-  next stage's Waiting.
+  next stage's Waiting. A failure sends the job back to train/Waiting with a back-off: after `n`
+  failures in a row the trigger is not checked again before `check_period_s * 2**n` (capped at
+  `trigger.max_retry_delay_s`); the count and the time are in the database, so they survive a
+  restart, and a cycle (or measurement) that ends without failure clears them.
+
+Every stage measures with the job's own domain classifier (see `stages`); the controller passes the
+job's classifiers to each attempt, registers a new one when an attempt trained it, and records
+with every figure which classifier it was measured with.
 
 The database is the only state: a controller that starts first looks for attempts a previous
 controller left Starting or Running, stops what may be left of their processes, and either adopts a
@@ -38,11 +48,14 @@ from entgan.lifelong.edge import count_samples, edge_tasks, ignored_folders
 from entgan.lifelong.spec import NAME_PATTERN
 from entgan.lifelong.stages import (
     ERROR_FILE,
+    KB_DIR,
     LOG_FILE,
     REQUEST_FILE,
     RESULT_FILE,
     CandidateRef,
+    ClassifierRef,
     EvalRequest,
+    MeasureRequest,
     ModelRef,
     StageRequest,
     TrainRequest,
@@ -51,7 +64,14 @@ from entgan.lifelong.stages import (
 )
 from entgan.lifelong.states import ACTIVE_STATES, Reason, Stage, State
 from entgan.lifelong.store import JobRecord, JobStore, StageRunRecord, StaleState, VersionRecord
-from entgan.lifelong.triggers import Observation, Verdict, check_due, evaluate_trigger
+from entgan.lifelong.triggers import (
+    Observation,
+    Verdict,
+    check_due,
+    evaluate_trigger,
+    remeasure_reason,
+    retry_delay,
+)
 
 PROCESS_FILE = "process.json"
 DEPLOYED_DIR = "deployed"
@@ -295,19 +315,30 @@ class Controller:
         samples = {location.name: count_samples(location) for location in edge_tasks(job.spec.edge)}
         self.store.note_tasks(job.name, [task for task, count in samples.items() if count > 0], now)
         deployed = self.store.deployed_version(job.name)
+        latest = {} if deployed is None else self.store.latest_evaluations(job.name, deployed.version)
         return Observation(
             now=now,
             samples=samples,
             trained_samples={task.name: task.samples for task in self.store.tasks(job.name)},
-            deployed_figures=None if deployed is None else self.store.latest_figures(job.name, deployed.version),
+            deployed_figures=None if deployed is None else {
+                task: {"fid": record.fid, "fidelity": record.fidelity} for task, record in latest.items()},
+            deployed_measured_at=None if deployed is None else {task: record.at for task, record in latest.items()},
+            deployed_tasks=() if deployed is None else tuple(deployed.task_names),
         )
 
-    def _check_trigger(self, job: JobRecord) -> None:
+    def _check_trigger(self, job: JobRecord, *, now_due: bool = False) -> None:
+        """Evaluate the trigger when due (`now_due`: at once, e.g. on figures just measured)."""
         now = self.clock()
-        if not check_due(job.last_check_at, job.spec.trigger.check_period_s, now):
-            return
+        if not now_due:
+            if not check_due(job.last_check_at, job.spec.trigger.check_period_s, now):
+                return
+            if job.retry_at is not None and now < job.retry_at:
+                return  # backing off after failed stages
+        remeasure = None
         try:
-            verdict = evaluate_trigger(job.spec.trigger, self.observe(job, now))
+            observation = self.observe(job, now)
+            verdict = evaluate_trigger(job.spec.trigger, observation)
+            remeasure = remeasure_reason(job.spec.trigger, observation)
         except (DataError, ConfigError, OSError) as error:
             verdict = Verdict(False, f"could not read the edge data: {error}")
         ignored = ignored_folders(job.spec.edge)
@@ -315,6 +346,18 @@ class Controller:
             note = Verdict(False, f"not tasks (names must match {NAME_PATTERN} and not be any/every): {ignored}")
             verdict = Verdict(verdict.fired, verdict.detail, (*verdict.parts, note))
         with self.store.transaction() as db:
+            if remeasure is not None:
+                deployed = self.store.deployed_version(job.name)
+                assert deployed is not None  # only deployed figures can be stale
+                waiting = Verdict(False, f"not decided yet: {remeasure}; measuring version "
+                                         f"{deployed.version} again first", (verdict,))
+                self.store.record_check(db, job.name, now, waiting.as_dict())
+                self.store.transition(
+                    db, job, Stage.MEASURE, State.WAITING, Reason.FIGURES_STALE,
+                    f"{remeasure}; deployed version {deployed.version} is measured again before the trigger decides",
+                    now,
+                )
+                return
             self.store.record_check(db, job.name, now, verdict.as_dict())
             if verdict.fired:
                 self.store.transition(
@@ -322,13 +365,16 @@ class Controller:
                 )
 
     def _follow_previous_stage(self, job: JobRecord) -> None:
-        candidate = self._candidate(job)
-        what = "evaluated" if job.stage is Stage.EVAL else "deployed"
+        if job.stage is Stage.MEASURE:
+            deployed = self.store.deployed_version(job.name)
+            if deployed is None:
+                raise StaleState(f"job '{job.name}' has no deployed version to measure")
+            message = f"deployed version {deployed.version} is ready to be measured again"
+        else:
+            candidate = self._candidate(job)
+            message = f"version {candidate.version} is ready to be {'evaluated' if job.stage is Stage.EVAL else 'deployed'}"
         with self.store.transaction() as db:
-            self.store.transition(
-                db, job, job.stage, State.READY, Reason.STAGE_READY,
-                f"version {candidate.version} is ready to be {what}", self.clock(),
-            )
+            self.store.transition(db, job, job.stage, State.READY, Reason.STAGE_READY, message, self.clock())
 
     def _candidate(self, job: JobRecord) -> VersionRecord:
         """The version trained in the job's current cycle."""
@@ -370,13 +416,23 @@ class Controller:
             )
         self._attempts[job.name] = _Attempt(run, process)
 
-    def _request(self, job: JobRecord) -> TrainRequest | EvalRequest:
+    def _request(self, job: JobRecord) -> TrainRequest | EvalRequest | MeasureRequest:
         deployed = self.store.deployed_version(job.name)
         parent = None if deployed is None else ModelRef(version=deployed.version, checkpoint=Path(deployed.checkpoint))
+        classifiers, kb_dir = self.classifier_refs(job.name), job.workdir / KB_DIR
         if job.stage is Stage.TRAIN:
             return TrainRequest(
                 job=job.name, cycle=job.cycle, spec=job.spec, tasks=self._training_tasks(job),
-                parent=parent, cache_dir=self.cache_dir,
+                parent=parent, cache_dir=self.cache_dir, classifiers=classifiers, kb_dir=kb_dir,
+            )
+        if job.stage is Stage.MEASURE:
+            if deployed is None or parent is None:
+                raise StaleState(f"job '{job.name}' has no deployed version to measure")
+            at_edge = {location.name: location for location in edge_tasks(job.spec.edge)}
+            return MeasureRequest(
+                job=job.name, cycle=job.cycle, spec=job.spec, deployed=parent,
+                tasks=[at_edge[name] for name in deployed.task_names if name in at_edge],
+                cache_dir=self.cache_dir, classifiers=classifiers, kb_dir=kb_dir,
             )
         candidate = self._candidate(job)
         return EvalRequest(
@@ -388,7 +444,16 @@ class Controller:
             ),
             deployed=parent,
             cache_dir=self.cache_dir,
+            classifiers=classifiers,
+            kb_dir=kb_dir,
         )
+
+    def classifier_refs(self, name: str) -> list[ClassifierRef]:
+        """The job's domain classifiers, as a stage request carries them."""
+        return [
+            ClassifierRef(version=record.version, key=record.key, file=Path(record.file), sha256=record.sha256)
+            for record in self.store.classifiers(name)
+        ]
 
     def _training_tasks(self, job: JobRecord) -> list[Any]:
         """The edge tasks in the knowledge base's order (first seen first), unseen ones last."""
@@ -419,10 +484,27 @@ class Controller:
                        f"end of {workdir / LOG_FILE}:\n{_tail(workdir / LOG_FILE)}")
 
     def _complete(self, job: JobRecord, run: StageRunRecord, result: dict[str, Any]) -> None:
-        if run.stage is Stage.TRAIN:
-            self._complete_train(job, run, result)
-        else:
-            self._complete_eval(job, run, result)
+        try:
+            if run.stage is Stage.TRAIN:
+                self._complete_train(job, run, result)
+            elif run.stage is Stage.MEASURE:
+                self._complete_measure(job, run, result)
+            else:
+                self._complete_eval(job, run, result)
+        except ConfigError as error:  # e.g. a classifier that contradicts the knowledge base
+            self._fail(job, run, type(error).__name__, f"could not record the {run.stage.value} stage's result: {error}")
+
+    def _register_classifier(
+        self, db: Any, job: JobRecord, result: dict[str, Any], stage: Stage, now: float
+    ) -> int | None:
+        """The version of the job's classifier the attempt measured with (registered if new);
+        None for a result written by an EntGAN that did not record classifiers."""
+        identity = result.get("classifier")
+        if identity is None:
+            return None
+        return self.store.add_classifier(
+            db, job, identity["key"], identity["classes"], identity["file"], identity["sha256"], stage, now
+        )
 
     def _complete_train(self, job: JobRecord, run: StageRunRecord, result: dict[str, Any]) -> None:
         request = StageRequest.model_validate(read_json(Path(run.workdir) / REQUEST_FILE)).request
@@ -431,9 +513,10 @@ class Controller:
         now = self.clock()
         with self.store.transaction() as db:
             self.store.finish_run(db, run.id, "completed", now)
+            classifier = self._register_classifier(db, job, result, Stage.TRAIN, now)
             version = self.store.add_version(
                 db, job, parent, result["checkpoint"], result["run_dir"], tasks,
-                {"snapshot": result["snapshot"], "summary": result["summary"]}, now,
+                {"snapshot": result["snapshot"], "summary": result["summary"]}, now, classifier,
             )
             counts = ", ".join(f"{task['name']} {task['train']}+{task['holdout']}" for task in tasks)
             origin = "from scratch" if parent is None else f"from version {parent}"
@@ -456,36 +539,64 @@ class Controller:
         now = self.clock()
         with self.store.transaction() as db:
             self.store.finish_run(db, run.id, "completed", now)
-            self.store.add_evaluation(db, job, candidate.version, "candidate", result["candidate"], now)
+            classifier = self._register_classifier(db, job, result, Stage.EVAL, now)
+            self.store.add_evaluation(db, job, candidate.version, "candidate", result["candidate"], now, classifier)
             if deployed is not None:
-                self.store.add_evaluation(db, job, deployed, "deployed", result["deployed"], now)
+                self.store.add_evaluation(db, job, deployed, "deployed", result["deployed"], now, classifier)
             self.store.add_decision(db, job, candidate.version, deployed, decision.deploy, decision.rule,
                                     decision.message, {**decision.figures(), "holdout": result["holdout"],
+                                                       "classifier": classifier,
                                                        **({"cas": result["cas"]} if "cas" in result else {})}, now)
             against = "" if deployed is None else f" and deployed version {deployed}"
             job = self.store.transition(
                 db, job, Stage.EVAL, State.COMPLETED, Reason.SUCCEEDED,
-                f"measured version {candidate.version}{against} on held-out images {result['holdout']}", now,
+                f"measured version {candidate.version}{against} on held-out images {result['holdout']}"
+                f"{_with_classifier(classifier)}", now,
             )
             if decision.deploy:
                 self.store.transition(db, job, Stage.DEPLOY, State.WAITING, Reason.CANDIDATE_ACCEPTED,
                                       decision.message, now)
             else:
                 self.store.set_outcome(db, job.name, candidate.version, "rejected")
+                self.store.clear_failures(db, job.name)  # the cycle ran to its end
                 self.store.transition(db, job, Stage.TRAIN, State.WAITING, Reason.CANDIDATE_REJECTED,
                                       decision.message, now)
 
+    def _complete_measure(self, job: JobRecord, run: StageRunRecord, result: dict[str, Any]) -> None:
+        request = StageRequest.model_validate(read_json(Path(run.workdir) / REQUEST_FILE)).request
+        assert isinstance(request, MeasureRequest)
+        version = request.deployed.version
+        figures = ", ".join(f"{task} fid {values['fid']:.4g}" for task, values in result["deployed"].items())
+        now = self.clock()
+        with self.store.transaction() as db:
+            self.store.finish_run(db, run.id, "completed", now)
+            classifier = self._register_classifier(db, job, result, Stage.MEASURE, now)
+            self.store.add_evaluation(db, job, version, "deployed", result["deployed"], now, classifier)
+            self.store.clear_failures(db, job.name)
+            job = self.store.transition(
+                db, job, Stage.MEASURE, State.COMPLETED, Reason.SUCCEEDED,
+                f"measured deployed version {version} on held-out images {result['holdout']}"
+                f"{_with_classifier(classifier)}: {figures or 'no task'}", now,
+            )
+            job = self.store.transition(db, job, Stage.TRAIN, State.WAITING, Reason.DEPLOYED_MEASURED,
+                                        f"the trigger decides on version {version}'s fresh figures", now)
+        self._check_trigger(job, now_due=True)
+
     def _fail(self, job: JobRecord, run: StageRunRecord, reason: str, message: str) -> None:
         now = self.clock()
+        failures = job.failures + 1
+        delay = retry_delay(job.spec.trigger.check_period_s, failures, job.spec.trigger.max_retry_delay_s)
         with self.store.transaction() as db:
             self.store.finish_run(db, run.id, "failed", now)
             if job.stage in (Stage.EVAL, Stage.DEPLOY):
                 outcome = "eval-failed" if job.stage is Stage.EVAL else "deploy-failed"
                 self.store.set_outcome(db, job.name, self._candidate(job).version, outcome)
+            self.store.record_failure(db, job.name, failures, now + delay)
             job = self.store.transition(db, job, job.stage, State.FAILED, reason, message, now)
             self.store.transition(
                 db, job, Stage.TRAIN, State.WAITING, Reason.STAGE_FAILED,
-                f"the {run.stage.value} stage failed ({reason}); the job waits for its trigger again", now,
+                f"the {run.stage.value} stage failed ({reason}); {failures} failure{'s' if failures != 1 else ''} "
+                f"in a row, so the trigger is checked again in {delay:g} s at the earliest", now,
             )
 
     # -------------------------------------------------------------------------------- deploy
@@ -510,6 +621,7 @@ class Controller:
         with self.store.transaction() as db:
             self.store.finish_run(db, run.id, "completed", now)
             self.store.mark_deployed(db, job.name, candidate.version, now)
+            self.store.clear_failures(db, job.name)  # the cycle ran to its end
             job = self.store.transition(db, job, Stage.DEPLOY, State.COMPLETED, Reason.SUCCEEDED,
                                         f"version {candidate.version} is deployed at {target}", now)
             self.store.transition(db, job, Stage.TRAIN, State.WAITING, Reason.MODEL_DEPLOYED,
@@ -532,6 +644,20 @@ def publish(version: VersionRecord, target: Path) -> None:
     atomic_write(target / "checkpoints" / "latest.pt", copy_from(Path(version.checkpoint)))
     write_json(target / "version.json", {"job": version.job, "version": version.version,
                                          "checkpoint": version.checkpoint, "tasks": version.task_names})
+
+
+def next_check_at(job: JobRecord) -> float | None:
+    """When the controller next evaluates the job's trigger (None: at its next tick): one check
+    period after the last check, and not before the back-off after failed stages ends."""
+    times = [time for time in (
+        None if job.last_check_at is None else job.last_check_at + job.spec.trigger.check_period_s,
+        job.retry_at,
+    ) if time is not None]
+    return max(times) if times else None
+
+
+def _with_classifier(version: int | None) -> str:
+    return "" if version is None else f" with the job's classifier c{version}"
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:

@@ -16,7 +16,8 @@ when to retrain, how to judge a candidate model.
         - {kind: samples, at_least: 500, scope: per-task}
         - {kind: group, combine: and, conditions: [
             {kind: window, start: "01:00", end: "05:00"},
-            {kind: metric, metric: fid, task: any, operator: ">", threshold: 40}]}
+            {kind: metric, metric: fid, task: any, operator: ">", threshold: 40, max_age_s: 86400}]}
+      max_retry_delay_s: 3600   # back-off after failed stages: period * 2^failures, at most this
     eval: {samples_per_task: 500}
     deploy: {metric: fid, require: every-task, min_improvement: 0.0, tolerance: 0.1}
 
@@ -222,6 +223,10 @@ class MetricCondition(_Strict):
     operator: Operator
     threshold: float
     task: str = "any"
+    max_age_s: Annotated[float, Field(gt=0)] | None = None
+    """Figures older than this are not trusted: the controller measures the deployed model again
+    (on the edge's held-out images of now, with the job's classifier) before the trigger decides,
+    whenever the answer could change the decision. None: the last figures, however old."""
 
 
 class NewTaskCondition(_Strict):
@@ -253,6 +258,10 @@ class TriggerSpec(_Strict):
     check_period_s: Annotated[float, Field(gt=0)] = 60.0
     combine: Literal["and", "or"] = "or"
     conditions: Annotated[list[Condition], Field(min_length=1)]
+    max_retry_delay_s: Annotated[float, Field(gt=0)] = 3600.0
+    """Back-off after failures: when a stage has failed `n` times in a row, the next trigger check
+    (hence the next attempt) waits `check_period_s * 2**n` after the failure, at most this long
+    (and never less than `check_period_s`)."""
 
 
 # --------------------------------------------------------------------------------- eval and deploy

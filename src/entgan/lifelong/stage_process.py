@@ -27,9 +27,11 @@ from entgan.lifelong.stages import (
     EXIT_USER_ERROR,
     REQUEST_FILE,
     RESULT_FILE,
+    EvalRequest,
     StageRequest,
     TrainRequest,
     run_eval,
+    run_measure,
     run_train,
     write_json,
 )
@@ -45,7 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(request.spec.training.engine.threads_per_process)
     print(f"{request.stage} stage of job '{request.job}', cycle {request.cycle}", flush=True)
     try:
-        result = run_train(request, workdir) if isinstance(request, TrainRequest) else run_eval(request, workdir)
+        if isinstance(request, TrainRequest):
+            result = run_train(request, workdir)
+        elif isinstance(request, EvalRequest):
+            result = run_eval(request, workdir)
+        else:
+            result = run_measure(request, workdir)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         write_json(workdir / ERROR_FILE, {"reason": type(error).__name__, "message": str(error)})

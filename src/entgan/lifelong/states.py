@@ -9,7 +9,15 @@ and then hands over to the next stage's Waiting:
     train Completed  -> eval Waiting
     eval Completed   -> deploy Waiting (candidate accepted) | train Waiting (candidate rejected)
     deploy Completed -> train Waiting
-    any Failed       -> train Waiting  (the job goes back to waiting for its trigger, as in Sedna)
+    any Failed       -> train Waiting  (the job goes back to waiting for its trigger, as in Sedna;
+                                        after a failure the next trigger check backs off)
+
+and, when a metric trigger needs the deployed model's figures and they are older than the
+condition's `max_age_s`, the deployed model is measured again (on the edge's held-out images of
+now) before the trigger decides, in a stage of its own that starts no new cycle:
+
+    train Waiting    -> measure Waiting
+    measure Completed -> train Waiting (and the trigger is evaluated on the fresh figures)
 
 A stage found Starting or Running by a controller that has just started was interrupted (the
 previous controller died); it goes back to Ready and is started again, into a fresh directory.
@@ -26,6 +34,8 @@ class Stage(str, Enum):
     TRAIN = "train"
     EVAL = "eval"
     DEPLOY = "deploy"
+    MEASURE = "measure"
+    """The deployed model measured again for a metric trigger (same work as an eval)."""
 
 
 class State(str, Enum):
@@ -55,6 +65,8 @@ class Reason:
     MODEL_TRAINED = "ModelTrained"
     MODEL_DEPLOYED = "ModelDeployed"
     STAGE_FAILED = "StageFailed"
+    FIGURES_STALE = "FiguresStale"
+    DEPLOYED_MEASURED = "DeployedMeasured"
 
 
 class InvalidTransition(ValueError):
@@ -77,6 +89,9 @@ _NEXT_STAGES: dict[tuple[Stage, State], frozenset[Stage]] = {
     (Stage.TRAIN, State.FAILED): frozenset({Stage.TRAIN}),
     (Stage.EVAL, State.FAILED): frozenset({Stage.TRAIN}),
     (Stage.DEPLOY, State.FAILED): frozenset({Stage.TRAIN}),
+    (Stage.TRAIN, State.WAITING): frozenset({Stage.MEASURE}),
+    (Stage.MEASURE, State.COMPLETED): frozenset({Stage.TRAIN}),
+    (Stage.MEASURE, State.FAILED): frozenset({Stage.TRAIN}),
 }
 
 ACTIVE_STATES = frozenset({State.STARTING, State.RUNNING})

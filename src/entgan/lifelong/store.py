@@ -8,7 +8,17 @@ What it holds, per job:
   be `completed`, so "completed exactly once" is enforced by the database itself;
 - the knowledge base: `tasks` (name, data fingerprint, sample count, first seen), `versions`
   (checkpoint, parent, tasks, outcome, deployed flag), `evaluations` (per-task figures of every
-  model measured) and `decisions` (each deploy / reject verdict with its figures).
+  model measured) and `decisions` (each deploy / reject verdict with its figures);
+  `classifiers`: the job's domain classifiers (one per set of tasks and classes, a file in the
+  job's knowledge-base folder with its sha256), so that every figure names the classifier it was
+  measured with and the figures of a job's versions are on one scale;
+- back-off: failures in a row and the time before which the trigger is not checked again.
+
+Schema versions (`PRAGMA user_version`): 1, the first; 2 adds `classifiers`, the classifier of
+every version and figure, the back-off columns, and lets the `measure` stage complete more than
+once per cycle. A database of an older schema is migrated when it is opened, in one transaction,
+after a copy of it is written next to it (`<file>.schema-<n>.bak`); rows from before have no
+classifier (shown as unknown).
 
 Crash safety: a stage's completion, its outputs' records and the move to the next stage are written
 in one `BEGIN IMMEDIATE ... COMMIT`; WAL journaling with `synchronous=FULL` makes a commit durable
@@ -18,6 +28,7 @@ when it returns, and a process killed mid-transaction leaves no trace of it.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,7 +41,7 @@ from entgan.lifelong.spec import JobSpec, spec_from_json
 from entgan.lifelong.states import InvalidTransition, Reason, Stage, State, check_transition
 
 DB_FILE = "entgan-jobs.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -44,7 +55,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     state_since  REAL NOT NULL,
     cycle        INTEGER NOT NULL DEFAULT 0,
     last_check_at REAL,
-    last_check   TEXT
+    last_check   TEXT,
+    failures     INTEGER NOT NULL DEFAULT 0,
+    retry_at     REAL
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -72,7 +85,8 @@ CREATE TABLE IF NOT EXISTS stage_runs (
     finished_at REAL,
     UNIQUE (job, cycle, stage, attempt)
 );
-CREATE UNIQUE INDEX IF NOT EXISTS stage_completed_once ON stage_runs (job, cycle, stage) WHERE status = 'completed';
+CREATE UNIQUE INDEX IF NOT EXISTS stage_completed_once ON stage_runs (job, cycle, stage)
+    WHERE status = 'completed' AND stage != 'measure';
 CREATE TABLE IF NOT EXISTS tasks (
     job          TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
     name         TEXT NOT NULL,
@@ -96,6 +110,7 @@ CREATE TABLE IF NOT EXISTS versions (
     outcome     TEXT NOT NULL CHECK (outcome IN ('candidate', 'deployed', 'rejected', 'eval-failed', 'deploy-failed')),
     deployed    INTEGER NOT NULL DEFAULT 0,
     deployed_at REAL,
+    classifier  INTEGER,
     PRIMARY KEY (job, version)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_deployed_version ON versions (job) WHERE deployed = 1;
@@ -108,7 +123,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     task      TEXT NOT NULL,
     fid       REAL,
     fidelity  REAL,
-    at        REAL NOT NULL
+    at        REAL NOT NULL,
+    classifier INTEGER
 );
 CREATE TABLE IF NOT EXISTS decisions (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -122,7 +138,46 @@ CREATE TABLE IF NOT EXISTS decisions (
     figures    TEXT NOT NULL,
     at         REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS classifiers (
+    job        TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
+    version    INTEGER NOT NULL,
+    key        TEXT NOT NULL,
+    classes    TEXT NOT NULL,
+    file       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    cycle      INTEGER NOT NULL,
+    stage      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job, version),
+    UNIQUE (job, key)
+);
 """
+
+_MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN retry_at REAL;
+ALTER TABLE versions ADD COLUMN classifier INTEGER;
+ALTER TABLE evaluations ADD COLUMN classifier INTEGER;
+DROP INDEX stage_completed_once;
+CREATE UNIQUE INDEX stage_completed_once ON stage_runs (job, cycle, stage)
+    WHERE status = 'completed' AND stage != 'measure';
+CREATE TABLE classifiers (
+    job        TEXT NOT NULL REFERENCES jobs(name) ON DELETE CASCADE,
+    version    INTEGER NOT NULL,
+    key        TEXT NOT NULL,
+    classes    TEXT NOT NULL,
+    file       TEXT NOT NULL,
+    sha256     TEXT NOT NULL,
+    cycle      INTEGER NOT NULL,
+    stage      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job, version),
+    UNIQUE (job, key)
+);
+""",
+}
+"""The statements that take a database from schema `n` to `n + 1`."""
 
 
 class UnknownJob(ConfigError):
@@ -148,6 +203,10 @@ class JobRecord:
     cycle: int
     last_check_at: float | None
     last_check: dict[str, Any] | None
+    failures: int = 0
+    """Stages failed in a row (reset when a cycle or a measurement ends without failure)."""
+    retry_at: float | None = None
+    """After a failure: the trigger is not checked (no stage starts) before this time."""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -163,6 +222,8 @@ class JobRecord:
             cycle=row["cycle"],
             last_check_at=row["last_check_at"],
             last_check=json.loads(row["last_check"]) if row["last_check"] else None,
+            failures=row["failures"],
+            retry_at=row["retry_at"],
         )
 
 
@@ -227,6 +288,8 @@ class VersionRecord:
     outcome: str
     deployed: bool
     deployed_at: float | None
+    classifier: int | None = None
+    """The job's classifier its train stage measured with (None: before schema 2)."""
 
     @property
     def task_names(self) -> list[str]:
@@ -252,6 +315,36 @@ class EvaluationRecord:
     fid: float | None
     fidelity: float | None
     at: float
+    classifier: int | None = None
+    """The job's classifier (version) the figures were measured with (None: before schema 2)."""
+
+
+@dataclass(frozen=True)
+class ClassifierRecord:
+    """One of a job's domain classifiers: trained once for a set of tasks and classes."""
+
+    job: str
+    version: int
+    key: str
+    """Identifies the tasks and their classes, in label order (see `stages.label_space`)."""
+    classes: list[dict[str, Any]]
+    """[{"task": .., "classes": [..], "labels": [..]}] in label order."""
+    file: str
+    sha256: str
+    cycle: int
+    stage: str
+    """The stage that trained it (`train`, or `measure` for a re-measurement on new classes)."""
+    created_at: float
+
+    @property
+    def identity(self) -> str:
+        return f"c{self.version} ({self.sha256[:12]})"
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ClassifierRecord:
+        values = dict(row)
+        values["classes"] = json.loads(values["classes"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -294,15 +387,43 @@ class JobStore:
             raise ConfigError(f"{self.path}: not a usable jobs database ({error})") from None
 
     def _migrate(self) -> None:
+        """Create the schema in a new database, or bring an older one up to `SCHEMA_VERSION`."""
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise ConfigError(
                 f"{self.path}: written by a newer EntGAN (schema {version}, this one knows {SCHEMA_VERSION})"
             )
-        with self.transaction() as db:
-            for statement in _statements(_SCHEMA):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            return
+        backup = None
+        if version > 0:
+            backup = self.path.with_name(f"{self.path.name}.schema-{version}.bak")
+            if not backup.exists():  # written whole under another name first: a copy is complete or absent
+                partial = backup.with_name(backup.name + ".partial")
+                partial.unlink(missing_ok=True)
+                copy = sqlite3.connect(partial)
+                try:
+                    self._db.backup(copy)
+                finally:
+                    copy.close()
+                os.replace(partial, backup)
+        try:
+            with self.transaction() as db:
+                found = db.execute("PRAGMA user_version").fetchone()[0]  # another process may have done it
+                if found == 0:
+                    for statement in _statements(_SCHEMA):
+                        db.execute(statement)
+                else:
+                    for step in range(found, SCHEMA_VERSION):
+                        for statement in _statements(_MIGRATIONS[step]):
+                            db.execute(statement)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as error:
+            raise ConfigError(
+                f"{self.path}: could not migrate the jobs database from schema {version} to {SCHEMA_VERSION} "
+                f"({error}); it is left as it was (a copy is at {backup}); run an EntGAN that knows schema "
+                f"{version}, or report this with the file"
+            ) from None
 
     def close(self) -> None:
         self._db.close()
@@ -366,6 +487,14 @@ class JobStore:
             "UPDATE jobs SET last_check_at = ?, last_check = ? WHERE name = ?",
             (at, json.dumps(explanation), name),
         )
+
+    def record_failure(self, db: sqlite3.Connection, name: str, failures: int, retry_at: float) -> None:
+        """Store the job's failures in a row and when it may try again (the back-off)."""
+        db.execute("UPDATE jobs SET failures = ?, retry_at = ? WHERE name = ?", (failures, retry_at, name))
+
+    def clear_failures(self, db: sqlite3.Connection, name: str) -> None:
+        """A cycle (or measurement) ended without failure: no more back-off."""
+        db.execute("UPDATE jobs SET failures = 0, retry_at = NULL WHERE name = ?", (name,))
 
     def transition(
         self,
@@ -496,15 +625,18 @@ class JobStore:
         tasks: list[dict[str, Any]],
         data: dict[str, Any],
         now: float,
+        classifier: int | None = None,
     ) -> int:
-        """Record a trained candidate and what it was trained on (tasks' counts and fingerprints)."""
+        """Record a trained candidate, what it was trained on (tasks' counts and fingerprints) and
+        the job's classifier its run measured with."""
         version = db.execute(
             "SELECT COALESCE(MAX(version), 0) + 1 FROM versions WHERE job = ?", (job.name,)
         ).fetchone()[0]
         db.execute(
-            "INSERT INTO versions (job, version, cycle, parent, checkpoint, run_dir, tasks, data, created_at, outcome)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'candidate')",
-            (job.name, version, job.cycle, parent, checkpoint, run_dir, json.dumps(tasks), json.dumps(data), now),
+            "INSERT INTO versions (job, version, cycle, parent, checkpoint, run_dir, tasks, data, created_at, outcome,"
+            " classifier) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'candidate', ?)",
+            (job.name, version, job.cycle, parent, checkpoint, run_dir, json.dumps(tasks), json.dumps(data), now,
+             classifier),
         )
         for task in tasks:
             db.execute(
@@ -546,12 +678,13 @@ class JobStore:
 
     def add_evaluation(
         self, db: sqlite3.Connection, job: JobRecord, version: int, role: str,
-        figures: dict[str, dict[str, float]], now: float,
+        figures: dict[str, dict[str, float]], now: float, classifier: int | None = None,
     ) -> None:
+        """Per-task figures of `version`, measured with the job's classifier `classifier`."""
         db.executemany(
-            "INSERT INTO evaluations (job, cycle, version, role, task, fid, fidelity, at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(job.name, job.cycle, version, role, task, values.get("fid"), values.get("fidelity"), now)
+            "INSERT INTO evaluations (job, cycle, version, role, task, fid, fidelity, at, classifier)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(job.name, job.cycle, version, role, task, values.get("fid"), values.get("fidelity"), now, classifier)
              for task, values in figures.items()],
         )
 
@@ -562,12 +695,56 @@ class JobStore:
             rows = self._all("SELECT * FROM evaluations WHERE job = ? AND version = ? ORDER BY id", name, version)
         return [EvaluationRecord(**dict(row)) for row in rows]
 
+    def latest_evaluations(self, name: str, version: int) -> dict[str, EvaluationRecord]:
+        """The most recent evaluation of each task of `version` (whatever the role)."""
+        return {record.task: record for record in self.evaluations(name, version)}  # oldest first
+
     def latest_figures(self, name: str, version: int) -> dict[str, dict[str, float | None]]:
         """The most recent figures measured for each task of `version` (whatever the role)."""
-        figures: dict[str, dict[str, float | None]] = {}
-        for record in self.evaluations(name, version):  # oldest first: later rows overwrite
-            figures[record.task] = {"fid": record.fid, "fidelity": record.fidelity}
-        return figures
+        return {
+            task: {"fid": record.fid, "fidelity": record.fidelity}
+            for task, record in self.latest_evaluations(name, version).items()
+        }
+
+    # ---------------------------------------------------------------------------- classifiers
+    def add_classifier(
+        self, db: sqlite3.Connection, job: JobRecord, key: str, classes: list[dict[str, Any]],
+        file: str, sha256: str, stage: Stage, now: float,
+    ) -> int:
+        """Register the job's classifier for the label space `key` (idempotent for the same file);
+        returns its version. A different file for a known key is refused: the job's figures would
+        no longer be on one scale."""
+        row = db.execute("SELECT version, sha256, file FROM classifiers WHERE job = ? AND key = ?",
+                         (job.name, key)).fetchone()
+        if row is not None:
+            if row["sha256"] != sha256:
+                raise ConfigError(
+                    f"job '{job.name}': a second classifier ({file}, sha256 {sha256[:12]}) for the tasks and "
+                    f"classes of classifier c{row['version']} ({row['file']}, sha256 {row['sha256'][:12]})"
+                )
+            return int(row["version"])
+        version = db.execute(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM classifiers WHERE job = ?", (job.name,)
+        ).fetchone()[0]
+        db.execute(
+            "INSERT INTO classifiers (job, version, key, classes, file, sha256, cycle, stage, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job.name, version, key, json.dumps(classes), file, sha256, job.cycle, stage.value, now),
+        )
+        return int(version)
+
+    def classifiers(self, name: str | None = None) -> list[ClassifierRecord]:
+        if name is None:
+            rows = self._all("SELECT * FROM classifiers ORDER BY job, version")
+        else:
+            rows = self._all("SELECT * FROM classifiers WHERE job = ? ORDER BY version", name)
+        return [ClassifierRecord.from_row(row) for row in rows]
+
+    def classifier(self, name: str, version: int) -> ClassifierRecord:
+        row = self._one("SELECT * FROM classifiers WHERE job = ? AND version = ?", name, version)
+        if row is None:
+            raise ConfigError(f"job '{name}' has no classifier c{version}")
+        return ClassifierRecord.from_row(row)
 
     def add_decision(
         self, db: sqlite3.Connection, job: JobRecord, candidate: int, deployed: int | None,

@@ -4,6 +4,10 @@ Pure functions of an `Observation` (what the controller saw at the edge and in t
 at one moment), so every condition and combination is testable without files or processes. Each
 evaluation returns a `Verdict` tree that says not only whether the trigger fired but why, with the
 figures; the controller stores it with the job, so `entgan job status` can show the last check.
+
+Two more decisions live here, as pure functions too: whether the deployed model's figures are too
+old for a metric condition and must be measured again before the trigger decides
+(`remeasure_reason`), and how long a job backs off after failed stages (`retry_delay`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ class Observation:
     deployed_figures: Mapping[str, Mapping[str, float | None]] | None = None
     """The deployed model's most recent per-task figures ({task: {"fid": .., "fidelity": ..}}),
     None when nothing is deployed."""
+    deployed_measured_at: Mapping[str, float] | None = None
+    """When each of those figures was measured (seconds since the epoch)."""
+    deployed_tasks: tuple[str, ...] = ()
+    """The deployed model's tasks (a task without a figure has no age: it is stale)."""
 
     def new_samples(self, task: str) -> int:
         """Samples that arrived since the task was last trained (all of them for a new task)."""
@@ -76,11 +84,25 @@ def check_due(last_check_at: float | None, period_s: float, now: float) -> bool:
     return last_check_at is None or now - last_check_at >= period_s
 
 
-def evaluate_trigger(trigger: TriggerSpec, observation: Observation) -> Verdict:
-    return _combine(trigger.combine, [evaluate(condition, observation) for condition in trigger.conditions])
+def retry_delay(check_period_s: float, failures: int, max_delay_s: float) -> float:
+    """How long after its last failure a job waits before its next attempt: `check_period_s * 2**failures`
+    for `failures` failures in a row, at most `max_delay_s` (and never less than one check period)."""
+    if failures <= 0:
+        return check_period_s
+    return min(check_period_s * 2.0 ** min(failures, 64), max(max_delay_s, check_period_s))
 
 
-def evaluate(condition: Condition, observation: Observation) -> Verdict:
+def evaluate_trigger(
+    trigger: TriggerSpec, observation: Observation, assumed: Mapping[int, bool] | None = None
+) -> Verdict:
+    """The trigger's verdict. `assumed`: {id(condition): outcome} for conditions to take as given
+    instead of evaluating them (`remeasure_reason` asks "what if this figure were either way")."""
+    return _combine(trigger.combine, [evaluate(condition, observation, assumed) for condition in trigger.conditions])
+
+
+def evaluate(condition: Condition, observation: Observation, assumed: Mapping[int, bool] | None = None) -> Verdict:
+    if assumed and id(condition) in assumed:
+        return Verdict(assumed[id(condition)], "assumed")
     if isinstance(condition, SamplesCondition):
         return _samples(condition, observation)
     if isinstance(condition, WindowCondition):
@@ -90,8 +112,66 @@ def evaluate(condition: Condition, observation: Observation) -> Verdict:
     if isinstance(condition, NewTaskCondition):
         return _new_task(observation)
     if isinstance(condition, GroupCondition):
-        return _combine(condition.combine, [evaluate(part, observation) for part in condition.conditions])
+        return _combine(condition.combine, [evaluate(part, observation, assumed) for part in condition.conditions])
     raise TypeError(f"unknown trigger condition {condition!r}")
+
+
+def metric_conditions(conditions: list[Condition]) -> list[MetricCondition]:
+    """Every metric condition, groups included."""
+    found: list[MetricCondition] = []
+    for condition in conditions:
+        if isinstance(condition, MetricCondition):
+            found.append(condition)
+        elif isinstance(condition, GroupCondition):
+            found.extend(metric_conditions(condition.conditions))
+    return found
+
+
+def stale_figures(condition: MetricCondition, observation: Observation) -> dict[str, float | None]:
+    """The deployed tasks `condition` reads whose figure is older than its `max_age_s`, with their
+    age in seconds (None: never measured). Empty when the condition takes figures of any age or
+    nothing is deployed. Only tasks with data at the edge count: the others cannot be measured
+    again, and would ask for a measurement at every check."""
+    if condition.max_age_s is None or observation.deployed_figures is None:
+        return {}
+    measured = observation.deployed_measured_at or {}
+    tasks = observation.deployed_tasks or tuple(sorted(observation.deployed_figures))
+    tasks = tuple(task for task in tasks if observation.samples.get(task, 0) > 0)
+    if condition.task not in ("any", "every"):
+        tasks = tuple(task for task in tasks if task == condition.task)
+    stale: dict[str, float | None] = {}
+    for task in tasks:
+        at = measured.get(task)
+        age = None if at is None else observation.now - at
+        if age is None or age > condition.max_age_s:
+            stale[task] = age
+    return stale
+
+
+def remeasure_reason(trigger: TriggerSpec, observation: Observation) -> str | None:
+    """Why the deployed model must be measured again before the trigger decides, or None.
+
+    It must when a metric condition with `max_age_s` would read a figure older than that, and the
+    verdict depends on it: the trigger is evaluated with those conditions taken as true and as
+    false (and/or are monotone, so any other outcome lies between); if both agree (say a sample
+    condition fires anyway, or the time window is closed), measuring would change nothing.
+    """
+    stale = [
+        (condition, ages) for condition in metric_conditions(trigger.conditions)
+        if (ages := stale_figures(condition, observation))
+    ]
+    if not stale:
+        return None
+    if_true = evaluate_trigger(trigger, observation, {id(condition): True for condition, _ in stale})
+    if_false = evaluate_trigger(trigger, observation, {id(condition): False for condition, _ in stale})
+    if if_true.fired == if_false.fired:
+        return None
+    parts = []
+    for condition, ages in stale:
+        shown = ", ".join(f"{task} {'never measured' if age is None else f'{age:.0f} s old'}" for task, age in ages.items())
+        parts.append(f"{condition.metric} {condition.operator} {condition.threshold:g} (max age "
+                     f"{condition.max_age_s:g} s): {shown}")
+    return "the deployed model's figures are too old for the metric trigger: " + "; ".join(parts)
 
 
 def _combine(combine: str, parts: list[Verdict]) -> Verdict:

@@ -27,6 +27,8 @@ __all__ = [
     "DomainClassifier",
     "classifier_accuracy",
     "classifier_cache_key",
+    "load_domain_classifier",
+    "save_domain_classifier",
     "train_domain_classifier",
 ]
 
@@ -177,21 +179,46 @@ def _save_atomically(payload: dict[str, object], path: Path) -> None:
         raise
 
 
+def _payload(model: DomainClassifier) -> dict[str, object]:
+    return {
+        "arch": ARCHITECTURE_VERSION,
+        "image_shape": list(model.image_shape),
+        "num_classes": model.num_classes,
+        "num_features": model.num_features,
+        "state_dict": model.state_dict(),
+    }
+
+
+def save_domain_classifier(model: DomainClassifier, path: Path) -> None:
+    """Store a classifier at `path` (atomically), in the format `load_domain_classifier` reads."""
+    _save_atomically(_payload(model), Path(path))
+
+
+def load_domain_classifier(path: Path) -> DomainClassifier:
+    """A classifier stored by `save_domain_classifier` (or the training cache), on the CPU in eval
+    mode. Raises ValueError naming the file when it is unreadable or of another architecture."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many kinds for a foreign or truncated file
+        raise ValueError(f"{path}: not a readable domain classifier ({type(error).__name__}: {error})") from None
+    if not isinstance(payload, dict) or payload.get("arch") != ARCHITECTURE_VERSION:
+        found = payload.get("arch") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path}: a classifier of architecture {found!r}, expected {ARCHITECTURE_VERSION!r}")
+    shape = tuple(int(d) for d in payload["image_shape"])
+    model = DomainClassifier(shape, int(payload["num_classes"]), int(payload["num_features"]))  # type: ignore[arg-type]
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
 def _load_cached(path: Path, image_shape: tuple[int, int, int], num_classes: int) -> DomainClassifier | None:
     """Load a cached classifier, or None if the file is unreadable or describes another model."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a corrupt or foreign file is just a cache miss; it gets overwritten
+        model = load_domain_classifier(path)
+    except (ValueError, KeyError, RuntimeError):  # a corrupt or foreign file is just a cache miss
         return None
-    if (
-        payload.get("arch") != ARCHITECTURE_VERSION
-        or tuple(payload.get("image_shape", ())) != image_shape
-        or payload.get("num_classes") != num_classes
-    ):
+    if model.image_shape != image_shape or model.num_classes != num_classes:
         return None
-    model = DomainClassifier(image_shape, num_classes, int(payload["num_features"]))
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
+    return model
 
 
 def train_domain_classifier(
@@ -247,16 +274,7 @@ def train_domain_classifier(
     model.eval()
 
     if cache_path is not None:
-        _save_atomically(
-            {
-                "arch": ARCHITECTURE_VERSION,
-                "image_shape": list(image_shape),
-                "num_classes": num_classes,
-                "num_features": model.num_features,
-                "state_dict": model.state_dict(),
-            },
-            cache_path,
-        )
+        save_domain_classifier(model, cache_path)
     return model
 
 
