@@ -15,8 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import NoReturn
 
-from entgan.config import ConfigError
+
+def _refuse(message: str) -> NoReturn:
+    """A usage error, reported by `entgan.cli.main` like a bad config (imported here, not at the
+    top: building the parser must not load pydantic)."""
+    from entgan.config import ConfigError
+
+    raise ConfigError(message)
 
 
 def _job_options() -> argparse.ArgumentParser:
@@ -29,7 +36,7 @@ def _job_options() -> argparse.ArgumentParser:
 def _threads(count: int | None) -> None:
     if count is not None:
         if count < 1:
-            raise ConfigError(f"--threads must be at least 1, found {count}")
+            _refuse(f"--threads must be at least 1, found {count}")
         import torch
 
         torch.set_num_threads(count)
@@ -37,9 +44,9 @@ def _threads(count: int | None) -> None:
 
 def _command_generate(args: argparse.Namespace) -> int:
     if args.n < 1:
-        raise ConfigError(f"-n must be at least 1, found {args.n}")
+        _refuse(f"-n must be at least 1, found {args.n}")
     if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, found {args.batch_size}")
+        _refuse(f"--batch-size must be at least 1, found {args.batch_size}")
     from pathlib import Path
 
     from tqdm import tqdm
@@ -66,7 +73,7 @@ def _command_generate(args: argparse.Namespace) -> int:
 
 def _command_evaluate(args: argparse.Namespace) -> int:
     if args.samples_per_task < 1 or args.epochs < 1:
-        raise ConfigError("--samples-per-task and --epochs must be at least 1")
+        _refuse("--samples-per-task and --epochs must be at least 1")
     from entgan.deployed import load_model
     from entgan.utility import evaluate_utility
 
@@ -99,7 +106,7 @@ def _command_evaluate(args: argparse.Namespace) -> int:
 
 def _command_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port must be in 0..65535, found {args.port}")
+        _refuse(f"--port must be in 0..65535, found {args.port}")
     from entgan.serve import serve
 
     _threads(args.threads)

@@ -20,8 +20,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from entgan.lifelong.states import Stage, State
-
 if TYPE_CHECKING:  # imported by the handlers, so that building the parser stays light
     from entgan.lifelong.api import Jobs, JobStatus
     from entgan.lifelong.store import ClassifierRecord, JobRecord, TransitionRecord
@@ -113,6 +111,7 @@ def _status_text(status: JobStatus, now: float) -> str:
         lines.append(f"  trigger: checked {age:.0f} s ago (every {period:g} s): {outcome}")
         lines.extend("    " + line for line in _verdict_lines(job.last_check))
     from entgan.lifelong.controller import next_check_at
+    from entgan.lifelong.states import Stage, State
 
     upcoming = next_check_at(job)
     if (job.stage, job.state) == (Stage.TRAIN, State.WAITING) and upcoming is not None:
