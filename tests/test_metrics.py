@@ -296,3 +296,17 @@ def test_memory_left_resident_by_paused_work_raises_the_baseline_not_the_increas
     monitor.stop()
     assert 16 * 2**20 < monitor.increase_bytes < 48 * 2**20
     del harness, work
+
+
+def test_runs_of_one_workload_share_one_classifier_whatever_their_seed(tmp_path: Path) -> None:
+    from conftest import tiny_config
+    from entgan.engine.launch import domain_classifier
+
+    first = domain_classifier(tiny_config(seed=1), tmp_path)
+    second = domain_classifier(tiny_config(seed=2, algorithm="mdgan"), tmp_path)
+    assert len(list(tmp_path.glob("classifier-*.pt"))) == 1  # trained once, then loaded from the cache
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    other = domain_classifier(tiny_config(seed=1, eval={"classifier_seed": 5}), tmp_path)
+    assert len(list(tmp_path.glob("classifier-*.pt"))) == 2  # its own seed is a different classifier
+    assert not all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), other.state_dict().values()))

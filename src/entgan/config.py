@@ -249,6 +249,10 @@ class EvalConfig(_Strict):
     (so methods with different round speeds are measured at comparable times)."""
     samples_per_task: PositiveInt = 500
     classifier_epochs: PositiveInt = 4
+    classifier_seed: int = 0
+    """Seed of the domain classifier FID is measured with, independent of the run's seed: every
+    run of one workload (any method, any seed) is scored by the same classifier (the same cached
+    file), so one FID bar means the same for all of them."""
     grid_size: PositiveInt = 64
     """Images in each per-task sample grid."""
 

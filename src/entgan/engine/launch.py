@@ -75,7 +75,7 @@ def domain_classifier(
         labels,
         num_classes=int(labels.max()) + 1,
         epochs=config.eval.classifier_epochs,
-        seed=config.seed,
+        seed=config.eval.classifier_seed,
         cache_dir=cache_dir or default_cache_dir(),
     )
 
