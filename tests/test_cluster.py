@@ -171,10 +171,10 @@ def test_sigint_removes_the_cluster_and_a_killed_creators_leftovers_are_removed_
 
 def _comparable(row: dict[str, Any]) -> dict[str, Any]:
     """A metrics row without what legitimately differs between two runs: time (keys ending `_s`),
-    memory (rss), and received/cumulative traffic (a resumed group re-sends the models once)."""
+    memory (rss, hwm), and received/cumulative traffic (a resumed group re-sends the models once)."""
     return {
         key: value for key, value in row.items()
-        if not key.endswith("_s") and "rss" not in key and not key.startswith("server/bytes")
+        if not key.endswith("_s") and "rss" not in key and "hwm" not in key and not key.startswith("server/bytes")
         and not key.endswith("bytes_received")
     }
 

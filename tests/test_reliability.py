@@ -31,7 +31,9 @@ from entgan.rundir import RunDirectory
 
 from conftest import due_ranks, tiny_config, tiny_config_data, worker_digests
 
-TIMING_KEYS = ("round_s", "train_clock_s", "wall_clock_s", "server/rss", "server/peak", "server/bytes", "server/comm")
+TIMING_KEYS = (
+    "round_s", "train_clock_s", "wall_clock_s", "server/rss", "server/peak", "server/hwm", "server/bytes", "server/comm",
+)
 
 
 def _comparable(row: dict[str, Any]) -> dict[str, Any]:

@@ -264,7 +264,8 @@ class EngineConfig(_Strict):
     start_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 120.0
     """Process-group timeout during start-up (rendezvous, first exchange)."""
     round_timeout_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
-    """Process-group timeout once training runs: a stuck peer surfaces as an error after this."""
+    """Once the rounds have started, the longest any wait may block: a stuck peer surfaces as an
+    error after this (set-up exchanges before the first round use `start_timeout_s`)."""
     threads_per_process: PositiveInt = 1
     feedback_graphs: Literal["held", "recomputed"] = "held"
     """How a server that back-propagates workers' error feedback (MD-GAN, DANCE) has each fake

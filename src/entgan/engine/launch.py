@@ -153,7 +153,7 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
     else:
         session_keys = {SERVER_RANK: worker_handshake(transport, rank, secret, config.name)}
     resume_round = _agree_on_resume_round(transport, run, workers, options.resume)
-    _shorten_timeout(transport, config.engine.round_timeout_s)
+    _shorten_timeout(config.engine.round_timeout_s)
     context = RunContext(
         config=config,
         rank=rank,
@@ -214,11 +214,11 @@ def _agree_on_resume_round(transport: Transport, run: RunDirectory, workers: lis
     return int(decision.item())
 
 
-def _shorten_timeout(transport: Transport, seconds: float) -> None:
-    """After start-up, a stuck peer should surface within the per-round timeout, not the start one:
-    for every point-to-point wait (the transport's own timeout) and for collectives (the group's)."""
+def _shorten_timeout(seconds: float) -> None:
+    """After start-up, a stuck peer should surface within the per-round timeout, not the start
+    one: the group's timeout (collectives) from here; the transport's own, for point-to-point
+    waits, once the method's set-up exchanges are done (`engine.roles`)."""
     dist.barrier()
-    transport.timeout = datetime.timedelta(seconds=seconds)
     set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
     if set_timeout is not None:
         set_timeout(datetime.timedelta(seconds=seconds))

@@ -8,6 +8,7 @@ and resuming, the progress bar.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import tempfile
@@ -207,6 +208,7 @@ def serve(
     memory = PeakRSSMonitor().start()
     server = method.server(context)
     server.setup()
+    start_round_timeouts(context)
     rounds = ServerRounds(context, server)
     counters = context.transport.counters
     engine_state = restore_engine_state(context)
@@ -328,6 +330,13 @@ def is_checkpoint_round(round_number: int, every: int) -> bool:
     return every > 0 and round_number % every == 0
 
 
+def start_round_timeouts(context: RunContext) -> None:
+    """From the first round on, every wait of this rank may block at most `round_timeout_s`; the
+    set-up exchanges before it (hellos, initial models), which wait for slower peers' start-up,
+    had the start timeout."""
+    context.transport.timeout = datetime.timedelta(seconds=context.config.engine.round_timeout_s)
+
+
 def engine_snapshot(context: RunContext) -> dict[str, Any]:
     """What every rank's engine must carry across a resume: its random state and traffic counters."""
     return {"torch_rng": torch.get_rng_state(), "counters": context.transport.counters.state_dict()}
@@ -378,6 +387,7 @@ def work(context: RunContext, method: type[Method]) -> None:
     baseline_memory = current_rss_bytes()
     reset_high_water_mark()
     worker.setup(shard)
+    start_round_timeouts(context)
     engine_state = restore_engine_state(context)
     first_round = engine_state.get("round", 0)
     rounds = WorkerRounds(context, worker)
