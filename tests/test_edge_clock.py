@@ -249,6 +249,23 @@ def test_profiles_parse_from_a_profiles_section_or_alone() -> None:
         parse_profiles({"uplink": 3}, "test")
 
 
+def training_compute(program: Program, whole: bool = False) -> float:
+    """CPU seconds of the program outside the harness: between the clock's start and the last
+    round's end, or (`whole`) all of it."""
+    from entgan.bench.edge_clock import Compute, Mark
+
+    counting, total, pending = whole, 0.0, 0.0
+    for op in program.ops:
+        if isinstance(op, Mark):
+            if op.label == CLOCK_START:
+                counting = True
+            elif op.label == ROUND_END:
+                total, pending = total + pending, 0.0
+        elif isinstance(op, Compute) and counting and not op.harness:
+            pending += op.cpu_s
+    return total + pending if whole else total
+
+
 @pytest.mark.slow
 def test_a_recorded_run_replays_in_step_with_its_wall_clock(tmp_path: Path, cache_dir: Path) -> None:
     from conftest import tiny_config, worker_digests
@@ -280,9 +297,14 @@ def test_a_recorded_run_replays_in_step_with_its_wall_clock(tmp_path: Path, cach
 
     rows = RunDirectory(run_dir).metrics()
     assert clock.complete and [entry.round for entry in clock.rounds] == [1, 2, 3]
+    # With unlimited links the critical path holds at least the server's own compute in its
+    # rounds, and at most every rank's compute.
+    assert training_compute(programs[0]) <= clock.total_s + 1e-9
+    assert clock.total_s <= sum(training_compute(program, whole=True) for program in programs.values())
     measured = rows[-1]["train_clock_s"]
     ratio = clock.total_s / measured
     print(f"edge clock {clock.total_s:.3f} s, training clock {measured:.3f} s, ratio {ratio:.2f}")
-    # Two shared cores: the wall clock holds every other rank's compute too; only a loose bound.
-    assert 1 / 3 < ratio < 3
+    # On two cores shared with other work the wall clock also holds every other process's compute
+    # (a tenth of a second in all, here): only a loose bound; the 15% check needs a quiet machine.
+    assert 0.05 < ratio < 1.5
     assert json.loads((run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines()[0])["world_size"] == 4

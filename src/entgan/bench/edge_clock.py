@@ -56,7 +56,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from entgan.bench.profiles import EdgeProfile
 from entgan.engine.timeline import CLOCK_START, HARNESS, RECEIVE, ROUND_END, SEND, read_timeline
@@ -159,17 +159,28 @@ class Program:
         return sum(work.nbytes for work in self.works.values() if work.direction == RECEIVE)
 
 
-def program_from_records(rank: int, records: list[list[Any]], header: dict[str, Any] | None = None) -> Program:
-    """A rank's program from its timeline records (`engine.timeline`)."""
+Stretch = Literal["cpu", "wall"]
+
+
+def program_from_records(
+    rank: int, records: list[list[Any]], header: dict[str, Any] | None = None, stretch: Stretch = "cpu"
+) -> Program:
+    """A rank's program from its timeline records (`engine.timeline`).
+
+    `stretch`: what a stretch of compute between two records costs: the thread's CPU time (the
+    edge clock), or the wall time it took on the recording machine (to check the replay itself:
+    replayed with unlimited links, a wall-stretched program gives back the recorded rounds, up to
+    loopback transfer and wake-up delays)."""
     program = Program(rank, header=dict(header or {}))
     ops = program.ops
-    previous_cpu: float | None = None
+    previous: float | None = None  # where the last record left the stretch's clock
     in_harness = False
+    column = 2 if stretch == "cpu" else 1
     for record in records:
-        tag, cpu = record[0], float(record[2])
-        if previous_cpu is not None and cpu > previous_cpu:
-            ops.append(Compute(cpu - previous_cpu, in_harness))
-        previous_cpu = cpu if previous_cpu is None else max(previous_cpu, cpu)
+        tag, at = record[0], float(record[column])
+        if previous is not None and at > previous:
+            ops.append(Compute(at - previous, in_harness))
+        previous = at if previous is None else max(previous, at)
         if tag == "phase":
             in_harness = record[3] == HARNESS
             ops.append(Phase(str(record[3]), int(record[4])))
@@ -177,24 +188,27 @@ def program_from_records(rank: int, records: list[list[Any]], header: dict[str, 
             ops.append(Mark(str(record[3]), int(record[4])))
         elif tag == "post":
             first, kind, works, expected = int(record[3]), str(record[4]), record[5], record[6]
-            candidates = tuple(int(rank) for rank in expected) if expected is not None else None
+            candidates = tuple(int(source) for source in expected) if expected is not None else None
             for offset, (peer, direction, nbytes) in enumerate(works):
                 program.works[first + offset] = Work(kind, int(peer), int(direction), int(nbytes), candidates)
             ops.append(Post(tuple(range(first, first + len(works)))))
         elif tag == "wait":
             ops.append(Wait(tuple(int(work) for work in record[3])))
-            cpu_end = float(record[5])
-            if cpu_end > cpu:
-                ops.append(Compute(cpu_end - cpu, in_harness))
-            previous_cpu = max(previous_cpu, cpu_end)
+            # What ran inside the wait after the data landed (arrival callbacks): CPU either way,
+            # as the wall time inside a wait is mostly blocking.
+            inside = float(record[5]) - float(record[2])
+            if inside > 0:
+                ops.append(Compute(inside, in_harness))
+            previous = max(previous, float(record[5]) if stretch == "cpu" else float(record[4]))
         else:
             raise ValueError(f"rank {rank}: unknown timeline record '{tag}'")
     return program
 
 
-def load_programs(run_dir: Path, first_round: int = 0) -> dict[int, Program]:
+def load_programs(run_dir: Path, first_round: int = 0, stretch: Stretch = "cpu") -> dict[int, Program]:
     """Every rank's program of the run's process group that started at `first_round` (0: the
-    fresh start; a resumed group's files are `rank-K.from-round-NNNN.jsonl`)."""
+    fresh start; a resumed group's files are `rank-K.from-round-NNNN.jsonl`), its compute
+    stretches costed by `stretch` (`program_from_records`)."""
     folder = Path(run_dir) / "timeline"
     pattern = "rank-*.jsonl" if first_round == 0 else f"rank-*.from-round-{first_round:04d}.jsonl"
     programs = {}
@@ -203,7 +217,7 @@ def load_programs(run_dir: Path, first_round: int = 0) -> dict[int, Program]:
             continue
         header, records = read_timeline(path)
         rank = int(header["rank"])
-        programs[rank] = program_from_records(rank, records, header)
+        programs[rank] = program_from_records(rank, records, header, stretch)
     if not programs:
         raise FileNotFoundError(f"{folder}: no timelines (was the run recorded with engine.timeline: true?)")
     world_size = max(int(program.header.get("world_size", len(programs))) for program in programs.values())
