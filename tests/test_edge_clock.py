@@ -266,6 +266,37 @@ def training_compute(program: Program, whole: bool = False) -> float:
     return total + pending if whole else total
 
 
+def test_bench_profiles_record_timelines_and_read_time_to_target_on_the_edge_clock() -> None:
+    from test_bench import _context, _result, bench_data
+
+    from entgan.bench import plan_runs
+    from entgan.bench.config import parse_bench_config
+    from entgan.bench.edge_clock import EdgeClock, RoundTime
+    from entgan.bench.report import render_markdown
+    from entgan.bench.results import TargetHit, edge_figures
+
+    profiles = {"edge-lan": {"workers": [{"speed": 0.5, "uplink_mbit": 100}]}, "tc-20": {"shared_link_mbit": 20}}
+    bench = parse_bench_config(bench_data(profiles=profiles, memory_sweep={"workers": [2]}))
+    runs = plan_runs(bench)
+    clock = EdgeClock([RoundTime(1, 3.0, 3.0), RoundTime(2, 5.0, 2.0), RoundTime(3, 9.0, 4.0)], True, {})
+    evaluations = [{"round": 1, "fid/overall": 400.0}, {"round": 3, "fid/overall": 250.0}]
+
+    figures = edge_figures(clock, evaluations, TargetHit(train_clock_s=1.5, round=3, fid=250.0))
+    markdown = render_markdown(bench, [_result("entgan", target=TargetHit(1.5, 3, 250.0), edge={"edge-lan": figures})],
+                               _context())
+
+    assert bench.profiles["tc-20"].shared_link_mbit == 20
+    assert {run.key: run.config.engine.timeline for run in runs} == {
+        "entgan": True, "no-overlap": True, "sweep-entgan-k2": False}
+    assert figures.time_to_target_s == 9.0 and figures.curve == [(3.0, 400.0), (9.0, 250.0)]
+    assert "on edge 'edge-lan' (s) | on edge 'tc-20' (s)" in markdown
+    assert "| entgan | 1.5 (round 3) | 9.0 | – |" in markdown
+    assert "`tc-20`: server speed 1, unlimited; workers speed 1, unlimited; every transfer through one 20 Mbit/s" \
+        in markdown
+    with pytest.raises(ConfigError, match="profiles.edge-lan.workers.0.latency_ms"):
+        parse_bench_config(bench_data(profiles={"edge-lan": {"workers": [{"latency_ms": -1}]}}))
+
+
 @pytest.mark.slow
 def test_a_recorded_run_replays_in_step_with_its_wall_clock(tmp_path: Path, cache_dir: Path) -> None:
     from conftest import tiny_config, worker_digests
@@ -308,3 +339,10 @@ def test_a_recorded_run_replays_in_step_with_its_wall_clock(tmp_path: Path, cach
     # (a tenth of a second in all, here): only a loose bound; the 15% check needs a quiet machine.
     assert 0.05 < ratio < 1.5
     assert json.loads((run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines()[0])["world_size"] == 4
+
+    # The command prints the same rounds.
+    from entgan import cli
+
+    profile_file = tmp_path / "profiles.yaml"
+    profile_file.write_text("profiles: {unlimited: {}, tc-1: {shared_link_mbit: 1}}\n")
+    assert cli.main(["edge-clock", str(run_dir), "--profile", str(profile_file), "--json"]) == 0
