@@ -237,6 +237,29 @@ def test_records_become_compute_between_cpu_stamps() -> None:
     assert program.bytes_sent == 800 and program.works[1].peer == 2
 
 
+def test_a_timeline_is_written_in_pieces_and_read_back_whole(tmp_path: Path) -> None:
+    from entgan.engine.timeline import Timeline, read_timeline, timeline_path
+
+    path = timeline_path(tmp_path, 2, 0)
+    timeline = Timeline(2, 3, path, bytes_sent_before=7)
+    timeline.phase("local_round", 0)
+    ids = timeline.post("discriminator-update", [(0, SEND, 56), (0, SEND, 4000)])
+    timeline.flush()  # e.g. a checkpoint, mid-phase
+    timeline.waited(ids, *timeline.records[-1][1:3])
+    timeline.phase(HARNESS, 0)
+    timeline.flush()
+
+    header, records = read_timeline(path)
+    program = program_from_records(2, records, header)
+
+    assert path.name == "rank-2.jsonl" and timeline_path(tmp_path, 2, 10).name == "rank-2.from-round-0010.jsonl"
+    assert header["bytes_sent_before"] == 7 and header["world_size"] == 3
+    assert [record[0] for record in records] == ["phase", "phase", "post", "phase", "phase", "wait", "phase"]
+    assert [record[3] for record in records if record[0] == "phase"] == [
+        "launch", "local_round", HARNESS, "local_round", HARNESS]
+    assert program.bytes_sent == 4056 and timeline.records == []
+
+
 def test_profiles_parse_from_a_profiles_section_or_alone() -> None:
     named = parse_profiles({"profiles": {"lan": {"workers": [{"speed": 0.5, "uplink_mbit": 100}]}}}, "test")
     alone = parse_profiles({"shared_link_mbit": 20}, "test", default_name="tc")

@@ -23,7 +23,8 @@ the main thread's CPU time (`time.thread_time`) when it was appended:
 The compute between two records is the difference of their CPU stamps: the rank's own work,
 whatever other processes did to its wall clock on a shared machine. Appending is one tuple per
 transport call or wait (one per tensor only in the works list); nothing is written until `flush`,
-which appends the new records to `RUN_DIR/timeline/rank-K.jsonl` (at checkpoints and at the end).
+which appends the new records to `RUN_DIR/timeline/rank-K.jsonl` (at checkpoints, at the end, and
+at a phase change once `FLUSH_EVERY` records are held), its own writing booked as harness.
 
 A rank's CPU time is its main thread's: with `engine.threads_per_process` above 1 the intra-op
 threads' work is not in it, and on a GPU the kernels run after the thread has moved on; the edge
@@ -49,6 +50,8 @@ CLOCK_START = "clock-start"
 """Server mark: the training clock starts (after the method's setup)."""
 
 FORMAT = 1
+FLUSH_EVERY = 20_000
+"""Records held in memory before a phase change writes them out (the writing booked as harness)."""
 
 
 class Timeline:
@@ -59,12 +62,17 @@ class Timeline:
         self.rank = rank
         self.path = Path(path)
         self.records: list[tuple[Any, ...]] = []
+        """Records not yet written."""
         self._next_work = 0
-        self._written = 0
+        self._started_file = False
+        self._phase: tuple[str, int] = ("launch", -1)
         self._header = {"timeline": FORMAT, "rank": rank, "world_size": world_size, "first_round": first_round, **header}
         self.phase("launch", -1)
 
     def phase(self, name: str, round_index: int) -> None:
+        if len(self.records) >= FLUSH_EVERY and name != HARNESS:  # e.g. a long run without checkpoints
+            self.flush()
+        self._phase = (name, round_index)
         self.records.append(("phase", time.perf_counter(), time.thread_time(), name, round_index))
 
     def mark(self, label: str, round_index: int) -> None:
@@ -84,16 +92,20 @@ class Timeline:
         self.records.append(("wait", wall, cpu, ids, time.perf_counter(), time.thread_time()))
 
     def flush(self) -> None:
-        """Append the records since the last flush to the rank's file (the header first)."""
-        if self._written == 0 and not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            lines = [json.dumps(self._header)]
-        else:
-            lines = []
-        lines.extend(json.dumps(record) for record in self.records[self._written :])
-        with self.path.open("a") as handle:
+        """Append the records since the last flush to the rank's file (the header first) and drop
+        them from memory. The writing itself is booked as harness, then the phase goes on."""
+        resumed = self._phase
+        if resumed[0] != HARNESS:
+            self.records.append(("phase", time.perf_counter(), time.thread_time(), HARNESS, resumed[1]))
+        lines = [] if self._started_file else [json.dumps(self._header)]
+        lines.extend(json.dumps(record) for record in self.records)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a" if self._started_file else "w") as handle:
             handle.write("".join(line + "\n" for line in lines))
-        self._written = len(self.records)
+        self._started_file = True
+        self.records = []
+        if resumed[0] != HARNESS:
+            self.records.append(("phase", time.perf_counter(), time.thread_time(), *resumed))
 
 
 def stamp() -> tuple[float, float]:
