@@ -320,6 +320,28 @@ def test_bench_profiles_record_timelines_and_read_time_to_target_on_the_edge_clo
         parse_bench_config(bench_data(profiles={"edge-lan": {"workers": [{"latency_ms": -1}]}}))
 
 
+def test_a_bench_network_has_its_mirror_profile_and_headers_count_on_the_links() -> None:
+    from entgan.bench.config import load_bench_config
+    from entgan.bench.edge_clock import profile_for_network
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    shared = load_bench_config(root / "mnist-2tasks-4workers-20mbit.yaml")
+    per_node = load_bench_config(root / "per-node-edge-uneven.yaml")
+
+    shared_profile = profile_for_network(shared.network, 4)
+    per_node_profile = profile_for_network(per_node.network, 8)
+    programs = upload_round([0.0], MB)
+
+    assert shared_profile.shared_link_mbit == 20 and shared_profile.wire_overhead == pytest.approx(1514 / 1448)
+    assert [d.uplink_mbit for d in per_node_profile.workers] == [5, 5, 10, 10, 20, 20, 50, 50]
+    assert per_node_profile.workers[0].downlink == 20 and per_node_profile.server.uplink_mbit is None
+    # The benches' own profiles are these mirrors.
+    assert per_node.profiles["edge-uneven"].workers == per_node_profile.workers
+    assert shared.profiles["tc-20mbit"].shared_link_mbit == 20
+    slow = EdgeProfile(workers=[DeviceProfile(uplink_mbit=MBIT_FOR_1_MB_PER_S)], wire_overhead=1.25)
+    assert replay(programs, slow).total_s == pytest.approx(1.25)
+
+
 @pytest.mark.slow
 def test_a_recorded_run_replays_in_step_with_its_wall_clock(tmp_path: Path, cache_dir: Path) -> None:
     from conftest import tiny_config, worker_digests

@@ -22,7 +22,8 @@ Timing model
   server then takes that worker's upload, so a straggler that the recorded run happened to serve
   first is served last on the edge (the rest of that upload's exchange, up to the next any-source
   receive or phase, is redirected to the worker chosen).
-- Transmission: one connection per ordered pair of ranks carries its tensors one after another
+- Transmission: a tensor puts its bytes times the profile's `wire_overhead` (headers) on the
+  links. One connection per ordered pair of ranks carries its tensors one after another
   (layer-by-layer streams arrive layer by layer). Concurrent transmissions share bandwidth
   max-min fairly (progressive filling) over the links they cross: the sender's uplink, the
   receiver's downlink and, where the profile has one, the shared link. A rate left out of the
@@ -32,8 +33,8 @@ Timing model
   A wait ends when every work it names has completed; CPU spent inside it (arrival callbacks)
   runs after that.
 
-What the model leaves out: protocol overhead (TCP/IP headers, gloo's preambles: a few percent of
-the bytes on the wire), the notices' own transmission time, TCP's ramp-up, memory copies done by
+What the model leaves out: protocol overhead beyond `wire_overhead` (gloo's preambles,
+retransmissions), the notices' own transmission time, TCP's ramp-up, memory copies done by
 gloo's I/O threads (not on the main thread's CPU clock), and intra-op threads or GPU kernels
 (the CPU clock is the main thread's). Each rank's program keeps its recorded order: a method
 that would decide differently on a faster or slower edge (e.g. a time-based schedule) is
@@ -345,6 +346,7 @@ class _Replay:
         devices = _devices(profile, sorted(programs))
         self.ranks = {rank: _RankState(program, devices[rank]) for rank, program in programs.items()}
         self.shared = profile.shared_link_mbit * BYTES_PER_MBIT if profile.shared_link_mbit is not None else math.inf
+        self.overhead = profile.wire_overhead
         self.include_harness = include_harness
         self.now = 0.0
         self._heap: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
@@ -517,7 +519,7 @@ class _Replay:
         if not links or message.nbytes == 0:
             self.at(self.now, self._transmitted, message)
             return
-        self.flows.append(_Flow(message, float(message.nbytes), links))
+        self.flows.append(_Flow(message, message.nbytes * self.overhead, links))
         self._reshare()
 
     def _capacity(self, link: tuple[Any, ...]) -> float:
@@ -552,6 +554,31 @@ class _Replay:
         self.at(self.now + self._latency(message.src, message.dst), self._complete, message.receive.rank,
                 message.receive.work)
         self._next_on(self.channels[(message.src, message.dst)])
+
+
+def wire_overhead(mtu: int = 1500) -> float:
+    """Bytes a shaper counts per payload byte of TCP/IPv4 (with timestamps) at `mtu`."""
+    return (mtu + 14) / (mtu - 52)
+
+
+def profile_for_network(network: Any, workers: int) -> EdgeProfile:
+    """The edge profile that mirrors a bench's real `network` (to validate the clock against it):
+    every rank at the recorded speed; a shared token bucket as one shared link; per-node links as
+    the workers' own uplinks, downlinks and latencies (the server's link unshaped, as there)."""
+    from entgan.bench.config import NetworkConfig
+    from entgan.bench.links import PerNodeNetworkConfig
+    from entgan.bench.profiles import DeviceProfile
+
+    if isinstance(network, NetworkConfig):
+        return EdgeProfile(shared_link_mbit=network.rate_mbit, wire_overhead=wire_overhead(network.mtu))
+    if isinstance(network, PerNodeNetworkConfig):
+        links = [network.links[index % len(network.links)] for index in range(workers)]
+        devices = [
+            DeviceProfile(uplink_mbit=link.uplink_mbit, downlink_mbit=link.downlink, latency_ms=link.latency_ms)
+            for link in links
+        ]
+        return EdgeProfile(workers=devices, wire_overhead=wire_overhead())
+    raise TypeError(f"not a bench network: {network!r}")
 
 
 def replay(

@@ -65,6 +65,9 @@ class EdgeProfile(_Strict):
     shared_link_mbit: PositiveFloat | None = None
     """One link every transfer crosses besides the nodes' own (the bench's shared, `tc`-shaped
     loopback): concurrent transfers share its rate. None: no such link."""
+    wire_overhead: Annotated[float, Field(ge=1, le=2)] = 1.0
+    """Bytes on a link per payload byte: packet headers (TCP/IPv4 with timestamps on a 1500-byte
+    MTU, and the 14-byte link header a shaper counts: 1514 / 1448 = 1.046). 1: payload only."""
 
     def device(self, rank: int) -> DeviceProfile:
         """Rank 0's device is the server's; rank r >= 1 gets its worker entry."""
