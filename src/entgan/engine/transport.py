@@ -168,13 +168,14 @@ class Transfer:
         """One handle for several transfers of the same rank (e.g. an envelope's header and body)."""
         if not transfers:
             raise ValueError("nothing to combine")
+        recorded = all(t._timeline is not None and len(t._ids) == len(t._works) for t in transfers)
         return cls(
             [work for transfer in transfers for work in transfer._works],
             transfers[0]._counters,
             [callback for transfer in transfers for callback in transfer._on_arrival],
             transfers[0]._timeout,
-            transfers[0]._timeline,
-            [entry for transfer in transfers for entry in transfer._ids],
+            transfers[0]._timeline if recorded else None,
+            [entry for transfer in transfers for entry in transfer._ids] if recorded else None,
         )
 
     @property
