@@ -90,3 +90,86 @@ def _invocation(args: argparse.Namespace) -> str:
         if getattr(args, flag):
             words.append(f"--{flag.replace('_', '-')}")
     return shlex.join(words)
+
+
+def add_edge_clock_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `edge-clock` on the `entgan` command's subparsers."""
+    edge = subparsers.add_parser(
+        "edge-clock",
+        help="replay a recorded run on edge device profiles and print each round's time",
+        description="Replay the timelines of a run recorded with engine.timeline: true on device profiles "
+        "(entgan.bench.profiles) and print, per round, the training clock beside each profile's edge clock.",
+    )
+    edge.add_argument("run_dir", help="run directory with timeline/rank-K.jsonl files")
+    edge.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="YAML with one profile, a `profiles:` mapping or a bench config (default: unlimited links, speed 1)",
+    )
+    edge.add_argument("--name", action="append", help="profile(s) of the file to use (default: all)")
+    edge.add_argument("--include-harness", action="store_true", help="count evaluation and checkpoint time too")
+    edge.add_argument(
+        "--stretch",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cost compute by thread CPU time (the edge clock) or by recorded wall time (checks the replay)",
+    )
+    edge.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    edge.set_defaults(handler=_command_edge_clock)
+    return edge
+
+
+def _command_edge_clock(args: argparse.Namespace) -> int:
+    import json
+
+    from entgan.bench.edge_clock import load_programs, replay
+    from entgan.bench.profiles import UNLIMITED, load_profiles
+    from entgan.config import ConfigError
+    from entgan.rundir import RunDirectory
+
+    profiles = load_profiles(args.profile) if args.profile else {"unlimited": UNLIMITED}
+    if args.name:
+        unknown = sorted(set(args.name) - set(profiles))
+        if unknown:
+            raise ConfigError(f"--name: {unknown} not in {args.profile}; it has {sorted(profiles)}")
+        profiles = {name: profiles[name] for name in args.name}
+    try:
+        programs = load_programs(Path(args.run_dir), stretch=args.stretch)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
+    clocks = {name: replay(programs, profile, include_harness=args.include_harness) for name, profile in profiles.items()}
+    rows = {int(row["round"]): row for row in RunDirectory(Path(args.run_dir)).metrics()}
+    rounds = sorted({entry.round for clock in clocks.values() for entry in clock.rounds})
+    if args.json:
+        print(json.dumps({
+            "profiles": {name: profile.model_dump(mode="json") for name, profile in profiles.items()},
+            "complete": {name: clock.complete for name, clock in clocks.items()},
+            "rounds": [
+                {
+                    "round": number,
+                    "train_clock_s": rows.get(number, {}).get("train_clock_s"),
+                    "round_s": rows.get(number, {}).get("round_s"),
+                    **{f"edge/{name}": clock.at_round(number) for name, clock in clocks.items()},
+                }
+                for number in rounds
+            ],
+        }, indent=2))
+        return 0
+    header = ["round", "training clock (s)", "round (s)", *(f"edge '{name}' (s)" for name in clocks)]
+    print("  ".join(header))
+    for number in rounds:
+        row = rows.get(number, {})
+        cells = [str(number), _seconds(row.get("train_clock_s")), _seconds(row.get("round_s"))]
+        for clock in clocks.values():
+            entry = next((e for e in clock.rounds if e.round == number), None)
+            cells.append("–" if entry is None else f"{entry.end_s:.3f} (+{entry.duration_s:.3f})")
+        print("  ".join(cells))
+    for name, clock in clocks.items():
+        if not clock.complete:
+            print(f"edge '{name}': the timelines end before the run does (cut short); rounds after that are missing",
+                  file=sys.stderr)
+    return 0
+
+
+def _seconds(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

@@ -272,6 +272,10 @@ class EngineConfig(_Strict):
     batch's graph when the feedback lands: `held` since the forward (memory per batch in flight),
     or `recomputed` from the stored latent (one more forward per batch, one graph at a time).
     Same gradients either way (`gan.feedback`)."""
+    timeline: bool = False
+    """Record every rank's timeline (compute per phase as thread CPU time, every transfer's size,
+    peers, post and completion) to `timeline/rank-K.jsonl`, for the edge clock (`entgan edge-clock`,
+    bench `profiles`). Costs a tuple per transport call and wait; off, nothing is recorded."""
 
 
 class CheckpointConfig(_Strict):

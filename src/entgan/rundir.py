@@ -13,6 +13,8 @@ Layout::
       tb/<method>-seedN/    TensorBoard event files (`entgan.tracking`; tracking.tensorboard)
       plots/training.png
       workers/rank-K.json   each worker's end-of-run digest
+      timeline/rank-K.jsonl each rank's compute and transfers, for the edge clock (`engine.timeline`;
+                            a resumed process writes `rank-K.from-round-NNNN.jsonl`)
       pids/rank-K           the process id of rank K while the run is going
 
 Every file that a reader may load while a run is going (checkpoints, summary) is written to a

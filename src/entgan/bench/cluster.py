@@ -617,8 +617,23 @@ def round_figures(run_dir: Path, log_path: Path | None = None) -> dict[str, floa
     return figures
 
 
+def edge_seconds_per_round(run_dir: Path, links: list[LinkProfile]) -> float | None:
+    """Mean seconds per round over rounds 2..N on the edge clock with these links (the run's
+    workers behind them, as in the per-node runs), or None without timelines."""
+    from entgan.bench.edge_clock import load_programs, profile_for_network, replay
+
+    if not (run_dir / "timeline").is_dir():
+        return None
+    network = PerNodeNetworkConfig(mode="per-node", links=links)
+    programs = load_programs(run_dir)
+    clock = replay(programs, profile_for_network(network, len(programs) - 1))
+    steady = clock.rounds[1:]
+    return sum(entry.duration_s for entry in steady) / len(steady) if steady and clock.complete else None
+
+
 def results_table(out_dir: Path, profile: str) -> str:
-    """The README's per-node-link table for a bench output folder (edge clock: pending)."""
+    """The README's per-node-link table for a bench output folder (the edge clock where the runs
+    recorded timelines and `profile` is `edge-uneven`)."""
     lines = [
         "| method | link profile | measured s/round (mean; median) | edge-clock s/round | server sent + received, "
         "MB/round | all ranks sent, MB/round | through the links, MB/round |",
@@ -627,8 +642,14 @@ def results_table(out_dir: Path, profile: str) -> str:
     for run_dir in sorted(path for path in (out_dir / "runs").iterdir() if (path / "summary.json").is_file()):
         figures = round_figures(run_dir, out_dir / "logs" / f"{run_dir.name}.log")
         wire = figures.get("wire_bytes_per_round")
+        edge = None
+        if profile == "edge-uneven":
+            from entgan.rundir import RunDirectory
+
+            edge = edge_seconds_per_round(run_dir, edge_uneven(RunDirectory(run_dir).config().num_workers))
+        edge_cell = "pending" if edge is None else f"{edge:.2f}"
         lines.append(
-            f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} | pending | "
+            f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} | {edge_cell} | "
             f"{figures['server_bytes_per_round'] / 1e6:.2f} | {figures['sent_bytes_per_round'] / 1e6:.2f} | "
             f"{'–' if wire is None else f'{wire / 1e6:.2f}'} |"
         )

@@ -4,7 +4,7 @@ A bench config names one base run configuration (inline, or a path to a run YAML
 shares: tasks, data split, models, optimizer, seed. On top of it the bench lists the methods to
 compare, EntGAN variants for ablations (a name and dotted-path overrides of the base), the target
 FID and time budget that every run is measured against, an optional memory sweep over worker
-counts and an optional rate-limited network.
+counts, an optional rate-limited network and optional device profiles for the edge clock.
 
 Everything is checked when the file is read, including every run configuration the bench will
 launch (each override applied and validated), so a typo fails in a second, not an hour into a run.
@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from entgan.bench.links import PerNodeNetworkConfig
+from entgan.bench.profiles import EdgeProfile
 from entgan.config import AlgorithmName, ConfigError, RunConfig, format_validation_error, load_config
 
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -153,6 +154,10 @@ class BenchConfig(_Strict):
     run_timeout_s: PositiveFloat | None = None
     """Kill a run (and record it as failed) after this much wall-clock; default: 3x the budget
     plus 10 minutes for start-up and evaluations."""
+    profiles: dict[Label, EdgeProfile] = {}
+    """Edge-clock device profiles by name (`entgan.bench.profiles`): with any, the timed runs record
+    their timelines (`engine.timeline`) and the report gives time to target and the FID curve on
+    each profile's edge clock too (`entgan.bench.edge_clock`), beside the training clock."""
 
     @model_validator(mode="after")
     def _runs_and_stop_consistent(self) -> BenchConfig:

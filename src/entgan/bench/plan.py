@@ -51,6 +51,8 @@ def _timed(bench: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
         "end_at_target": bench.stop_at_target,
     }
     data["eval"] = {**data["eval"], "every_seconds": bench.evaluation_interval_s}
+    if bench.profiles:  # the edge clock replays the runs' timelines
+        data["engine"] = {**data["engine"], "timeline": True}
     return data
 
 

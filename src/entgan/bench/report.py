@@ -22,6 +22,7 @@ import psutil
 
 from entgan.bench.config import OVERALL_FID, BenchConfig
 from entgan.bench.network import NetworkStatus
+from entgan.bench.profiles import DeviceProfile, EdgeProfile
 from entgan.bench.results import RunResult
 from entgan.plots import pyplot, save_figure
 from entgan.rundir import atomic_write
@@ -224,9 +225,23 @@ def _time_to_target(result: RunResult) -> str:
 Column = tuple[str, Callable[[RunResult], str]]
 
 
+def _edge_time_to_target(name: str) -> Callable[[RunResult], str]:
+    def render(result: RunResult) -> str:
+        figures = result.edge.get(name)
+        if figures is None or figures.error is not None and figures.time_to_target_s is None:
+            return "–"
+        if figures.time_to_target_s is not None:
+            return f"{figures.time_to_target_s:.1f}"
+        return "not reached"
+
+    return render
+
+
 def main_columns(bench: BenchConfig) -> list[Column]:
+    edge = [(f"on edge '{name}' (s)", _edge_time_to_target(name)) for name in bench.profiles]
     return [
         (f"time to FID ≤ {bench.target_fid:g} (s)", _time_to_target),
+        *edge,
         ("FID at end" if bench.stop_at_target else "FID at budget", lambda r: _number(r.final_fid)),
         ("best FID", lambda r: _number(r.best_fid)),
         ("rounds", lambda r: str(r.rounds)),
@@ -360,7 +375,40 @@ def _workload_lines(bench: BenchConfig) -> list[str]:
         "FID at budget is the last evaluation of the run. Server memory: peak RSS of the server process, and its "
         "increase over the idle runtime measured before set-up. Comm wait: the server's time blocked on "
         "transfers, as a share of its training clock after round 1 (set-up transfers excluded).",
+        *_profile_lines(bench),
     ]
+
+
+def _profile_lines(bench: BenchConfig) -> list[str]:
+    if not bench.profiles:
+        return []
+    lines = [
+        "- Edge clock (`entgan.bench.edge_clock`): each run's recorded compute and transfers replayed on a device "
+        "profile (compute = recorded thread CPU time ÷ speed; links shared max-min fairly); time to target on it is "
+        "the edge clock at the end of the round of the same evaluation. Profiles:"
+    ]
+    for name, profile in bench.profiles.items():
+        lines.append(f"  - `{name}`: {describe_profile(profile)}")
+    return lines
+
+
+def describe_profile(profile: EdgeProfile) -> str:
+    """A profile in words (for reports)."""
+
+    def device(entry: DeviceProfile) -> str:
+        up, down = entry.uplink_mbit, entry.downlink
+        link = "unlimited" if up is None and down is None else f"{_rate(up)}/{_rate(down)} Mbit/s"
+        latency = f" +{entry.latency_ms:g} ms" if entry.latency_ms else ""
+        return f"speed {entry.speed:g}, {link}{latency}"
+
+    workers = "; ".join(device(entry) for entry in profile.workers)
+    cycled = " (cycled over the workers)" if len(profile.workers) > 1 else ""
+    shared = f"; every transfer through one {profile.shared_link_mbit:g} Mbit/s link" if profile.shared_link_mbit else ""
+    return f"server {device(profile.server)}; workers {workers}{cycled}{shared}"
+
+
+def _rate(value: float | None) -> str:
+    return "∞" if value is None else f"{value:g}"
 
 
 def render_markdown(

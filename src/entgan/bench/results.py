@@ -3,20 +3,23 @@
 Everything comes from what the engine wrote: `metrics.jsonl` (one row per round; FID and task
 fidelity on evaluation rounds; cumulative server traffic, wait and memory), `summary.json` (final
 memory and traffic) and `workers/rank-K.json` (each worker's cumulative traffic). The bench never
-measures anything itself, so its figures are the ones a single `entgan run` reports.
+measures anything itself, so its figures are the ones a single `entgan run` reports; the edge
+clock's figures are computed from the run's own timelines (`timeline/`, `entgan.bench.edge_clock`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from entgan.bench.config import OVERALL_FID
+from entgan.bench.edge_clock import EdgeClock, load_programs, replay
 from entgan.bench.plan import PlannedRun, RunGroup
+from entgan.bench.profiles import EdgeProfile
 from entgan.rundir import SUMMARY_FILE, RunDirectory
 
 RunStatus = Literal["ok", "failed"]
@@ -80,6 +83,55 @@ def fid_curve(rows: Iterable[Mapping[str, Any]], key: str = OVERALL_FID) -> list
     return [(float(row["train_clock_s"]), float(row[key])) for row in rows if key in row]
 
 
+@dataclass(frozen=True)
+class EdgeFigures:
+    """A run's speed on one profile's edge clock (`entgan.bench.edge_clock`)."""
+
+    clock_s: float | None = None
+    """Edge clock at the end of the run's last replayed round."""
+    time_to_target_s: float | None = None
+    """Edge clock at the evaluation where the target counted as reached (the same evaluation as
+    on the training clock: its round's end on the edge)."""
+    rounds: int = 0
+    """Rounds replayed (fewer than the run's when its timelines were cut short)."""
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    """(edge clock, FID) at every evaluation of a replayed round."""
+    error: str | None = None
+    """Why the run has no edge clock (no timelines, a replay that failed)."""
+
+
+def edge_figures(
+    clock: EdgeClock, evaluations: Sequence[Mapping[str, Any]], target: TargetHit | None, key: str = OVERALL_FID
+) -> EdgeFigures:
+    """The run's target and FID curve read on `clock` instead of the training clock."""
+    ends = {entry.round: entry.end_s for entry in clock.rounds}
+    curve = [(ends[int(row["round"])], float(row[key])) for row in evaluations if int(row["round"]) in ends]
+    return EdgeFigures(
+        clock_s=clock.total_s if clock.rounds else None,
+        time_to_target_s=ends.get(target.round) if target is not None else None,
+        rounds=len(clock.rounds),
+        curve=curve,
+        error=None if clock.complete else "timelines cut short: the replay stopped before the run's end",
+    )
+
+
+def read_edge_figures(
+    run_dir: Path, profiles: Mapping[str, EdgeProfile], evaluations: Sequence[Mapping[str, Any]], target: TargetHit | None
+) -> dict[str, EdgeFigures]:
+    """Each profile's `EdgeFigures` for a finished run (an error per profile where there are none)."""
+    try:
+        programs = load_programs(run_dir)
+    except (OSError, ValueError) as error:
+        return {name: EdgeFigures(error=str(error)) for name in profiles}
+    figures = {}
+    for name, profile in profiles.items():
+        try:
+            figures[name] = edge_figures(replay(programs, profile), evaluations, target)
+        except (KeyError, ValueError) as error:  # timelines that do not fit together
+            figures[name] = EdgeFigures(error=f"replay failed: {error!r}")
+    return figures
+
+
 @dataclass
 class RunResult:
     """One row of the bench: a run's speed, quality and cost, or why it has none."""
@@ -120,6 +172,8 @@ class RunResult:
     shaped_link: dict[str, int] | None = None
     """Traffic through the rate-limited loopback (constrained-network runs only)."""
     curve: list[tuple[float, float]] = field(default_factory=list)
+    edge: dict[str, EdgeFigures] = field(default_factory=dict)
+    """The run on each of the bench's edge-clock profiles, by name (none without profiles)."""
 
     @property
     def ok(self) -> bool:
@@ -128,6 +182,8 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["curve"] = [list(point) for point in self.curve]
+        for figures in data["edge"].values():
+            figures["curve"] = [list(point) for point in figures["curve"]]
         return data
 
 
@@ -145,9 +201,15 @@ def failed_result(run: PlannedRun, error: str, process_wall_s: float | None = No
 
 
 def read_run(
-    run: PlannedRun, run_dir: Path, target_fid: float, confirmations: int = 1, process_wall_s: float | None = None
+    run: PlannedRun,
+    run_dir: Path,
+    target_fid: float,
+    confirmations: int = 1,
+    process_wall_s: float | None = None,
+    profiles: Mapping[str, EdgeProfile] | None = None,
 ) -> RunResult:
-    """The figures of a finished run; a run without a summary is reported as failed."""
+    """The figures of a finished run; a run without a summary is reported as failed. With
+    `profiles`, also its figures on each profile's edge clock (from its timelines)."""
     summary_path = run_dir / SUMMARY_FILE
     if not summary_path.is_file():
         return failed_result(run, f"no {SUMMARY_FILE} in {run_dir}: the run did not finish", process_wall_s)
@@ -160,6 +222,8 @@ def read_run(
     workers_sent, workers_received = _worker_traffic(run_dir, rows)
     train_clock = float(summary.get("train_clock_s", rows[-1]["train_clock_s"]))
     curve = fid_curve(evaluations)
+    target = time_to_target(evaluations, target_fid, confirmations)
+    edge = read_edge_figures(run_dir, profiles, evaluations, target) if profiles and run.group != "memory_sweep" else {}
     return RunResult(
         key=run.key,
         group=run.group,
@@ -171,7 +235,7 @@ def read_run(
         rounds=int(rows[-1]["round"]),
         train_clock_s=train_clock,
         stopped_because=summary.get("stopped_because"),
-        target=time_to_target(evaluations, target_fid, confirmations),
+        target=target,
         final_fid=final.get(OVERALL_FID),
         final_eval_clock_s=final.get("train_clock_s"),
         best_fid=min((fid for _, fid in curve), default=None),
@@ -188,6 +252,7 @@ def read_run(
         server_comm_wait_s=summary.get("server/comm_wait_s", rows[-1].get("server/comm_wait_s")),
         server_comm_wait_share=training_comm_wait_share(rows),
         curve=curve,
+        edge=edge,
     )
 
 

@@ -170,7 +170,9 @@ class BenchRunner:
         return self._result(run, run_dir, log_path, wall)
 
     def _result(self, run: PlannedRun, run_dir: Path, log_path: Path, wall: float | None) -> RunResult:
-        result = read_run(run, run_dir, self.bench.target_fid, self.bench.target_confirmations, wall)
+        result = read_run(
+            run, run_dir, self.bench.target_fid, self.bench.target_confirmations, wall, self.bench.profiles
+        )
         if self.network.active and log_path.is_file():
             result.shaped_link = shaped_traffic(log_path.read_text())
         return result

@@ -32,6 +32,7 @@ from entgan.engine.processes import LauncherSurroundings, start_method
 from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
+from entgan.engine.timeline import Timeline, timeline_path
 from entgan.engine.transport import Transport
 from entgan.metrics.classifier import DomainClassifier, load_domain_classifier, train_domain_classifier
 from entgan.models import check_model_supports
@@ -153,6 +154,15 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
     else:
         session_keys = {SERVER_RANK: worker_handshake(transport, rank, secret, config.name)}
     resume_round = _agree_on_resume_round(transport, run, workers, options.resume)
+    if config.engine.timeline:
+        transport.timeline = Timeline(
+            rank,
+            world_size,
+            timeline_path(run_dir, rank, resume_round),
+            first_round=resume_round,
+            bytes_sent_before=transport.counters.bytes_sent,
+            bytes_received_before=transport.counters.bytes_received,
+        )
     _shorten_timeout(config.engine.round_timeout_s)
     context = RunContext(
         config=config,

@@ -24,7 +24,8 @@ from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method, ServerRole, WorkerRole
-from entgan.engine.rounds import ServerRounds, WorkerRounds
+from entgan.engine.rounds import ServerRounds, WorkerRounds, phase_marker
+from entgan.engine.timeline import CLOCK_START, HARNESS, ROUND_END
 from entgan.engine.transport import Transfer
 from entgan.gan import adam
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
@@ -197,6 +198,9 @@ def serve(
     """Rank 0: set up (or resume), run every round, evaluate, log, checkpoint; return the summary."""
     config = context.config
     run_dir = RunDirectory(context.run_dir)
+    timeline = context.transport.timeline
+    phase = phase_marker(timeline)
+    phase(HARNESS, -1)
     evaluation = build_evaluation(context, classifier)
     evaluation.warm_up(config)
     warm_up_runtime(config)
@@ -207,6 +211,7 @@ def serve(
     # activations. Evaluation and checkpoint writing are paused out of the window.
     memory = PeakRSSMonitor().start()
     server = method.server(context)
+    phase("setup", -1)
     server.setup()
     start_round_timeouts(context)
     rounds = ServerRounds(context, server)
@@ -214,6 +219,8 @@ def serve(
     engine_state = restore_engine_state(context)
     first_round = engine_state.get("round", 0)
     clock = Clock(engine_state.get("train_clock_s", 0.0), 0.0, engine_state.get("last_eval_s", 0.0))
+    if timeline is not None:
+        timeline.mark(CLOCK_START, first_round)
     earlier_peak = engine_state.get("peak", {"peak_bytes": 0, "increase_bytes": 0})  # before a resume
 
     latest: dict[str, float] = {}
@@ -235,6 +242,9 @@ def serve(
         round_started = time.perf_counter()
         method_row = rounds.run(round_number - 1)
         round_seconds = time.perf_counter() - round_started
+        if timeline is not None:
+            timeline.mark(ROUND_END, round_number)
+            timeline.phase(HARNESS, round_number - 1)
         train_clock = clock.train_s()
         is_last = ending or round_number == config.rounds
         row: dict[str, Any] = {
@@ -280,7 +290,10 @@ def serve(
                 }
                 state = checkpoint_state(context, method.name, server, round_number, engine)
                 run_dir.save_checkpoint(state, round_number, keep=config.checkpoint.keep)
+                if timeline is not None:
+                    timeline.flush()
         clock.harness_s += time.perf_counter() - harness_started
+        phase("control", round_number - 1)
         progress.update(1)
         progress.set_postfix(_progress_fields(row, latest), refresh=False)
         if is_last:
@@ -291,9 +304,11 @@ def serve(
         control.announce(stop=ending)
     progress.close()
     tracker.close()
+    phase("finish", -1)
     control.finish()
 
     server.finish()
+    phase(HARNESS, -1)
     memory.stop()
     plot_training(rows, run_dir.plots / "training.png", title=f"{config.name} ({method.name})")
     summary = {
@@ -323,6 +338,8 @@ def serve(
         "generator_sum": float(sum(t.double().sum() for t in server.generator.state_dict().values())),
     }
     run_dir.write_json("summary.json", summary)
+    if timeline is not None:
+        timeline.flush()
     return summary
 
 
@@ -380,6 +397,9 @@ def work(context: RunContext, method: type[Method]) -> None:
     this worker's part of the run state on the same rounds as the server."""
     config = context.config
     run_dir = RunDirectory(context.run_dir)
+    timeline = context.transport.timeline
+    phase = phase_marker(timeline)
+    phase("setup", -1)
     shard = worker_shards(config, build_tasks(config, load_source(config.data)))[context.worker_index]
     worker: WorkerRole = method.worker(context)
     # What the worker's role costs: its peak memory (the kernel's mark, checkpoint writing included)
@@ -397,13 +417,18 @@ def work(context: RunContext, method: type[Method]) -> None:
     for round_index in range(first_round, config.rounds):
         rounds.run(round_index)
         # Read before the checkpoint, so that it holds every message up to it (see `RoundControl`).
+        phase("control", round_index)
         stop = control.should_stop(round_index)
         if is_checkpoint_round(round_index + 1, config.checkpoint.every):
+            phase(HARNESS, round_index)
             state = checkpoint_state(context, method.name, worker, round_index + 1, {"meter": rounds.meter.state_dict()})
             run_dir.save_checkpoint(state, round_index + 1, rank=context.rank, keep=config.checkpoint.keep)
+            if timeline is not None:
+                timeline.flush()
         if stop:
             break
     rounds.finish()
+    phase(HARNESS, -1)
     digest = {
         "rank": context.rank,
         "task": config.tasks[context.task].name,
@@ -417,6 +442,8 @@ def work(context: RunContext, method: type[Method]) -> None:
     path = run_dir.workers / f"rank-{context.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy
     path.write_text(json.dumps(digest, indent=2, sort_keys=True))
+    if timeline is not None:
+        timeline.flush()
 
 
 def _worker_memory(baseline: int) -> dict[str, int]:

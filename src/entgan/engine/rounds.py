@@ -6,11 +6,14 @@ the accepted ones to the method, and assembles the round's row: the method's fig
 of its per-upload figures, refusals and the workers' reports. `WorkerRounds` meters the worker's
 traffic (`engine.reports.TrafficMeter`), sends the method's uploads in envelopes with the report
 riding on the last one, and keeps them in flight until the next round's uploads.
+
+Both drivers mark each step of the round as a phase of the rank's timeline (`engine.timeline`),
+where one is recorded, so the edge clock knows every method's rounds without the method's help.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -18,6 +21,7 @@ from entgan.control.overlap import settle
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.reports import FigureMeans, TrafficMeter, WorkerReport, summarise_reports
+from entgan.engine.timeline import Timeline
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import Update, send_update
 from entgan.engine.uploads import ArrivingUpdates, update_receiver
@@ -47,6 +51,8 @@ class ServerRounds:
     def run(self, round_index: int) -> dict[str, float]:
         """One round on the server; returns its row (before the engine's time and memory fields)."""
         server = self.server
+        phase = phase_marker(self.context.transport.timeline)
+        phase("open_round", round_index)
         participants = server.participants(round_index)
         server.open_round(round_index, participants)
         reports: dict[int, WorkerReport] = {}
@@ -54,6 +60,7 @@ class ServerRounds:
         refused = 0
         kinds = list(server.upload_kinds)
         for position, (kind, arrivals) in enumerate(zip(kinds, self.arrivals, strict=True)):
+            phase(f"aggregate/{kind.kind}", round_index)
             means = FigureMeans(len(kind.figures))
             carries_report = position == len(kinds) - 1
             accepted = _accepted(
@@ -64,11 +71,22 @@ class ServerRounds:
                 raise RuntimeError(f"{type(server).__name__}.aggregate left '{kind.kind}' uploads unconsumed")
             refused += arrivals.refused
             figures.update(zip(kind.figures, means.means(), strict=True))
+        phase("train_global", round_index)
         row = server.train_global(round_index)
+        phase("send_down", round_index)
         server.send_down(round_index, server.participants(round_index + 1))
         if not kinds:
             return row
         return {**row, **figures, "refused_updates": float(refused), **summarise_reports(reports)}
+
+
+def phase_marker(timeline: Timeline | None) -> Callable[[str, int], None]:
+    """`timeline.phase`, or a no-op when no timeline is recorded."""
+    return timeline.phase if timeline is not None else _no_phase
+
+
+def _no_phase(name: str, round_index: int) -> None:
+    pass
 
 
 def _accepted(
@@ -100,14 +118,18 @@ class WorkerRounds:
 
     def run(self, round_index: int) -> None:
         worker = self.worker
+        phase = phase_marker(self.context.transport.timeline)
         if worker.participates(round_index):
+            phase("local_round", round_index)
             figures = worker.local_round(round_index)
+            phase("uploads", round_index)
             settle(*self.uploads_in_flight)  # their buffers may be reused by the uploads below
             self.uploads_in_flight = []
             report = self.meter.report(figures.d_loss, figures.real_realness, figures.fake_realness, figures.epsilon)
             self.meter.restart()  # the uploads below are booked in the next report
             self.send(list(worker.uploads(round_index)), report, round_index)
         if worker.participates(round_index + 1):
+            phase("expect_down", round_index)
             worker.expect_down(round_index)
 
     def send(self, uploads: Sequence[Upload], report: WorkerReport, round_index: int) -> None:
@@ -134,6 +156,7 @@ class WorkerRounds:
                 self.uploads_in_flight.append(transfer)
 
     def finish(self) -> None:
+        phase_marker(self.context.transport.timeline)("finish", -1)
         self.worker.finish()
         settle(*self.uploads_in_flight)
         self.uploads_in_flight = []

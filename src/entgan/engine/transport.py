@@ -7,6 +7,9 @@ way for every method and can be compared side by side.
 Everything is asynchronous: a send or receive returns a `Transfer` whose `wait()` (or
 `wait_tensor(i)`, for layer-by-layer use) blocks and books the blocked time as communication wait.
 Message kinds map to gloo tags, so two kinds of message between the same pair never cross.
+
+With a `Timeline` attached (`engine.timeline`), every call also records the tensor messages it
+posted and every wait what it waited for, for the edge clock's replay (`entgan.bench.edge_clock`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+
+from entgan.engine.timeline import RECEIVE, SEND, Timeline, stamp
 
 # Stable tags per message kind (gloo honours tags; NCCL ignores them, and our send/receive order
 # between any pair of ranks is symmetric, so it needs none).
@@ -112,41 +117,65 @@ class Transfer:
         counters: TrafficCounters,
         on_arrival: Sequence[Callable[[], None] | None] | None = None,
         timeout: datetime.timedelta | None = None,
+        timeline: Timeline | None = None,
+        ids: Sequence[int | tuple[int, ...]] | None = None,
     ) -> None:
         self._works = list(works)
         self._counters = counters
         self._timeout = timeout
         self._on_arrival = list(on_arrival) if on_arrival is not None else [None] * len(self._works)
+        self._timeline = timeline
+        self._ids = list(ids) if ids is not None else []
+        """The timeline's ids of each work's messages (several where a backend coalesced them)."""
 
     def __len__(self) -> int:
         return len(self._works)
 
     def wait_tensor(self, index: int) -> None:
-        work = self._works[index]
-        if work is None:
-            return
-        started = time.perf_counter()
-        _wait(work, self._timeout)
-        self._counters.wait_seconds += time.perf_counter() - started
-        self._works[index] = None
-        arrived = self._on_arrival[index]
-        if arrived is not None:  # e.g. widen a half-precision wire copy into the model's tensor
-            arrived()
+        if self._works[index] is not None:
+            self._wait_for([index])
 
     def wait(self) -> None:
-        for index in range(len(self._works)):
-            self.wait_tensor(index)
+        pending = [index for index, work in enumerate(self._works) if work is not None]
+        if pending:
+            self._wait_for(pending)
+
+    def _wait_for(self, indices: list[int]) -> None:
+        """Block until the works at `indices` (all still pending) complete: booked as one wait."""
+        began = stamp() if self._timeline is not None else None
+        for index in indices:
+            work = self._works[index]
+            assert work is not None
+            started = time.perf_counter()
+            _wait(work, self._timeout)
+            self._counters.wait_seconds += time.perf_counter() - started
+            self._works[index] = None
+            arrived = self._on_arrival[index]
+            if arrived is not None:  # e.g. widen a half-precision wire copy into the model's tensor
+                arrived()
+        if self._timeline is not None and began is not None:
+            ids: list[int] = []
+            for index in indices:
+                entry = self._ids[index]
+                if isinstance(entry, tuple):
+                    ids.extend(entry)
+                else:
+                    ids.append(entry)
+            self._timeline.waited(ids, *began)
 
     @classmethod
     def combine(cls, *transfers: Transfer) -> Transfer:
         """One handle for several transfers of the same rank (e.g. an envelope's header and body)."""
         if not transfers:
             raise ValueError("nothing to combine")
+        recorded = all(t._timeline is not None and len(t._ids) == len(t._works) for t in transfers)
         return cls(
             [work for transfer in transfers for work in transfer._works],
             transfers[0]._counters,
             [callback for transfer in transfers for callback in transfer._on_arrival],
             transfers[0]._timeout,
+            transfers[0]._timeline if recorded else None,
+            [entry for transfer in transfers for entry in transfer._ids] if recorded else None,
         )
 
     @property
@@ -167,11 +196,24 @@ class Transport:
         """How long any one wait may block before it raises (None: the process group's timeout).
         Set after start-up to the per-round timeout: gloo applies a group's timeout changed after
         creation to collectives but not to point-to-point waits, so each wait carries its own."""
+        self.timeline: Timeline | None = None
+        """Where posts and waits are recorded for the edge clock (None: not recorded)."""
 
     def _transfer(
-        self, works: Sequence[dist.Work | None], on_arrival: Sequence[Callable[[], None] | None] | None = None
+        self,
+        works: Sequence[dist.Work | None],
+        on_arrival: Sequence[Callable[[], None] | None] | None = None,
+        kind: str = "",
+        messages: list[tuple[int, int, int]] | None = None,
     ) -> Transfer:
-        return Transfer(works, self.counters, on_arrival, self.timeout)
+        """The handle of `works`; with a timeline, `messages` (peer, SEND/RECEIVE, bytes), one per
+        work in order, are recorded as posted now."""
+        if self.timeline is None or messages is None:
+            return Transfer(works, self.counters, on_arrival, self.timeout)
+        ids: list[int | tuple[int, ...]] = list(self.timeline.post(kind, messages))
+        if len(ids) != len(works):  # a backend that coalesces a batch into one work (NCCL)
+            ids = [tuple(ids)] * len(works)
+        return Transfer(works, self.counters, on_arrival, self.timeout, self.timeline, ids)
 
     def _tag(self, kind: str) -> int:
         base, body, _ = kind.partition(BODY_SUFFIX)
@@ -183,11 +225,13 @@ class Transport:
     def send(self, tensors: Iterable[torch.Tensor], dst: int, kind: str) -> Transfer:
         """Send tensors in order (asynchronously); the caller must not modify them before wait()."""
         tag = self._tag(kind)
-        works = []
+        works, messages = [], []
         for tensor in tensors:
             works.append(dist.isend(tensor.detach().contiguous(), dst=dst, tag=tag))
-            self.counters.sent[base_kind(kind)] += tensor_bytes(tensor)
-        return self._transfer(works)
+            size = tensor_bytes(tensor)
+            self.counters.sent[base_kind(kind)] += size
+            messages.append((dst, SEND, size))
+        return self._transfer(works, kind=kind, messages=messages)
 
     def receive(
         self, buffers: Iterable[torch.Tensor], src: int, kind: str, wire_dtype: torch.dtype | None = None
@@ -197,7 +241,7 @@ class Transport:
         With `wire_dtype`, floating-point tensors arrive in that precision into a wire copy and are
         widened into the buffer as each one is waited for (so layer-by-layer use still works)."""
         tag = self._tag(kind)
-        works, on_arrival = [], []
+        works, on_arrival, messages = [], [], []
         for buffer in buffers:
             if not buffer.is_contiguous():
                 raise ValueError("receive buffers must be contiguous")
@@ -208,8 +252,10 @@ class Transport:
                 wire = buffer
                 on_arrival.append(None)
             works.append(dist.irecv(wire, src=src, tag=tag))
-            self.counters.received[base_kind(kind)] += tensor_bytes(wire)
-        return self._transfer(works, on_arrival)
+            size = tensor_bytes(wire)
+            self.counters.received[base_kind(kind)] += size
+            messages.append((src, RECEIVE, size))
+        return self._transfer(works, on_arrival, kind, messages)
 
     def send_to_many(
         self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str, wire_dtype: torch.dtype | None = None
@@ -219,13 +265,15 @@ class Transport:
         With `wire_dtype` (e.g. float16), floating-point tensors travel in that precision; the
         receiver must use `receive(..., wire_dtype=)` with the same dtype."""
         tag = self._tag(kind)
-        works = []
+        works, messages = [], []
         for tensor in tensors:
             payload = _on_wire(tensor.detach(), wire_dtype).contiguous()
+            size = tensor_bytes(payload)
             for dst in dsts:
                 works.append(dist.isend(payload, dst=dst, tag=tag))
-                self.counters.sent[base_kind(kind)] += tensor_bytes(payload)
-        return self._transfer(works)
+                self.counters.sent[base_kind(kind)] += size
+                messages.append((dst, SEND, size))
+        return self._transfer(works, kind=kind, messages=messages)
 
     def receive_from_any(self, buffer: torch.Tensor, kind: str, expected: Sequence[int]) -> int:
         """Receive one message into `buffer` from whichever of `expected` sends first; return its rank.
@@ -233,6 +281,7 @@ class Transport:
         On gloo this is a true any-source receive, so updates are consumed in arrival order. Other
         backends have no any-source receive, so the first still-expected rank is read.
         """
+        began = stamp() if self.timeline is not None else None
         started = time.perf_counter()
         if self._can_receive_from_any:
             work = dist.irecv(buffer, src=None, tag=self._tag(kind))
@@ -244,7 +293,12 @@ class Transport:
             source = expected[0]
             _wait(dist.irecv(buffer, src=source, tag=self._tag(kind)), self.timeout)
         self.counters.wait_seconds += time.perf_counter() - started
-        self.counters.received[base_kind(kind)] += tensor_bytes(buffer)
+        size = tensor_bytes(buffer)
+        self.counters.received[base_kind(kind)] += size
+        if self.timeline is not None and began is not None:  # posted and waited for in one call
+            candidates = list(expected) if self._can_receive_from_any else None
+            ids = self.timeline.post(kind, [(int(source), RECEIVE, size)], candidates, stamp=began)
+            self.timeline.waited(ids, *began)
         return int(source)
 
     def exchange(
@@ -259,7 +313,8 @@ class Transport:
         works = dist.batch_isend_irecv(operations)
         self.counters.sent[base_kind(kind)] += tensor_bytes(outgoing)
         self.counters.received[base_kind(kind)] += tensor_bytes(incoming)
-        return self._transfer(works)
+        messages = [(send_to, SEND, tensor_bytes(outgoing)), (receive_from, RECEIVE, tensor_bytes(incoming))]
+        return self._transfer(works, kind=kind, messages=messages)
 
     def exchange_many(
         self,
@@ -281,4 +336,6 @@ class Transport:
         works = dist.batch_isend_irecv(operations) if operations else []
         self.counters.sent[base_kind(kind)] += sum(tensor_bytes(tensor) for tensor in outgoing)
         self.counters.received[base_kind(kind)] += sum(tensor_bytes(buffer) for buffer in incoming)
-        return self._transfer(works)
+        messages = [(send_to, SEND, tensor_bytes(tensor)) for tensor in outgoing]
+        messages += [(receive_from, RECEIVE, tensor_bytes(buffer)) for buffer in incoming]
+        return self._transfer(works, kind=kind, messages=messages)
