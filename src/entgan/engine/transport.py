@@ -194,7 +194,8 @@ class Transport:
         self._can_receive_from_any = dist.get_backend() == "gloo"
         self.timeout: datetime.timedelta | None = None
         """How long any one wait may block before it raises (None: the process group's timeout).
-        Set after start-up to the per-round timeout: gloo applies a group's timeout changed after
+        Set to the per-round timeout when the rounds start (`engine.roles.start_round_timeouts`):
+        gloo applies a group's timeout changed after
         creation to collectives but not to point-to-point waits, so each wait carries its own."""
         self.timeline: Timeline | None = None
         """Where posts and waits are recorded for the edge clock (None: not recorded)."""
