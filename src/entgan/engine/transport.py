@@ -195,8 +195,8 @@ class Transport:
         self.timeout: datetime.timedelta | None = None
         """How long any one wait may block before it raises (None: the process group's timeout).
         Set to the per-round timeout when the rounds start (`engine.roles.start_round_timeouts`):
-        gloo applies a group's timeout changed after
-        creation to collectives but not to point-to-point waits, so each wait carries its own."""
+        gloo applies a group's timeout changed after creation to collectives but not to
+        point-to-point waits, so each wait carries its own."""
         self.timeline: Timeline | None = None
         """Where posts and waits are recorded for the edge clock (None: not recorded)."""
 
