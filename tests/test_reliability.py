@@ -199,8 +199,13 @@ def _kill_when(run_dir: Path, rank: int, rounds_done: int, killed: dict[str, int
 
 
 @pytest.mark.slow
-def test_sigkilled_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: Path, cache_dir: Path) -> None:
-    config = tiny_config(rounds=24, checkpoint={"every": 3}, eval={"every": 6}, faults={"max_restarts": 1})
+@pytest.mark.parametrize("checkpoint_every", [3, 0], ids=["from-a-checkpoint", "from-the-start"])
+def test_sigkilled_worker_restarts_the_group_from_the_last_checkpoint(
+    tmp_path: Path, cache_dir: Path, checkpoint_every: int
+) -> None:
+    # every: 0 writes no checkpoint before the last round: the group starts again from round 0,
+    # and the rows of the attempt that died must not stay in the metrics stream.
+    config = tiny_config(rounds=24, checkpoint={"every": checkpoint_every}, eval={"every": 6}, faults={"max_restarts": 1})
     run_dir = tmp_path / "run"
     killed: dict[str, int] = {}
     killer = threading.Thread(target=_kill_when, args=(run_dir, 2, 10, killed), daemon=True)
@@ -213,7 +218,10 @@ def test_sigkilled_worker_restarts_the_group_from_the_last_checkpoint(tmp_path: 
     restarts = [event for event in RunDirectory(run_dir).events() if event["event"] == "restart"]
     assert len(restarts) == 1
     # Nothing completed is lost beyond the checkpoint interval (the round in flight may be lost too).
-    assert restarts[0]["resume_round"] >= killed["round"] - 3 - 1
+    if checkpoint_every:
+        assert restarts[0]["resume_round"] >= killed["round"] - checkpoint_every - 1
+    else:
+        assert restarts[0]["resume_round"] == 0
     rows = RunDirectory(run_dir).metrics()
     assert [row["round"] for row in rows] == list(range(1, 25))
     assert summary["rounds"] == 24 and summary["resumed_from_round"] == restarts[0]["resume_round"]

@@ -176,8 +176,9 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
     )
     method = load_algorithm(config, options.algorithm_path)
     if context.is_server:
-        if resume_round:
+        if options.resume:  # rows past the checkpoint resumed from (all of them, if there is none) go
             run.truncate_metrics(resume_round)
+        if resume_round:
             context.log_event({"event": "resumed", "round": resume_round})
         classifier = domain_classifier(config, options.cache_dir, options.classifier_file)
         serve(context, method, classifier, show_progress=options.show_progress)
