@@ -80,6 +80,7 @@ def test_eval_stage_measures_cas_of_both_models_on_held_out_images(edge: Path, t
         job="digits", cycle=2, spec=spec,
         candidate=CandidateRef(version=2, checkpoint=checkpoints[1], snapshot=snapshot.as_dict()),
         deployed=ModelRef(version=1, checkpoint=checkpoints[0]), cache_dir=tmp_path / "cache",
+        kb_dir=tmp_path / "knowledge-base",
     )
 
     result = run_eval(request, tmp_path / "work")
