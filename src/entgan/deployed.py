@@ -51,8 +51,6 @@ class ResolvedModel:
     run_dir: Path | None = None
     job: str | None = None
     job_version: int | None = None
-    snapshot: dict[str, Any] | None = None
-    """A job version's data snapshot (train and held-out folders), from the knowledge base."""
 
     def key(self) -> tuple[str, str, int, int]:
         """Changes whenever a different checkpoint becomes current (new version, new round)."""
@@ -151,7 +149,6 @@ def resolve_job(store: JobStore, name: str) -> ResolvedModel:
         run_dir=Path(version.run_dir),
         job=name,
         job_version=version.version,
-        snapshot=version.data.get("snapshot"),
     )
 
 

@@ -456,11 +456,13 @@ def _worker_memory(baseline: int) -> dict[str, int]:
 def _high_water_mark_fields(memory: PeakRSSMonitor, earlier: dict[str, int]) -> dict[str, int]:
     """The server's kernel high-water mark over the run so far, harness left out (none where the
     kernel cannot reset it), carried across a resume like the sampled peak."""
-    if memory.high_water_mark_bytes is None:
+    marks = memory.high_water_marks()
+    if marks is None:
         return {}
+    peak, increase = marks
     return {
-        "server/hwm_bytes": max(memory.high_water_mark_bytes, earlier.get("hwm_bytes", 0)),
-        "server/hwm_increase_bytes": max(memory.high_water_mark_increase_bytes or 0, earlier.get("hwm_increase_bytes", 0)),
+        "server/hwm_bytes": max(peak, earlier.get("hwm_bytes", 0)),
+        "server/hwm_increase_bytes": max(increase, earlier.get("hwm_increase_bytes", 0)),
     }
 
 

@@ -204,18 +204,23 @@ class PeakRSSMonitor:
     @property
     def high_water_mark_bytes(self) -> int | None:
         """The kernel's peak RSS over the window so far (None where it cannot be reset)."""
-        if not self._hwm_available:
-            return None
-        self._read_high_water_mark()
-        return self._hwm
+        marks = self.high_water_marks()
+        return None if marks is None else marks[0]
 
     @property
     def high_water_mark_increase_bytes(self) -> int | None:
         """`high_water_mark_bytes` above the baseline: what the monitored work added at its peak."""
+        marks = self.high_water_marks()
+        return None if marks is None else marks[1]
+
+    def high_water_marks(self) -> tuple[int, int] | None:
+        """(`high_water_mark_bytes`, `high_water_mark_increase_bytes`) from one reading of the
+        kernel's mark (None where it cannot be reset)."""
         if not self._hwm_available:
             return None
         self._read_high_water_mark()
-        return max(0, self._hwm_increase)
+        with self._lock:
+            return self._hwm, max(0, self._hwm_increase)
 
 
 class Stopwatch:
