@@ -47,8 +47,9 @@ def due_ranks(config: RunConfig, round_index: int) -> list[int]:
     """Ranks of the workers that take part in round `round_index` (0-based) under the config's
     partial participation; those due in round `config.rounds` received the run's final G."""
     from entgan.control.schedulers import RoundParticipation
+    from entgan.engine.registry import method_class
 
-    participation = RoundParticipation(config.control.server_scheduler, config.worker_tasks())
+    participation = RoundParticipation(method_class(config.algorithm).participation(config), config.worker_tasks())
     return [index + 1 for index in participation.workers(round_index)]
 
 

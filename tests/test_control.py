@@ -13,6 +13,7 @@ from entgan.control.schedulers import (
     WorkerTaskScheduler,
 )
 from entgan.models import build_discriminator
+from conftest import tiny_config
 
 
 def test_worker_scheduler_on_generates_once_and_reuses_fakes() -> None:
@@ -51,7 +52,7 @@ def test_server_scheduler_off_keeps_fixed_steps() -> None:
 
 
 def test_full_participation_takes_every_worker_every_round() -> None:
-    participation = RoundParticipation(ServerSchedulerConfig(participation=1.0), worker_tasks=[0, 0, 1, 1, 1])
+    participation = RoundParticipation(1.0, worker_tasks=[0, 0, 1, 1, 1])
 
     assert participation.everyone
     assert [participation.workers(r) for r in range(3)] == [[0, 1, 2, 3, 4]] * 3
@@ -60,7 +61,7 @@ def test_full_participation_takes_every_worker_every_round() -> None:
 
 def test_partial_participation_takes_each_task_in_turn_and_every_worker_equally() -> None:
     # Tasks: 0 has workers 0-1, 1 has workers 2-4, 2 has worker 5 alone.
-    participation = RoundParticipation(ServerSchedulerConfig(participation=0.5), worker_tasks=[0, 0, 1, 1, 1, 2])
+    participation = RoundParticipation(0.5, worker_tasks=[0, 0, 1, 1, 1, 2])
 
     rounds = [participation.workers(r) for r in range(6)]
 
@@ -76,10 +77,25 @@ def test_partial_participation_takes_each_task_in_turn_and_every_worker_equally(
     assert all(participation.includes(w, r) == (w in rounds[r]) for w in range(6) for r in range(6))
 
 
-def test_partial_participation_needs_the_server_scheduler() -> None:
-    config = ServerSchedulerConfig(enabled=False, participation=0.5)
+def test_entgan_takes_half_with_its_server_scheduler_and_everyone_without() -> None:
+    from entgan.algorithms.entgan import EntGAN
+    from entgan.engine.registry import method_class
 
-    assert RoundParticipation(config, worker_tasks=[0, 0, 1, 1]).workers(1) == [0, 1, 2, 3]
+    on = tiny_config()
+    off = tiny_config(control={"server_scheduler": {"enabled": False}})
+    assert EntGAN.participation(on) == 0.5
+    assert EntGAN.participation(off) == 1.0
+    assert EntGAN.participation(tiny_config(engine={"participation": 0.75})) == 0.75
+    assert method_class("flgan").participation(tiny_config(algorithm="flgan")) == 1.0
+
+
+def test_old_configs_move_participation_to_the_engine_policy() -> None:
+    scheduler = {"server_scheduler": {"participation": 0.25}}
+    assert tiny_config(control=scheduler).engine.participation == 0.25
+    # Only EntGAN with its scheduler on obeyed the old field: elsewhere it is dropped.
+    assert tiny_config(algorithm="flgan", control=scheduler).engine.participation is None
+    off = {"server_scheduler": {"participation": 0.25, "enabled": False}}
+    assert tiny_config(control=off).engine.participation is None
 
 
 def test_gossip_pairs_only_the_rounds_participants() -> None:

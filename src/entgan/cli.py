@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config")
     validate.set_defaults(handler=_command_validate)
 
-    from entgan.cli_bench import add_bench_command, add_edge_clock_command
+    from entgan.cli_bench import add_bench_command, add_edge_clock_command, add_tune_command
 
     add_bench_command(commands)
+    add_tune_command(commands)
     add_edge_clock_command(commands)
 
     from entgan.cli_job import add_job_commands

@@ -92,6 +92,67 @@ def _invocation(args: argparse.Namespace) -> str:
     return shlex.join(words)
 
 
+def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `tune` on the `entgan` command's subparsers."""
+    tune = subparsers.add_parser(
+        "tune",
+        help="tune every method with the same budget on a bench's tuning seeds",
+        description="Run each method's candidate settings (the bench config's `tuning.grid`, the same "
+        "number per method) on the tuning seeds, choose per method the candidate with the lowest median "
+        "mean FID over the budget, and write the choices and every tuning run to a tuned file that the "
+        "bench config's `tuned:` reads.",
+    )
+    tune.add_argument("config", help="bench YAML with a `tuning:` section")
+    tune.add_argument("--out", help="output folder of the tuning runs (default: runs/tune/<config file name>)")
+    tune.add_argument("--write", required=True, metavar="FILE", help="tuned file to write (e.g. benchmarks/tuned.yaml)")
+    tune.add_argument("--methods", help="comma-separated methods to tune; default: all of the grid's")
+    tune.add_argument("--quick", action="store_true", help="smoke run: 15 s budgets; checks the tuning, chooses nothing meaningful")
+    tune.add_argument("--resume", action="store_true", help="keep finished runs of an earlier invocation")
+    tune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    tune.add_argument("--cache-dir", help="domain-classifier cache (default: ENTGAN_CACHE_DIR or ~/.cache/entgan)")
+    tune.set_defaults(handler=_command_tune)
+    return tune
+
+
+def _command_tune(args: argparse.Namespace) -> int:
+    from entgan.bench import BenchRunner, load_bench_config
+    from entgan.bench.network import NetworkUnavailable
+    from entgan.bench.plan import plan_tuning_runs
+    from entgan.bench.tuning import choose, write_tuned
+    from entgan.config import ConfigError
+
+    bench = load_bench_config(args.config, read_tuned=False)
+    if args.quick:
+        bench = bench.quick()
+    only = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
+    runs = plan_tuning_runs(bench, only)
+    out_dir = Path(args.out) if args.out else Path("runs") / "tune" / Path(args.config).stem
+    command = shlex.join(["entgan", "tune", args.config, "--write", args.write])
+    try:
+        runner = BenchRunner(
+            bench.model_copy(update={"methods": [], "profiles": {}, "memory_sweep": None, "seeds": []}),
+            out_dir,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            quick=args.quick,
+            command=command,
+        )
+    except NetworkUnavailable as error:
+        raise ConfigError(str(error)) from None
+    results = runner.run(runs)
+    tuned = choose(bench, results)
+    path = write_tuned(Path(args.write), tuned, command)
+    for method, overrides in tuned["methods"].items():
+        print(f"{method}: {overrides or 'the base as it is'}")
+    print(f"tuned settings: {path}")
+    failed = [result.key for result in results if not result.ok]
+    if failed:
+        print(f"entgan tune: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    return 0
+
+
 def add_edge_clock_command(subparsers: Any) -> argparse.ArgumentParser:
     """Register `edge-clock` on the `entgan` command's subparsers."""
     edge = subparsers.add_parser(

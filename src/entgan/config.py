@@ -8,8 +8,9 @@ in `RunConfig`'s validators or in `validate_for_launch`, before any process is s
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -142,14 +143,6 @@ class ServerSchedulerConfig(_Strict):
     D step); off (default): `batch_size` samples shared by all tasks. Off, a G step costs half as
     much, so more rounds, and G steps, fit in the same time (figures: benchmarks/README.md, Design
     measurements)."""
-    participation: Annotated[float, Field(gt=0, le=1)] = 0.5
-    """Share of each task's workers that train and upload in a round (rounded up: at least one per
-    task), in turn, so every worker takes the same share of rounds; the others sit the round out.
-    1: every worker, every round. Off (scheduler disabled): every worker. Default 0.5: D's progress
-    in a round comes from each participant's few steps, not from how many are averaged, while a
-    round ends only when its last upload arrives, so rounds are more and shorter (figures:
-    benchmarks/README.md, Design measurements)."""
-
     @model_validator(mode="after")
     def _ordered(self) -> ServerSchedulerConfig:
         if self.behind_below >= self.ahead_above:
@@ -272,6 +265,14 @@ class EngineConfig(_Strict):
     batch's graph when the feedback lands: `held` since the forward (memory per batch in flight),
     or `recomputed` from the stored latent (one more forward per batch, one graph at a time).
     Same gradients either way (`gan.feedback`)."""
+    participation: Annotated[float, Field(gt=0, le=1)] | None = None
+    """Share of each task's workers that train and upload in a round (rounded up: at least one per
+    task), in turn, so every worker takes the same share of rounds; the others sit the round out
+    and receive the models when they are next due (`control.schedulers.RoundParticipation`). A
+    round policy of the engine, open to every method that declares `partial_participation` (FedAvg's
+    client fraction C; a server that waits for a subset of its workers). Unset: the method's own
+    default (`Method.default_participation`: every worker, except EntGAN with its server task
+    scheduler on, which takes half)."""
     timeline: bool = False
     """Record every rank's timeline (compute per phase as thread CPU time, every transfer's size,
     peers, post and completion) to `timeline/rank-K.jsonl`, for the edge clock (`entgan edge-clock`,
@@ -449,6 +450,27 @@ class RunConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     security: SecurityConfig = SecurityConfig()
     faults: FaultConfig = FaultConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _participation_moved(cls, data: Any) -> Any:
+        """Configurations written before participation became an engine policy (run directories,
+        knowledge bases) carry `control.server_scheduler.participation`, which only EntGAN with its
+        server task scheduler on obeyed: it becomes `engine.participation` there and is dropped
+        elsewhere, so an old run resumes as it ran."""
+        if not isinstance(data, dict):
+            return data
+        scheduler = (data.get("control") or {}).get("server_scheduler")
+        if not (isinstance(scheduler, dict) and "participation" in scheduler):
+            return data
+        data = copy.deepcopy(data)
+        scheduler = data["control"]["server_scheduler"]
+        share = scheduler.pop("participation")
+        if data.get("algorithm", "entgan") == "entgan" and scheduler.get("enabled", True):
+            engine = data.get("engine") or {}
+            if isinstance(engine, dict) and engine.get("participation") is None:
+                data["engine"] = {**engine, "participation": share}
+        return data
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:

@@ -29,7 +29,7 @@ D-node the same start, then drops it); worker k is a D-node holding D_k and its 
                        k->j within target_exchange_s at its smoothed measured bandwidth
                   send header c, then C_c(D_k - est_kj); est_kj += decoded     # gossip, compressed
                   receive i's header, then its payload; est_ik += decoded
-                  D_k := (1 - mixing) * D_k + mixing * est_ik
+                  D_k := (1 - mixing) * D_k + mixing * est_ik   (trunk; head t_k if t_i = t_k)
                   bandwidth_kj := EMA(payload bytes / transfer time)
                 e_k := dL_G(D_k(X_k^g, t_k)) / dX_k^g  (D_k in eval mode)  # the follower's response
                 send e_k (+ G loss, WorkerReport) to the G-node, in an update envelope  # feedback
@@ -39,6 +39,12 @@ D-node the same start, then drops it); worker k is a D-node holding D_k and its 
 On the engine's hooks (`engine.method`): the G-node's `open_round` generates and sends the fakes,
 `aggregate` places each e_k, `train_global` is the leader's move; a D-node's `local_round` is its
 local update, gossip and response, `uploads` is e_k.
+
+Carried to several tasks: a D-node trains only its own task's head, so gossip mixes the trunk with
+every peer and the head of its task only with a peer of the same task; mixing it with another
+task's node would pull it towards a head that node never trained. The paper's single task is the
+case where every peer is of the same task. With the engine's participation below 1
+(`engine.participation`) only the round's D-nodes get fakes and gossip, among themselves.
 
 `est_kj` is D-node k's copy of what j believes D_k is; j holds the same vector, because both start
 from the initial D and apply the same decoded differences. Whatever C_c dropped is still in the
@@ -78,7 +84,7 @@ from entgan.engine.updates import Update, UpdateLayout
 from entgan.gan import RealBatches, adam, model_digest
 from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.models import build_discriminator, build_generator
-from entgan.models.discriminator import Discriminator
+from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 from entgan.models.generator import Generator
 
 AUTO_LADDER: tuple[str, ...] = ("none", "fp16", "int8", "topk")
@@ -354,14 +360,19 @@ class DanceDNode(_DanceRole, WorkerRole):
         return figures
 
     def gossip_round(self, round_index: int) -> None:
-        """Compressed exchange with this round's peers, then D_k := (1 - m) D_k + m * peer estimate."""
-        partners = self.peers.partners(round_index)
+        """Compressed exchange with this round's peers (among the round's participants), then
+        D_k := (1 - m) D_k + m * peer estimate, over the trunk, and over this task's head only when
+        the peer serves the same task (another task's node never trains this task's head)."""
+        partners = self.peers.partners(round_index, among=self.context.participation.workers(round_index))
         if partners is None:  # a single D-node, or the odd one out of random pairs
             return
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
         peer_estimate = self.gossip.exchange(flatten(model_tensors(self.D)), send_to, receive_from)
         unflatten_into(peer_estimate, model_tensors(self.peer_D))
-        self.peers.mix(self.D, self.peer_D)
+        task = self.context.task
+        same_task = self.context.task_of(receive_from) == task
+        own_head = head_prefix(task)
+        self.peers.mix(self.D, self.peer_D, only=lambda name: is_shared(name) or (same_task and name.startswith(own_head)))
 
     def state_dict(self) -> dict[str, Any]:
         """D_k, its optimizer, the real-batch stream and the gossip links' state. A round's
@@ -386,6 +397,6 @@ class DanceDNode(_DanceRole, WorkerRole):
 
 class DanceACGAN(Method):
     name = "acgan-dance"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = DanceGNode
     worker = DanceDNode

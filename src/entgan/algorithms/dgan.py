@@ -200,7 +200,7 @@ def selected_upload_layout(update_size: int, fraction: float) -> UpdateLayout:
 
 class DGANSelectiveUpdates(Method):
     name = "dgan-1"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = SelectiveUpdatesServer
     worker = SelectiveUpdatesWorker
 
@@ -324,13 +324,13 @@ class EachInTurnServer(_UserDiscriminatorsServer):
 
 class DGANAveragedOutputs(Method):
     name = "dgan-2"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = AveragedOutputsServer
     worker = _UserDiscriminatorsWorker
 
 
 class DGANEachInTurn(Method):
     name = "dgan-3"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = EachInTurnServer
     worker = _UserDiscriminatorsWorker

@@ -224,6 +224,6 @@ class FLGANWorker(_FLGANModels, WorkerRole):
 
 class FLGAN(Method):
     name = "flgan"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = FLGANServer
     worker = FLGANWorker

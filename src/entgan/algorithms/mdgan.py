@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -103,16 +103,20 @@ def swap_period(swap_every_epochs: float, shard_sizes: list[int], batch_size: in
     return max(1, round(swap_every_epochs * mean_shard / batch_size))
 
 
-def swap_partners(worker_tasks: Sequence[int], seed: int, swap_index: int) -> list[int]:
+def swap_partners(
+    worker_tasks: Sequence[int], seed: int, swap_index: int, among: Collection[int] | None = None
+) -> list[int]:
     """pi for swap number `swap_index`: worker n sends its D to worker pi[n], a worker of the same
     task. Within each task of two or more workers, a derangement (nobody keeps its own D) drawn
     from the run seed, so every worker computes the same pi on its own; a task's only worker maps
-    to itself (it does not swap)."""
+    to itself (it does not swap). `among`: the workers taking part in the swap's round (the
+    engine's participation policy); the others map to themselves."""
     stream = torch.Generator().manual_seed(seed * 1_000_003 + swap_index)
     partners = list(range(len(worker_tasks)))
     by_task: dict[int, list[int]] = defaultdict(list)
     for worker, task in enumerate(worker_tasks):
-        by_task[task].append(worker)
+        if among is None or worker in among:
+            by_task[task].append(worker)
     for task in sorted(by_task):
         members = by_task[task]
         if len(members) < 2:
@@ -300,18 +304,20 @@ class MDGANWorker(WorkerRole):
         # round's report counts its bytes; D_n has produced F_n either way.
         round_number = round_index + 1
         if round_number % self.swap_period == 0:
-            self.start_swap(round_number)
+            self.start_swap(round_number, among=self.context.participation.workers(round_index))
         return LocalFigures(*d_figures.means())
 
     def uploads(self, round_index: int) -> Sequence[Upload]:
         return [Upload("feedback", self.feedback, self.feedback_layout, figures=self.feedback_figures)]
 
-    def start_swap(self, round_number: int) -> None:
+    def start_swap(self, round_number: int, among: Collection[int]) -> None:
         """Send D_n to pi(n) and post the receive of pi^-1(n)'s D; it lands before D_n is used again.
         Swap number s is the same for every worker (the s-th multiple of the period), so a worker
-        alone in its task, which never swaps, still agrees with the others on pi."""
+        alone in its task, which never swaps, still agrees with the others on pi. Only the round's
+        participants (`among`) swap: the others are not in the round to answer."""
         swap_index = round_number // self.swap_period - 1
-        partners = swap_partners(self.config.worker_tasks(), self.config.seed, swap_index)
+        everyone = len(among) == self.config.num_workers
+        partners = swap_partners(self.config.worker_tasks(), self.config.seed, swap_index, None if everyone else among)
         me = self.context.worker_index
         if partners[me] == me:
             return
@@ -380,6 +386,6 @@ class MDGANWorker(WorkerRole):
 
 class MDGAN(Method):
     name = "mdgan"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = MDGANServer
     worker = MDGANWorker

@@ -35,20 +35,21 @@ On the engine's hooks (`engine.method`): the devices' round is `server_generator
 the server's `aggregate` collects the D_k and averages them, `train_global` trains G (serial), or
 `open_round` does it before the uploads arrive (parallel); `send_down` sends G and D.
 
-As in the paper, the server first collects every device's result and then computes their average
-(so it holds the K uploaded discriminators at once; averaging on arrival without the copies is
-EntGAN's own step 3, not Ren et al.'s). The average uses the same multi-task rule as EntGAN (trunk
-over all devices, each head over its task's devices, sample-weighted), and broadcasts are sent
-asynchronously, waited for only before the model they carry changes.
+The paper collects every device's result before it averages them; averaging is linear, so the
+server sums each D_k straight into D's float32 tensors as it reads it (in rank order, so the sum is
+the same every run) and divides at the end: the same average without K copies, the memory layout
+every method whose server averages gets (`aggregation.InPlaceDiscriminatorAverage`). Carried to
+several tasks: the trunk is averaged over all devices and each head over its task's devices,
+sample-weighted, as every method here averages a multi-head D. Broadcasts are sent asynchronously,
+waited for only before the model they carry changes; with the engine's participation below 1
+(`engine.participation`) a round averages the D_k of its devices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import torch
-
-from entgan.algorithms.aggregation import DiscriminatorAverager
+from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage
 from entgan.algorithms.server_generator import DiscriminatorWorker, GeneratorServer
 from entgan.engine.method import Capabilities, Method
 from entgan.engine.updates import Update
@@ -57,23 +58,20 @@ from entgan.engine.updates import Update
 class _RenServer(GeneratorServer):
     """What both schedules share: devices upload D_k, the server averages them into D."""
 
+    uploads_in_order = True  # summed into D in rank order: the same float32 sum every run
+
     def setup(self) -> None:
         super().setup()
-        self.averager = DiscriminatorAverager(self.layout, len(self.config.tasks), self.context.device)
-        self.collected: dict[int, torch.Tensor] = {}
+        self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
-        """D := weighted average of this round's accepted D_k, once all have arrived (D stays as
-        it was if none was accepted)."""
-        for update in accepted:
-            self.collected[update.rank] = update.values.clone()  # the devices' results, kept until all are in
+        """D := weighted average of this round's accepted D_k, summed into D as each is read (a
+        part with no accepted update keeps its values)."""
         self.settle_discriminator_send()
-        if self.collected:
-            self.averager.reset()
-            for rank, values in sorted(self.collected.items()):
-                self.averager.add(values, self.context.task_of(rank), self.sample_counts[rank])
-            self.averager.write_into(self.D)
-        self.collected.clear()
+        self.averager.reset()
+        for update in accepted:
+            self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+        self.averager.finish(self.D)
 
     def update_generator(self) -> dict[str, float]:
         """g_steps G updates against the server's current D."""
@@ -99,13 +97,13 @@ class RenParallelServer(_RenServer):
 
 class RenSerial(Method):
     name = "ren-serial"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = RenSerialServer
     worker = DiscriminatorWorker
 
 
 class RenParallel(Method):
     name = "ren-parallel"
-    capabilities = Capabilities(resume=True)
+    capabilities = Capabilities(resume=True, partial_participation=True)
     server = RenParallelServer
     worker = DiscriminatorWorker

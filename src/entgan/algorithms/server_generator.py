@@ -153,6 +153,8 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
     discriminator_comes_down: ClassVar[bool] = True
     """Whether the server's D replaces every D_k each round (D_k := D), or each D_k stays the
     worker's own from the initial D on."""
+    uploads_in_order: ClassVar[bool] = False
+    """Read the uploads by rank rather than by arrival (`UploadKind.in_order`)."""
 
     @property
     def generator(self) -> Generator:
@@ -166,7 +168,11 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.sample_counts = receive_hellos(self.context)
         self.upload_kinds = [
-            UploadKind("discriminator-update", layout_of=lambda rank: self.upload_layout(self.context.task_of(rank)))
+            UploadKind(
+                "discriminator-update",
+                layout_of=lambda rank: self.upload_layout(self.context.task_of(rank)),
+                in_order=self.uploads_in_order,
+            )
         ]
         if self.resumed_state is not None:  # what goes down below is then the checkpointed G and D
             self.load_state_dict(self.resumed_state)

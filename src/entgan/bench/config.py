@@ -117,6 +117,31 @@ BenchNetwork = Annotated[
 (`mode: per-node`)."""
 
 
+class TuningConfig(_Strict):
+    """Equal tuning (`entgan tune`): every method gets the same number of candidate settings, each
+    run on the same tuning seeds (disjoint from the reporting seeds) under the bench's budget; the
+    candidate with the lowest median FID-over-time area wins and is written to the tuned file."""
+
+    seeds: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+    grid: dict[AlgorithmName, Annotated[list[dict[str, Any]], Field(min_length=1)]]
+    """Per method, its candidate settings: dotted-path overrides of the base (`{}`: the base as it
+    is). Every method listed in `methods` needs an entry, and every entry the same number of
+    candidates (the same tuning budget)."""
+    time_budget_s: PositiveFloat | None = None
+    """Training clock per tuning run (default: the bench's `time_budget_s`)."""
+
+
+class TunedSettings(_Strict):
+    """What `entgan tune` chose (a tuned file, read by the bench's `tuned:`)."""
+
+    source: str = ""
+    """The tuned file the settings were read from."""
+    methods: dict[AlgorithmName, dict[str, Any]] = {}
+    """Per method, the chosen overrides of the base."""
+    tuning: dict[str, Any] = {}
+    """The tuning runs the choices came from, as `entgan tune` wrote them (copied into bench.json)."""
+
+
 class BenchConfig(_Strict):
     """A whole benchmark: the shared workload, the contenders and the yardsticks."""
 
@@ -128,7 +153,16 @@ class BenchConfig(_Strict):
     """Dotted paths changed in the base for every run, e.g. `tasks.0.partition: dirichlet` (lets
     several benches share one workload file)."""
     methods: list[AlgorithmName] = []
-    """Methods compared on the base configuration, each run as it is (its `algorithm` swapped)."""
+    """Methods compared on the base configuration, each run as it is (its `algorithm` swapped, and
+    its `tuned` settings applied)."""
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = []
+    """Reporting seeds: every method and ablation runs once per seed, and the report gives each
+    row's median, interquartile range and paired ratio to the reference with a bootstrap
+    confidence interval. Empty: one run each, on the base's seed."""
+    tuned: TunedSettings | None = None
+    """Per-method settings chosen by `entgan tune` (a path to its tuned file, relative to the bench
+    file); applied to the methods' runs, not to the ablations, whose overrides say what they are."""
+    tuning: TuningConfig | None = None
     ablations: list[VariantConfig] = []
     target_fid: PositiveFloat
     """The quality bar on `fid/overall`: wall-clock to reach it is the speed figure."""
@@ -163,6 +197,18 @@ class BenchConfig(_Strict):
     def _runs_and_stop_consistent(self) -> BenchConfig:
         if not self.methods and not self.ablations:
             raise ValueError("a bench needs at least one entry in methods or ablations")
+        if self.tuning is not None:
+            overlap = sorted(set(self.tuning.seeds) & set(self.seeds))
+            if overlap:
+                raise ValueError(f"tuning.seeds must be disjoint from seeds (reporting), both have {overlap}")
+            missing = sorted(set(self.methods) - set(self.tuning.grid))
+            if missing:
+                raise ValueError(f"tuning.grid: every method needs candidates, missing {missing}")
+            sizes = {method: len(candidates) for method, candidates in self.tuning.grid.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"tuning.grid: every method gets the same number of candidates, found {sizes}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, found {self.seeds}")
         if self.stop_at_target and self.target_confirmations != 1:
             raise ValueError("stop_at_target needs target_confirmations: 1 (runs end at the first evaluation "
                              f"at or below the target), found target_confirmations: {self.target_confirmations}")
@@ -194,8 +240,12 @@ class BenchConfig(_Strict):
         sweep = self.memory_sweep
         if sweep is not None:
             sweep = sweep.model_copy(update={"rounds": min(sweep.rounds, QUICK_SWEEP_ROUNDS)})
+        tuning = self.tuning
+        if tuning is not None:
+            tuning = tuning.model_copy(update={"time_budget_s": budget})
         return self.model_copy(
-            update={"time_budget_s": budget, "eval_every_s": budget / 3, "memory_sweep": sweep, "run_timeout_s": None}
+            update={"time_budget_s": budget, "eval_every_s": budget / 3, "memory_sweep": sweep, "run_timeout_s": None,
+                    "tuning": tuning}
         )
 
 
@@ -231,6 +281,15 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     return result
 
 
+def method_config_data(bench: BenchConfig, method: str) -> dict[str, Any]:
+    """The run configuration mapping of one of the bench's methods: the base with the method's
+    tuned settings (before the bench's seed and timing settings)."""
+    overrides = bench.tuned.methods.get(method, {}) if bench.tuned is not None else {}
+    data = apply_overrides(bench.base.model_dump(mode="json"), overrides)
+    data["algorithm"] = method
+    return data
+
+
 def variant_config_data(base: RunConfig, variant: VariantConfig) -> dict[str, Any]:
     """The run configuration mapping of an ablation variant (before the bench's timing settings)."""
     data = apply_overrides(base.model_dump(mode="json"), variant.overrides)
@@ -256,17 +315,18 @@ def _cross_check(bench: BenchConfig) -> list[str]:
             f"  - ablations: names must differ from each other and from the methods, duplicated: {duplicates}"
         )
     for index, variant in enumerate(bench.ablations):
-        location = f"ablations.{index}.overrides"
-        try:
-            data = variant_config_data(bench.base, variant)
-        except ValueError as error:
-            problems.append(f"  - {location}: {error}")
-            continue
-        try:
-            RunConfig.model_validate(data)
-        except ValidationError as error:
-            for line in format_validation_error(error, location).splitlines()[1:]:
-                problems.append(line.replace("  - ", f"  - {location}: ", 1))
+        problems += _override_problems(bench.base, variant, f"ablations.{index}.overrides")
+    checked = []
+    if bench.tuned is not None:
+        checked += [(f"tuned.methods.{method}", method, overrides) for method, overrides in bench.tuned.methods.items()]
+    if bench.tuning is not None:
+        checked += [
+            (f"tuning.grid.{method}.{index}", method, overrides)
+            for method, candidates in bench.tuning.grid.items()
+            for index, overrides in enumerate(candidates)
+        ]
+    for location, method, overrides in checked:
+        problems += _override_problems(bench.base, VariantConfig(name="checked", algorithm=method, overrides=overrides), location)
     if isinstance(bench.network, PerNodeNetworkConfig):
         links = len(bench.network.links)
         counts = [bench.base.num_workers] + (list(bench.memory_sweep.workers) if bench.memory_sweep else [])
@@ -282,14 +342,46 @@ def _cross_check(bench: BenchConfig) -> list[str]:
     return problems
 
 
-def parse_bench_config(data: object, origin: str = "<bench config>", relative_to: Path | None = None) -> BenchConfig:
+def _override_problems(base: RunConfig, variant: VariantConfig, location: str) -> list[str]:
+    """Why the base with `variant`'s overrides is not a valid run configuration (nothing if it is)."""
+    try:
+        data = variant_config_data(base, variant)
+    except ValueError as error:
+        return [f"  - {location}: {error}"]
+    try:
+        RunConfig.model_validate(data)
+    except ValidationError as error:
+        return [line.replace("  - ", f"  - {location}: ", 1) for line in format_validation_error(error, location).splitlines()[1:]]
+    return []
+
+
+def load_tuned(path: Path) -> dict[str, Any]:
+    """A tuned file written by `entgan tune`, as `TunedSettings` data, or ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: tuned file not found (write it with `entgan tune`)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
+        raise ConfigError(f"{path}: expected a mapping with `methods:` (method -> overrides), as `entgan tune` writes")
+    return {"source": str(path), "methods": data["methods"], "tuning": data.get("tuning", {})}
+
+
+def parse_bench_config(
+    data: object, origin: str = "<bench config>", relative_to: Path | None = None, *, read_tuned: bool = True
+) -> BenchConfig:
     """Validate a mapping (e.g. parsed YAML) into a `BenchConfig`, or raise `ConfigError`.
 
-    A string `base` is a path to a run YAML, read relative to `relative_to` (the bench file's folder).
+    A string `base` is a path to a run YAML, a string `tuned` one to a tuned file, both read
+    relative to `relative_to` (the bench file's folder). `read_tuned=False` leaves the tuned
+    settings out (`entgan tune`, which writes them).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: expected a mapping at the top level, found {type(data).__name__}")
     data = dict(data)
+    if not read_tuned:
+        data.pop("tuned", None)
     if isinstance(data.get("base"), str):
         base_path = Path(data["base"])
         if not base_path.is_absolute() and relative_to is not None:
@@ -298,6 +390,14 @@ def parse_bench_config(data: object, origin: str = "<bench config>", relative_to
             data["base"] = load_config(base_path).model_dump(mode="json")
         except ConfigError as error:
             raise ConfigError(f"{origin}: base: {error}") from None
+    if isinstance(data.get("tuned"), str):
+        tuned_path = Path(data["tuned"])
+        if not tuned_path.is_absolute() and relative_to is not None:
+            tuned_path = relative_to / tuned_path
+        try:
+            data["tuned"] = load_tuned(tuned_path)
+        except ConfigError as error:
+            raise ConfigError(f"{origin}: tuned: {error}") from None
     base_overrides = data.get("base_overrides")
     if isinstance(data.get("base"), dict) and isinstance(base_overrides, dict) and base_overrides:
         try:
@@ -317,7 +417,7 @@ def parse_bench_config(data: object, origin: str = "<bench config>", relative_to
     return bench
 
 
-def load_bench_config(path: str | Path) -> BenchConfig:
+def load_bench_config(path: str | Path, *, read_tuned: bool = True) -> BenchConfig:
     """Read and validate a bench YAML file, or raise `ConfigError` naming the file and field."""
     path = Path(path)
     if not path.is_file():
@@ -326,4 +426,4 @@ def load_bench_config(path: str | Path) -> BenchConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    return parse_bench_config(data, origin=str(path), relative_to=path.parent)
+    return parse_bench_config(data, origin=str(path), relative_to=path.parent, read_tuned=read_tuned)

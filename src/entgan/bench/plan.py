@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from entgan.bench.config import BenchConfig, VariantConfig, split_workers, variant_config_data
+from entgan.bench.config import BenchConfig, VariantConfig, method_config_data, split_workers, variant_config_data
 from entgan.config import ConfigError, RunConfig, parse_config
 
 RunGroup = Literal["methods", "ablations", "memory_sweep"]
@@ -35,6 +35,10 @@ class PlannedRun:
     config: RunConfig
 
     @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
     def algorithm(self) -> str:
         return self.config.algorithm
 
@@ -43,10 +47,10 @@ class PlannedRun:
         return self.config.num_workers
 
 
-def _timed(bench: BenchConfig, data: dict[str, Any]) -> dict[str, Any]:
+def _timed(bench: BenchConfig, data: dict[str, Any], time_budget_s: float | None = None) -> dict[str, Any]:
     data = {**data, "rounds": bench.max_rounds}
     data["stop"] = {
-        "time_budget_s": bench.time_budget_s,
+        "time_budget_s": time_budget_s or bench.time_budget_s,
         "target_fid": bench.target_fid,
         "end_at_target": bench.stop_at_target,
     }
@@ -74,13 +78,13 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
     wanted = (lambda label: label in only) if only is not None else (lambda label: True)
     base = bench.base.model_dump(mode="json")
     runs: list[PlannedRun] = []
-    for method in filter(wanted, bench.methods):
-        key = method
-        data = {**base, "algorithm": method, "name": f"{bench.name}-{key}"}
-        runs.append(PlannedRun(key, "methods", method, _validated(_timed(bench, data), key)))
-    for variant in bench.ablations:
-        if wanted(variant.name):
-            runs.append(_ablation_run(bench, variant))
+    seeds: list[int | None] = list(bench.seeds) or [None]
+    for seed in seeds:  # seed by seed: a slow drift of the machine spreads over every method alike
+        for method in filter(wanted, bench.methods):
+            runs.append(_seeded_run(bench, "methods", method, method_config_data(bench, method), seed))
+        for variant in bench.ablations:
+            if wanted(variant.name):
+                runs.append(_seeded_run(bench, "ablations", variant.name, variant_config_data(bench.base, variant), seed))
     if with_sweep and bench.memory_sweep is not None:
         sweep = bench.memory_sweep
         tasks_at = {
@@ -101,7 +105,42 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
     return runs
 
 
-def _ablation_run(bench: BenchConfig, variant: VariantConfig) -> PlannedRun:
-    data = variant_config_data(bench.base, variant)
-    data["name"] = f"{bench.name}-{variant.name}"
-    return PlannedRun(variant.name, "ablations", variant.name, _validated(_timed(bench, data), variant.name))
+def _seeded_run(
+    bench: BenchConfig,
+    group: RunGroup,
+    label: str,
+    data: dict[str, Any],
+    seed: int | None,
+    time_budget_s: float | None = None,
+    key: str | None = None,
+) -> PlannedRun:
+    """A timed run of `data` (the base's seed when `seed` is None); its key names the seed."""
+    key = key or (label if seed is None else f"{label}-s{seed}")
+    data = {**data, "name": f"{bench.name}-{key}"}
+    if seed is not None:
+        data["seed"] = seed
+    return PlannedRun(key, group, label, _validated(_timed(bench, data, time_budget_s), key))
+
+
+def candidate_label(method: str, index: int) -> str:
+    """Row label of a method's `index`-th tuning candidate."""
+    return f"{method}-c{index}"
+
+
+def plan_tuning_runs(bench: BenchConfig, only: Collection[str] | None = None) -> list[PlannedRun]:
+    """Every tuning run: each method's candidates on each tuning seed, seed by seed."""
+    if bench.tuning is None:
+        raise ConfigError(f"bench '{bench.name}' has no `tuning:` section (seeds and a grid per method)")
+    unknown = sorted(set(only or ()) - set(bench.tuning.grid))
+    if unknown:
+        raise ConfigError(f"--methods: {unknown} have no tuning candidates; the grid has {sorted(bench.tuning.grid)}")
+    runs = []
+    for seed in bench.tuning.seeds:
+        for method, candidates in bench.tuning.grid.items():
+            if only is not None and method not in only:
+                continue
+            for index, overrides in enumerate(candidates):
+                label = candidate_label(method, index)
+                data = variant_config_data(bench.base, VariantConfig(name=label, algorithm=method, overrides=overrides))
+                runs.append(_seeded_run(bench, "methods", label, data, seed, bench.tuning.time_budget_s))
+    return runs

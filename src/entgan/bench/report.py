@@ -24,6 +24,7 @@ from entgan.bench.config import OVERALL_FID, BenchConfig
 from entgan.bench.network import NetworkStatus
 from entgan.bench.profiles import DeviceProfile, EdgeProfile
 from entgan.bench.results import RunResult
+from entgan.bench.statistics import Observation, paired_ratio, spread
 from entgan.plots import pyplot, save_figure
 from entgan.rundir import atomic_write
 
@@ -113,6 +114,91 @@ def reference_ratios(results: Sequence[RunResult], reference: str | None) -> lis
     ]
 
 
+# --- over seeds ----------------------------------------------------------------------------------
+
+SeedFigure = Callable[[RunResult, BenchConfig], Observation | None]
+
+
+def _time_to_target_figure(result: RunResult, bench: BenchConfig) -> Observation | None:
+    """Training clock to the target; censored at the run's budget where it was not reached."""
+    if result.target is not None:
+        return Observation(result.target.train_clock_s)
+    budget = result.train_clock_s if bench.stop_at_target else bench.time_budget_s
+    return Observation(float(budget or bench.time_budget_s), censored=True)
+
+
+def _edge_time_to_target_figure(profile: str) -> SeedFigure:
+    """A profile's edge clock to the target; censored at the run's last replayed round."""
+
+    def figure(result: RunResult, bench: BenchConfig) -> Observation | None:
+        edge = result.edge.get(profile)
+        if edge is None:
+            return None
+        if edge.time_to_target_s is not None:
+            return Observation(edge.time_to_target_s)
+        if result.target is None and edge.clock_s is not None:
+            return Observation(edge.clock_s, censored=True)
+        return None
+
+    return figure
+
+
+def _plain(attribute: Callable[[RunResult], float | None]) -> SeedFigure:
+    def figure(result: RunResult, bench: BenchConfig) -> Observation | None:
+        value = attribute(result)
+        return None if value is None or not math.isfinite(value) else Observation(float(value))
+
+    return figure
+
+
+def seed_figures(bench: BenchConfig) -> dict[str, SeedFigure]:
+    """The figures summarised over seeds, by name (as in bench.json's `over_seeds`)."""
+    return {
+        "time_to_target_s": _time_to_target_figure,
+        **{f"edge/{name}/time_to_target_s": _edge_time_to_target_figure(name) for name in bench.profiles},
+        "fid_area": _plain(lambda r: r.fid_area),
+        "final_fid": _plain(lambda r: r.final_fid),
+        "server_hwm_increase_bytes": _plain(lambda r: r.server_hwm_increase_bytes),
+        "workers_peak_increase_bytes": _plain(lambda r: r.workers_peak_increase_bytes),
+        "bytes_sent_total": _plain(
+            lambda r: None if r.server_bytes_sent is None or r.workers_bytes_sent is None
+            else r.server_bytes_sent + r.workers_bytes_sent
+        ),
+        "rounds": _plain(lambda r: r.rounds),
+    }
+
+
+def over_seeds(bench: BenchConfig, results: Sequence[RunResult]) -> dict[str, Any]:
+    """Per row of the timed groups: each figure's per-seed values, median and IQR, and its paired
+    ratio to the reference row (row / reference) with a bootstrap CI and a Wilcoxon p."""
+    figures = seed_figures(bench)
+    by_label: dict[str, dict[int, RunResult]] = {}
+    for result in results:
+        if result.ok and result.group in ("methods", "ablations"):
+            by_label.setdefault(result.label, {})[result.seed] = result
+    observed = {
+        label: {
+            name: {seed: obs for seed, run in runs.items() if (obs := figure(run, bench)) is not None}
+            for name, figure in figures.items()
+        }
+        for label, runs in by_label.items()
+    }
+    reference = observed.get(bench.reference) if bench.reference else None
+    table: dict[str, Any] = {}
+    for label, by_figure in observed.items():
+        rows: dict[str, Any] = {}
+        for name, values in by_figure.items():
+            summary = spread([values[seed] for seed in sorted(values)])
+            ratio = paired_ratio(values, reference[name]) if reference is not None and label != bench.reference else None
+            rows[name] = {
+                "per_seed": {str(seed): {"value": obs.value, "censored": obs.censored} for seed, obs in sorted(values.items())},
+                "spread": summary.to_dict() if summary else None,
+                "ratio_to_reference": ratio.to_dict() if ratio else None,
+            }
+        table[label] = {"seeds": sorted(by_label[label]), "figures": rows}
+    return table
+
+
 def memory_sweep_table(results: Sequence[RunResult], reference: str | None) -> dict[str, Any]:
     """Server peak RSS and its increase per method and worker count (the median of the repeats,
     with every run's figures kept), and the reference's increase divided by each other method's
@@ -191,7 +277,10 @@ def report_data(bench: BenchConfig, results: Sequence[RunResult], context: Bench
         "stop_at_target": bench.stop_at_target,
         "reference": bench.reference,
         "base_config": bench.base.model_dump(mode="json"),
+        "seeds": list(bench.seeds),
+        "tuned": bench.tuned.model_dump(mode="json") if bench.tuned is not None else None,
         "runs": {group: [result.to_dict() for result in members] for group, members in groups.items()},
+        "over_seeds": over_seeds(bench, [*groups["methods"], *groups["ablations"]]),
         "comparison": {
             "methods": reference_ratios(groups["methods"], bench.reference),
             "ablations": reference_ratios(groups["ablations"], bench.reference),
@@ -270,17 +359,18 @@ def _results_section(
     columns = main_columns(bench)
     lines = [f"## {title}", ""]
     rows = []
+    name = (lambda r: r.key) if bench.seeds else (lambda r: r.label)
     for result in results:
         if result.ok:
-            rows.append([result.label, *(render(result) for _, render in columns)])
+            rows.append([name(result), *(render(result) for _, render in columns)])
         else:
-            rows.append([result.label, "**failed**", *("–" for _ in columns[1:])])
+            rows.append([name(result), "**failed**", *("–" for _ in columns[1:])])
     lines += _table([row_header, *(header for header, _ in columns)], rows)
     lines += ["", "Per task, at the last evaluation:", ""]
     task_header = [row_header, *(f"FID {task}" for task in tasks), *(f"fidelity {task}" for task in tasks)]
     task_rows = [
         [
-            r.label,
+            name(r),
             *(_number(r.fid_by_task.get(task)) for task in tasks),
             *(_number(r.fidelity_by_task.get(task), 3) for task in tasks),
         ]
@@ -288,7 +378,7 @@ def _results_section(
         if r.ok
     ]
     lines += _table(task_header, task_rows)
-    ratios = reference_ratios(results, bench.reference)
+    ratios = reference_ratios(results, bench.reference) if not bench.seeds else []
     if ratios:
         ref = bench.reference
         lines += ["", f"Relative to `{ref}` (its figure divided by the row's; below 1: `{ref}` needs less):", ""]
@@ -306,6 +396,70 @@ def _results_section(
              for r in shaped if r.shaped_link],
         )
     return [*lines, ""]
+
+
+def _spread_cell(row: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
+    summary = row["spread"]
+    if summary is None:
+        return "–"
+    cell = f"{summary['median'] / scale:.{digits}f} [{summary['q1'] / scale:.{digits}f}–{summary['q3'] / scale:.{digits}f}]"
+    return cell + (f" ({summary['censored']}×≥)" if summary["censored"] else "")
+
+
+def _ratio_cell(row: dict[str, Any]) -> str:
+    ratio = row["ratio_to_reference"]
+    if ratio is None:
+        return "–"
+    p = "" if ratio["wilcoxon_p"] is None else f", p {ratio['wilcoxon_p']:.2f}"
+    bound = " (bound)" if ratio["censored"] else ""
+    return f"{ratio['geometric_mean']:.2f} [{ratio['ci_low']:.2f}–{ratio['ci_high']:.2f}{p}]{bound}"
+
+
+def _over_seeds_section(bench: BenchConfig, table: dict[str, Any]) -> list[str]:
+    if not table or not bench.seeds:
+        return []
+    ref = bench.reference
+    clocks = ["time_to_target_s", *(f"edge/{name}/time_to_target_s" for name in bench.profiles)]
+    clock_names = ["training clock", *(f"edge '{name}'" for name in bench.profiles)]
+    lines = [
+        "## Over seeds",
+        "",
+        f"Seeds {', '.join(map(str, bench.seeds))}. Median [interquartile range]; `(k×≥)`: k seeds never reached "
+        f"FID ≤ {bench.target_fid:g}, counted at their budget (a lower bound). Ratios are row ÷ `{ref}`, the "
+        "geometric mean over paired seeds [bootstrap 95% CI, Wilcoxon signed-rank p]; below 1 the row needs less.",
+        "",
+    ]
+    header = ["row", "seeds"]
+    for clock in clock_names:
+        header += [f"time to target, {clock} (s)", f"÷ {ref}"]
+    header += ["mean FID over budget", f"÷ {ref}", "FID at budget", "server HWM increase (MiB)", f"÷ {ref}",
+               "worker peak increase (MiB)", "bytes sent, all ranks (MiB)", f"÷ {ref}"]
+    rows = []
+    for label, entry in table.items():
+        figures = entry["figures"]
+        cells = [label, str(len(entry["seeds"]))]
+        for clock in clocks:
+            cells += [_spread_cell(figures[clock]), _ratio_cell(figures[clock])] if clock in figures else ["–", "–"]
+        cells += [
+            _spread_cell(figures["fid_area"]), _ratio_cell(figures["fid_area"]),
+            _spread_cell(figures["final_fid"]),
+            _spread_cell(figures["server_hwm_increase_bytes"], MIB), _ratio_cell(figures["server_hwm_increase_bytes"]),
+            _spread_cell(figures["workers_peak_increase_bytes"], MIB),
+            _spread_cell(figures["bytes_sent_total"], MIB, 0), _ratio_cell(figures["bytes_sent_total"]),
+        ]
+        rows.append(cells)
+    return [*lines, *_table(header, rows), ""]
+
+
+def _tuned_lines(bench: BenchConfig) -> list[str]:
+    if bench.tuned is None:
+        return []
+    lines = [f"- Tuned settings from `{bench.tuned.source}` (`entgan tune`):"]
+    for method in bench.methods:
+        overrides = bench.tuned.methods.get(method, {})
+        described = ", ".join(f"`{path}: {value}`" for path, value in overrides.items()) or "the base as it is"
+        lines.append(f"  - {method}: {described}")
+    return lines
 
 
 def _sweep_section(sweep: dict[str, Any]) -> list[str]:
@@ -429,8 +583,10 @@ def render_markdown(
         f"Load average at start {machine['load_average_at_start']}, at this writing {_load_average()}.",
         f"- Network: {context.network.describe()}.",
         *_workload_lines(bench),
+        *_tuned_lines(bench),
         "",
     ]
+    lines += _over_seeds_section(bench, data["over_seeds"])
     lines += _results_section("Methods", "method", [r for r in results if r.group == "methods"], bench, tasks)
     lines += _results_section("Ablations", "variant", [r for r in results if r.group == "ablations"], bench, tasks)
     lines += _sweep_section(data["memory_sweep"])
@@ -470,7 +626,7 @@ def plot_fid_against_time(results: Sequence[RunResult], bench: BenchConfig, path
     for result in results:
         if result.ok and result.curve:
             clocks, fids = zip(*result.curve)
-            axis.plot(clocks, fids, marker="o", markersize=3, label=result.label)
+            axis.plot(clocks, fids, marker="o", markersize=3, label=result.key)
     axis.axhline(bench.target_fid, color="black", linestyle="--", linewidth=1, label=f"target {bench.target_fid:g}")
     axis.axvline(bench.time_budget_s, color="grey", linestyle=":", linewidth=1, label="time budget")
     axis.set_xlabel("training wall-clock (s)")

@@ -78,6 +78,22 @@ def training_comm_wait_share(rows: list[Mapping[str, Any]]) -> float | None:
     return (float(last["server/comm_wait_s"]) - float(first["server/comm_wait_s"])) / elapsed
 
 
+def fid_area(curve: Sequence[tuple[float, float]], until_s: float) -> float | None:
+    """Mean FID over the training clock from the first evaluation to `until_s` (the budget): the
+    area under the FID-against-time curve, each evaluation's FID held until the next, divided by
+    the span. Unlike time to target it rewards every part of the curve and is never censored; a
+    run that stopped early keeps its last FID to the end. None without an evaluation before
+    `until_s`."""
+    points = [(clock, fid) for clock, fid in curve if clock < until_s and math.isfinite(fid)]
+    if not points:
+        return None
+    area = 0.0
+    for (clock, fid), (next_clock, _) in zip(points, [*points[1:], (until_s, 0.0)]):
+        area += fid * (next_clock - clock)
+    span = until_s - points[0][0]
+    return area / span if span > 0 else points[0][1]
+
+
 def fid_curve(rows: Iterable[Mapping[str, Any]], key: str = OVERALL_FID) -> list[tuple[float, float]]:
     """(training clock, FID) at every evaluation, in order."""
     return [(float(row["train_clock_s"]), float(row[key])) for row in rows if key in row]
@@ -142,6 +158,7 @@ class RunResult:
     algorithm: str
     workers: int
     status: RunStatus
+    seed: int = 0
     error: str | None = None
     process_wall_s: float | None = None
     """Wall-clock of the whole run process: start-up, classifier loading, evaluations included."""
@@ -154,6 +171,8 @@ class RunResult:
     """`fid/overall` at the run's last evaluation (for a timed run: where the budget ran out)."""
     final_eval_clock_s: float | None = None
     best_fid: float | None = None
+    fid_area: float | None = None
+    """Mean FID over the time budget (area under the FID-against-time curve, `fid_area`)."""
     fid_by_task: dict[str, float] = field(default_factory=dict)
     fidelity_by_task: dict[str, float] = field(default_factory=dict)
     server_peak_rss_bytes: int | None = None
@@ -161,6 +180,8 @@ class RunResult:
     server_rss_increase_bytes: int | None = None
     server_hwm_increase_bytes: int | None = None
     """The server's kernel high-water mark over the idle runtime (never misses a short peak)."""
+    workers_peak_increase_bytes: int | None = None
+    """The largest worker high-water mark over that worker's runtime with its shard loaded."""
     server_bytes_sent: float | None = None
     server_bytes_received: float | None = None
     workers_bytes_sent: float | None = None
@@ -195,6 +216,7 @@ def failed_result(run: PlannedRun, error: str, process_wall_s: float | None = No
         algorithm=run.algorithm,
         workers=run.workers,
         status="failed",
+        seed=run.seed,
         error=error,
         process_wall_s=process_wall_s,
     )
@@ -207,6 +229,7 @@ def read_run(
     confirmations: int = 1,
     process_wall_s: float | None = None,
     profiles: Mapping[str, EdgeProfile] | None = None,
+    time_budget_s: float | None = None,
 ) -> RunResult:
     """The figures of a finished run; a run without a summary is reported as failed. With
     `profiles`, also its figures on each profile's edge clock (from its timelines)."""
@@ -231,6 +254,7 @@ def read_run(
         algorithm=run.algorithm,
         workers=run.workers,
         status="ok",
+        seed=run.seed,
         process_wall_s=process_wall_s,
         rounds=int(rows[-1]["round"]),
         train_clock_s=train_clock,
@@ -239,12 +263,14 @@ def read_run(
         final_fid=final.get(OVERALL_FID),
         final_eval_clock_s=final.get("train_clock_s"),
         best_fid=min((fid for _, fid in curve), default=None),
+        fid_area=fid_area(curve, time_budget_s if time_budget_s is not None else train_clock),
         fid_by_task={k.removeprefix("fid/"): v for k, v in final.items() if k.startswith("fid/") and k != OVERALL_FID},
         fidelity_by_task={k.removeprefix("fidelity/"): v for k, v in final.items() if k.startswith("fidelity/")},
         server_peak_rss_bytes=summary.get("server_peak_rss_bytes"),
         server_baseline_rss_bytes=summary.get("server_baseline_rss_bytes"),
         server_rss_increase_bytes=summary.get("server_rss_increase_bytes"),
         server_hwm_increase_bytes=summary.get("server_hwm_increase_bytes"),
+        workers_peak_increase_bytes=_workers_peak(run_dir),
         server_bytes_sent=summary.get("server/bytes_sent"),
         server_bytes_received=summary.get("server/bytes_received"),
         workers_bytes_sent=workers_sent,
@@ -254,6 +280,16 @@ def read_run(
         curve=curve,
         edge=edge,
     )
+
+
+def _workers_peak(run_dir: Path) -> int | None:
+    """The largest `memory_increase_bytes` among the workers' digests (None where none has one)."""
+    peaks = [
+        json.loads(path.read_text()).get("memory_increase_bytes")
+        for path in sorted(RunDirectory(run_dir).workers.glob("rank-*.json"))
+    ]
+    known = [int(peak) for peak in peaks if peak is not None]
+    return max(known) if known else None
 
 
 def _worker_traffic(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[float | None, float | None]:

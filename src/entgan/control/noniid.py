@@ -10,7 +10,7 @@ fake data (learning without forgetting) or by an L2-SP anchor to the peer's para
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -52,14 +52,16 @@ class NonIIDOptimizer:
         partner = peers[int(order[partner_position])]
         return partner, partner
 
-    def mix(self, local: Discriminator, peer: Discriminator) -> None:
-        """Gossip averaging in parameter space: local := (1 - mixing) * local + mixing * peer."""
+    def mix(self, local: Discriminator, peer: Discriminator, only: Callable[[str], bool] | None = None) -> None:
+        """Gossip averaging in parameter space: local := (1 - mixing) * local + mixing * peer, for
+        every parameter, or for those whose name `only` accepts."""
         weight = self.config.mixing
         if weight == 0:
             return
         with torch.no_grad():
-            for own, theirs in zip(local.parameters(), peer.parameters(), strict=True):
-                own.mul_(1 - weight).add_(theirs, alpha=weight)
+            for (name, own), theirs in zip(local.named_parameters(), peer.parameters(), strict=True):
+                if only is None or only(name):
+                    own.mul_(1 - weight).add_(theirs, alpha=weight)
 
     def regulariser(
         self,

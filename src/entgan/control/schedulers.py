@@ -119,20 +119,20 @@ class ServerTaskScheduler:
 
 
 class RoundParticipation:
-    """Which workers train and upload in a round: the server task scheduler's choice of whose
-    updates to wait for.
+    """Which workers train and upload in a round: the engine's participation policy
+    (`engine.participation`), which every method that declares `partial_participation` follows.
 
-    With `participation` below 1, each round a share of every task's workers (rounded up, so every
-    task's head is updated every round) takes part, in turn, so that over rounds every worker
-    trains equally often; the others sit the round out. Why: D is averaged every round anyway, and
-    its progress per round comes from each participant's few D steps, not from how many are
-    averaged, while a round ends only when its last upload arrives. Waiting for fewer workers makes
-    rounds shorter where workers are slow or share CPUs. Every rank derives the same schedule from
-    the round index and the worker-to-task map, without messages. Scheduler off: every worker.
+    With a share below 1, each round a share of every task's workers (rounded up, so every task's
+    head is updated every round) takes part, in turn, so that over rounds every worker trains
+    equally often; the others sit the round out. Why: a round ends only when its last upload
+    arrives, and a server that waits for fewer workers has shorter rounds where workers are slow
+    or share CPUs (FedAvg's client fraction C is the same lever). Every rank derives the same
+    schedule from the round index and the worker-to-task map, without messages.
     """
 
-    def __init__(self, config: ServerSchedulerConfig, worker_tasks: Sequence[int]) -> None:
-        share = config.participation if config.enabled else 1.0
+    def __init__(self, share: float, worker_tasks: Sequence[int]) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"participation must be in (0, 1], found {share}")
         by_task: dict[int, list[int]] = {}
         for worker, task in enumerate(worker_tasks):
             by_task.setdefault(task, []).append(worker)

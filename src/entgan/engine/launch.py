@@ -29,6 +29,7 @@ from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method
 from entgan.engine.processes import LauncherSurroundings, start_method
+from entgan.control.schedulers import RoundParticipation
 from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
@@ -164,6 +165,7 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
             bytes_received_before=transport.counters.bytes_received,
         )
     _shorten_timeout(config.engine.round_timeout_s)
+    method = load_algorithm(config, options.algorithm_path)
     context = RunContext(
         config=config,
         rank=rank,
@@ -173,8 +175,8 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
         run_dir=run_dir,
         session_keys=session_keys,
         resume=run.load_checkpoint(resume_round, rank) if resume_round else None,
+        participation=RoundParticipation(method.participation(config), config.worker_tasks()),
     )
-    method = load_algorithm(config, options.algorithm_path)
     if context.is_server:
         if options.resume:  # rows past the checkpoint resumed from (all of them, if there is none) go
             run.truncate_metrics(resume_round)
@@ -205,6 +207,11 @@ def check_capabilities(config: RunConfig, method: type[Method], *, resuming: boo
         problems.append(f"algorithm '{method.name}' cannot {what}: it does not support resuming")
     if config.privacy.enabled and not capabilities.privacy:
         problems.append(f"privacy.enabled: algorithm '{method.name}' does not support differential privacy")
+    if method.participation(config) < 1 and not capabilities.partial_participation:
+        problems.append(
+            f"engine.participation: algorithm '{method.name}' cannot leave workers out of a round "
+            f"(participation {method.participation(config):g}; it needs 1)"
+        )
     if config.warm_start is not None and not capabilities.warm_start:
         problems.append(f"warm_start: algorithm '{method.name}' cannot start from a parent run")
     if problems:

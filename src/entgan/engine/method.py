@@ -28,6 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from entgan.config import RunConfig
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import RunContext
 from entgan.engine.updates import Update, UpdateLayout
@@ -47,7 +48,9 @@ class Capabilities:
     warm_start: bool = False
     """It can start from a parent run's models (`warm_start`, lifelong jobs)."""
     partial_participation: bool = False
-    """Its `participants` can leave workers out of a round (`control.server_scheduler.participation`)."""
+    """It can follow the engine's participation policy below 1 (`engine.participation`): its roles
+    use the default `participants` / `participates`, and nothing of theirs assumes every worker
+    takes part in every round."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +137,9 @@ class ServerRole(Role):
         """Build the global models and bring every worker to the same starting point."""
 
     def participants(self, round_index: int) -> list[int]:
-        """Ranks of the workers that train and upload in round `round_index`: by default all."""
-        return self.context.worker_ranks
+        """Ranks of the workers that train and upload in round `round_index`: by default the
+        engine's participation policy (`engine.participation`; every worker unless it is below 1)."""
+        return self.context.participant_ranks(round_index)
 
     def open_round(self, round_index: int, participants: list[int]) -> None:
         """Before the uploads are received: what the server sends or computes while workers train."""
@@ -160,7 +164,7 @@ class WorkerRole(Role):
 
     def participates(self, round_index: int) -> bool:
         """Whether this worker trains and uploads in round `round_index` (the server's `participants`)."""
-        return True
+        return self.context.participation.includes(self.context.worker_index, round_index)
 
     @abstractmethod
     def local_round(self, round_index: int) -> LocalFigures:
@@ -186,4 +190,15 @@ class Method:
     capabilities: ClassVar[Capabilities] = Capabilities()
     server: ClassVar[type[ServerRole]]
     worker: ClassVar[type[WorkerRole]]
+
+    @classmethod
+    def default_participation(cls, config: RunConfig) -> float:
+        """The share of each task's workers a round takes when `engine.participation` is unset."""
+        return 1.0
+
+    @classmethod
+    def participation(cls, config: RunConfig) -> float:
+        """The run's participation share: `engine.participation`, or the method's default."""
+        share = config.engine.participation
+        return share if share is not None else cls.default_participation(config)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from entgan.algorithms.entgan.server import EntGANServer
 from entgan.algorithms.entgan.worker import EntGANWorker
+from entgan.config import RunConfig
 from entgan.engine.method import Capabilities, Method
 
 
@@ -39,6 +40,12 @@ class EntGAN(Method):
     capabilities = Capabilities(resume=True, privacy=True, warm_start=True, partial_participation=True)
     server = EntGANServer
     worker = EntGANWorker
+
+    @classmethod
+    def default_participation(cls, config: RunConfig) -> float:
+        """Half of each task's workers a round with the server task scheduler on (DESIGN step 4:
+        it chooses whose updates to wait for), every worker with it off."""
+        return 0.5 if config.control.server_scheduler.enabled else 1.0
 
 
 __all__ = ["EntGAN", "EntGANServer", "EntGANWorker"]

@@ -6,7 +6,6 @@ import torch
 
 from entgan.algorithms.aggregation import DiscriminatorLayout, discriminator_update_layouts
 from entgan.control.overlap import OverlapController
-from entgan.control.schedulers import RoundParticipation
 from entgan.engine.method import Role
 from entgan.gan import build_models
 
@@ -19,7 +18,6 @@ class EntGANRole(Role):
         self.layout = DiscriminatorLayout(self.D)
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.overlap = OverlapController(self.config.control.overlap)
-        self.participation = RoundParticipation(self.config.control.server_scheduler, self.config.worker_tasks())
         compression = self.config.control.compression
         # Per-round traffic travels in half precision when compression is on (the start is exact).
         self.wire_dtype: torch.dtype | None = getattr(torch, compression.wire_dtype) if compression.enabled else None
@@ -30,5 +28,6 @@ class EntGANRole(Role):
         return every > 0 and (round_index + 1) % every == 0
 
     def participant_ranks(self, round_index: int) -> list[int]:
-        """Ranks of the workers that train and upload in round `round_index` (server task scheduler)."""
-        return [self.context.rank_of_worker(index) for index in self.participation.workers(round_index)]
+        """Ranks of the workers that train and upload in round `round_index` (the engine's policy,
+        whose default for EntGAN is the server task scheduler's half of each task)."""
+        return self.context.participant_ranks(round_index)

@@ -87,9 +87,6 @@ class EntGANServer(EntGANRole, ServerRole):
         return buffer
 
     # ------------------------------------------------------------------ the round
-    def participants(self, round_index: int) -> list[int]:
-        return self.participant_ranks(round_index)
-
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         """Step 3: D := weighted average of the D_k, accumulated straight into D as they are received.
 

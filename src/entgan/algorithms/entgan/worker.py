@@ -74,9 +74,6 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.incoming_discriminator: Transfer | None = None
 
     # ------------------------------------------------------------------ the round
-    def participates(self, round_index: int) -> bool:
-        return self.participation.includes(self.context.worker_index, round_index)
-
     def local_round(self, round_index: int) -> LocalFigures:
         """Steps 1-2: fakes from G_k, D_k's update, then gossip and the continual-learning update."""
         settle(self.incoming_discriminator)
@@ -183,7 +180,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
     # ------------------------------------------------------------------ non-IID optimizer
     def start_gossip(self, round_index: int) -> tuple[Transfer, torch.Tensor] | None:
         """Exchange: send a snapshot of D_k to a peer among the round's participants, receive the peer's."""
-        partners = self.noniid.partners(round_index, among=self.participation.workers(round_index))
+        partners = self.noniid.partners(round_index, among=self.context.participation.workers(round_index))
         if partners is None:
             return None
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
