@@ -248,7 +248,9 @@ def _result(label: str, group: str = "methods", workers: int = 3, **figures: Any
         server_comm_wait_share=0.25, curve=[(0.5, 400.0), (2.0, 150.0)],
     )
     defaults.update(figures)
-    return RunResult(key=label if group != "memory_sweep" else f"sweep-{label}-k{workers}", group=group,
+    key = label if group != "memory_sweep" else f"sweep-{label}-k{workers}"
+    key = f"{key}-s{figures['seed']}" if "seed" in figures else key
+    return RunResult(key=key, group=group,
                      label=label, algorithm=label, workers=workers, status="ok", **defaults)
 
 

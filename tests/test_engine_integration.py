@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
 def test_run_synchronises_generator_and_completes_run_directory(tmp_path: Path, cache_dir: Path, overlap: bool) -> None:
     # Every worker in every round (participation 1), so every worker ends with the final G.
-    config = tiny_config(control={"overlap": {"enabled": overlap}, "server_scheduler": {"participation": 1.0}})
+    config = tiny_config(control={"overlap": {"enabled": overlap}}, engine={"participation": 1.0, "start_timeout_s": 60, "round_timeout_s": 60})
     run_dir = tmp_path / "run"
 
     summary = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
@@ -71,7 +71,7 @@ def test_run_synchronises_generator_and_completes_run_directory(tmp_path: Path, 
 
 
 def test_discriminator_sync_makes_workers_agree_and_gossip_moves_bytes(tmp_path: Path, cache_dir: Path) -> None:
-    config = tiny_config(rounds=3, aggregation={"sync_every": 1}, control={"server_scheduler": {"participation": 1.0}})
+    config = tiny_config(rounds=3, aggregation={"sync_every": 1}, engine={"participation": 1.0, "start_timeout_s": 60, "round_timeout_s": 60})
     run_dir = tmp_path / "run"
 
     launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
@@ -127,7 +127,7 @@ def test_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_
         rounds=500,
         stop={"time_budget_s": 3.0},
         eval={"every": 1000, "every_seconds": 0.5},
-        control={"server_scheduler": {"participation": 1.0}},  # every worker ends with the final G
+        engine={"participation": 1.0, "start_timeout_s": 60, "round_timeout_s": 60},  # every worker ends with the final G
     )
     run_dir = tmp_path / "run"
 
@@ -152,9 +152,9 @@ def test_time_budget_ends_every_rank_after_the_same_round(tmp_path: Path, cache_
 
 
 def test_compression_halves_the_traffic_and_keeps_workers_in_step(tmp_path: Path, cache_dir: Path) -> None:
-    every_worker = {"server_scheduler": {"participation": 1.0}}  # so every worker ends with the final G
-    plain = launch_local(tiny_config(control=every_worker), tmp_path / "plain", cache_dir=cache_dir, show_progress=False)
-    config = tiny_config(control={**every_worker, "compression": {"enabled": True, "wire_dtype": "float16"}})
+    every_worker = {"participation": 1.0, "start_timeout_s": 60, "round_timeout_s": 60}  # so every worker ends with the final G
+    plain = launch_local(tiny_config(engine=every_worker), tmp_path / "plain", cache_dir=cache_dir, show_progress=False)
+    config = tiny_config(engine=every_worker, control={"compression": {"enabled": True, "wire_dtype": "float16"}})
 
     compressed = launch_local(config, tmp_path / "half", cache_dir=cache_dir, show_progress=False)
 

@@ -273,6 +273,11 @@ class EngineConfig(_Strict):
     client fraction C; a server that waits for a subset of its workers). Unset: the method's own
     default (`Method.default_participation`: every worker, except EntGAN with its server task
     scheduler on, which takes half)."""
+    live_tensors: bool = False
+    """Count what each role's memory is made of (`metrics.live_tensors`): parameters, gradients,
+    buffers, optimizer state and other held tensors at the end, and the peak of the activations
+    autograd held for backward over the rounds (a hook per saved tensor; off, nothing is counted).
+    In `summary.json` (`server_live_tensors`) and the workers' digests (`live_tensors`)."""
     timeline: bool = False
     """Record every rank's timeline (compute per phase as thread CPU time, every transfer's size,
     peers, post and completion) to `timeline/rank-K.jsonl`, for the edge clock (`entgan edge-clock`,

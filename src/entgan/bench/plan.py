@@ -101,6 +101,7 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
                 for count, tasks in tasks_at.items():
                     key = f"sweep-{label}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
                     data = {**row_base, "name": f"{bench.name}-{key}", "rounds": sweep.rounds, "tasks": tasks}
+                    data["engine"] = {**data["engine"], "live_tensors": True}  # what the memory is made of
                     runs.append(PlannedRun(key, "memory_sweep", label, _validated(data, key)))
     return runs
 

@@ -233,6 +233,9 @@ def _sweep_cell(runs: Sequence[RunResult]) -> dict[str, Any]:
         "server_peak_rss_bytes": _median([run.server_peak_rss_bytes for run in runs]) if ok else None,
         "server_rss_increase_bytes": _median([run.server_rss_increase_bytes for run in runs]) if ok else None,
         "server_hwm_increase_bytes": _median([run.server_hwm_increase_bytes for run in runs]) if ok else None,
+        "workers_peak_increase_bytes": _median([run.workers_peak_increase_bytes for run in runs]) if ok else None,
+        # Counted from the tensors, the same in every repeat (the first repeat's table).
+        "server_live_tensors": runs[0].server_live_tensors if ok else None,
         "error": next((run.error for run in runs if not run.ok), None),
         "runs": [
             {
@@ -241,6 +244,7 @@ def _sweep_cell(runs: Sequence[RunResult]) -> dict[str, Any]:
                 "server_peak_rss_bytes": run.server_peak_rss_bytes,
                 "server_rss_increase_bytes": run.server_rss_increase_bytes,
                 "server_hwm_increase_bytes": run.server_hwm_increase_bytes,
+                "workers_peak_increase_bytes": run.workers_peak_increase_bytes,
             }
             for run in runs
         ],
@@ -495,6 +499,22 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
         lines += ["", "The kernel's high-water mark (VmHWM, reset after warm-up and after each evaluation) over "
                   "the idle runtime, MiB: it cannot miss a peak shorter than the sampling interval:", ""]
         lines += _table(["method", *(f"K={count}" for count in counts)], high_water_marks)
+    workers_peaks = [
+        [method, *(_mib(cells[count].get("workers_peak_increase_bytes")) if count in cells else "–" for count in counts)]
+        for method, cells in sweep["by_method"].items()
+    ]
+    if any(cell != "–" for row in workers_peaks for cell in row[1:]):
+        lines += ["", "The largest worker's high-water mark over its runtime with its shard loaded, MiB:", ""]
+        lines += _table(["method", *(f"K={count}" for count in counts)], workers_peaks)
+    live = [
+        [method, *(_live_cell(cells[count].get("server_live_tensors")) if count in cells else "–" for count in counts)]
+        for method, cells in sweep["by_method"].items()
+    ]
+    if any(cell != "–" for row in live for cell in row[1:]):
+        lines += ["", "What the server's tensors are (counted from them, `engine.live_tensors`), MiB: parameters + "
+                  "gradients + optimizer state + other held tensors (receive buffers, sums), then the peak of the "
+                  "activations autograd held for backward:", ""]
+        lines += _table(["method", *(f"K={count}" for count in counts)], live)
     if sweep["reference_ratios"]:
         ref = sweep["reference"]
         lines += ["", f"`{ref}`'s increase divided by the method's at the same K (below 1: `{ref}` needs less):", ""]
@@ -504,6 +524,13 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
              for method, ratios in sweep["reference_ratios"].items()],
         )
     return [*lines, ""]
+
+
+def _live_cell(table: dict[str, int] | None) -> str:
+    if not table:
+        return "–"
+    parts = [table.get(kind, 0) / MIB for kind in ("parameters", "gradients", "optimizer_state", "other_tensors")]
+    return " + ".join(f"{part:.2f}" for part in parts) + f"; act. {table.get('peak_saved_activations', 0) / MIB:.2f}"
 
 
 def _workload_lines(bench: BenchConfig) -> list[str]:

@@ -182,6 +182,8 @@ class RunResult:
     """The server's kernel high-water mark over the idle runtime (never misses a short peak)."""
     workers_peak_increase_bytes: int | None = None
     """The largest worker high-water mark over that worker's runtime with its shard loaded."""
+    server_live_tensors: dict[str, int] | None = None
+    """What the server's tensors are, per kind (`metrics.live_tensors`; runs with `engine.live_tensors`)."""
     server_bytes_sent: float | None = None
     server_bytes_received: float | None = None
     workers_bytes_sent: float | None = None
@@ -271,6 +273,7 @@ def read_run(
         server_rss_increase_bytes=summary.get("server_rss_increase_bytes"),
         server_hwm_increase_bytes=summary.get("server_hwm_increase_bytes"),
         workers_peak_increase_bytes=_workers_peak(run_dir),
+        server_live_tensors=summary.get("server_live_tensors"),
         server_bytes_sent=summary.get("server/bytes_sent"),
         server_bytes_received=summary.get("server/bytes_received"),
         workers_bytes_sent=workers_sent,

@@ -13,6 +13,7 @@ import json
 import math
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ from tqdm import tqdm
 from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.method import Method, ServerRole, WorkerRole
+from entgan.engine.method import Method, Role, ServerRole, WorkerRole
 from entgan.engine.rounds import ServerRounds, WorkerRounds, phase_marker
 from entgan.engine.timeline import CLOCK_START, HARNESS, ROUND_END
 from entgan.engine.transport import Transfer
 from entgan.gan import adam
 from entgan.metrics import PeakRSSMonitor, QualityEvaluator, current_rss_bytes
+from entgan.metrics.live_tensors import SavedActivations, role_tensor_bytes
 from entgan.metrics.probes import high_water_mark_bytes, reset_high_water_mark
 from entgan.metrics.classifier import DomainClassifier
 from entgan.models import build_discriminator, build_generator
@@ -238,9 +240,11 @@ def serve(
     progress = tqdm(
         total=config.rounds, initial=first_round, desc=f"{config.name} [{method.name}]", disable=not show_progress
     )
+    activations = SavedActivations() if config.engine.live_tensors else None
     for round_number in range(first_round + 1, config.rounds + 1):
         round_started = time.perf_counter()
-        method_row = rounds.run(round_number - 1)
+        with activations.measure() if activations is not None else nullcontext():
+            method_row = rounds.run(round_number - 1)
         round_seconds = time.perf_counter() - round_started
         if timeline is not None:
             timeline.mark(ROUND_END, round_number)
@@ -336,6 +340,7 @@ def serve(
         "final_eval": _eval_fields(rows[-1]),
         **{f"server/{key}": value for key, value in counters.as_dict().items()},
         "generator_sum": float(sum(t.double().sum() for t in server.generator.state_dict().values())),
+        **_live_tensor_fields(server, activations, "server_live_tensors"),
     }
     run_dir.write_json("summary.json", summary)
     if timeline is not None:
@@ -414,8 +419,10 @@ def work(context: RunContext, method: type[Method]) -> None:
     if "meter" in engine_state:
         rounds.meter.load_state_dict(engine_state["meter"])
     control = RoundControl(context)
+    activations = SavedActivations() if config.engine.live_tensors else None
     for round_index in range(first_round, config.rounds):
-        rounds.run(round_index)
+        with activations.measure() if activations is not None else nullcontext():
+            rounds.run(round_index)
         # Read before the checkpoint, so that it holds every message up to it (see `RoundControl`).
         phase("control", round_index)
         stop = control.should_stop(round_index)
@@ -438,12 +445,20 @@ def work(context: RunContext, method: type[Method]) -> None:
         **rounds.meter.setup_bytes,
         **rounds.meter.unreported(),
         **_worker_memory(baseline_memory),
+        **_live_tensor_fields(worker, activations, "live_tensors"),
     }
     path = run_dir.workers / f"rank-{context.rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)  # under torchrun, a worker's machine has its own copy
     path.write_text(json.dumps(digest, indent=2, sort_keys=True))
     if timeline is not None:
         timeline.flush()
+
+
+def _live_tensor_fields(role: Role, activations: SavedActivations | None, key: str) -> dict[str, dict[str, int]]:
+    """The role's live-tensor table under `key`, when `engine.live_tensors` is on."""
+    if activations is None:
+        return {}
+    return {key: {**role_tensor_bytes(role), "peak_saved_activations": activations.peak_bytes}}
 
 
 def _worker_memory(baseline: int) -> dict[str, int]:

@@ -57,13 +57,16 @@ class _LinearAddingGradientsInPlace(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, inputs: torch.Tensor, weight: nn.Parameter, bias: nn.Parameter | None
     ) -> torch.Tensor:
-        ctx.save_for_backward(inputs, weight)
-        ctx.bias = bias
+        ctx.save_for_backward(inputs)
+        # The layer's own parameters, kept as they are: the backward adds into their bound `.grad`,
+        # which a saved copy (e.g. under saved-tensor hooks) would not carry.
+        ctx.weight, ctx.bias = weight, bias
         return torch.nn.functional.linear(inputs, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:  # type: ignore[override]
-        inputs, weight = ctx.saved_tensors
+        (inputs,) = ctx.saved_tensors
+        weight = ctx.weight
         flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
         weight.grad.addmm_(flat_grad.t(), inputs.reshape(-1, inputs.shape[-1]))
         if ctx.bias is not None:
