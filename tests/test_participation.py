@@ -49,3 +49,34 @@ def test_a_method_that_needs_every_worker_refuses_partial_participation() -> Non
 
     with pytest.raises(ConfigError, match="engine.participation: algorithm 'central' cannot leave workers out"):
         check_capabilities(config, method_class("central"))
+
+
+def test_workers_wait_while_the_server_evaluates(tmp_path: Path, cache_dir: Path) -> None:
+    # Evaluated every round: each round's G is evaluated before it goes down, so a worker's next
+    # round cannot start training before the evaluation is over (it waits for that G).
+    from entgan.engine.timeline import HARNESS, read_timeline
+
+    config = tiny_config(algorithm="flgan", rounds=3, eval={"every": 1}, engine={"timeline": True})
+    run_dir = tmp_path / "run"
+
+    launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+
+    _, server = read_timeline(run_dir / "timeline" / "rank-0.jsonl")
+    phases = [(record[3], record[4], record[1]) for record in server if record[0] == "phase"]
+    evaluations_end = {}
+    for (name, round_index, _), (next_name, next_round, wall) in zip(phases, phases[1:]):
+        if name == HARNESS and round_index >= 0 and next_name == "send_down":
+            evaluations_end[round_index] = wall  # the evaluation ends where the send starts
+    assert sorted(evaluations_end) == [0, 1, 2]
+    order = [name for name, round_index, _ in phases if round_index == 1]
+    assert order.index("train_global") < order.index(HARNESS) < order.index("send_down")
+    for rank in (1, 2, 3):
+        _, records = read_timeline(run_dir / "timeline" / f"rank-{rank}.jsonl")
+        current = None
+        for record in records:
+            if record[0] == "phase":
+                current = (record[3], record[4])
+            elif record[0] == "wait" and current in (("local_round", 1), ("local_round", 2)):
+                # The first wait of the round is for the server's G: it ends after the evaluation.
+                assert record[4] >= evaluations_end[current[1] - 1], (rank, current)
+                current = None

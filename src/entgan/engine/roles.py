@@ -139,7 +139,8 @@ class RoundControl:
     """The server tells the workers, one round late, whether the run goes on.
 
     Workers must not wait for the server's decision about round r before starting round r+1 (that
-    would serialise evaluation into their path and undo the overlap of every method), so the server
+    would serialise logging and checkpoints into their path and undo the overlap of every method;
+    evaluation already happens before round r's models go down, `serve`), so the server
     announces its decision after round r and a worker reads it after finishing round r+1. A stop
     decided after round r therefore ends the run after round r+1, on every rank alike.
 
@@ -197,7 +198,12 @@ class Clock:
 def serve(
     context: RunContext, method: type[Method], classifier: DomainClassifier, show_progress: bool = True
 ) -> dict[str, Any]:
-    """Rank 0: set up (or resume), run every round, evaluate, log, checkpoint; return the summary."""
+    """Rank 0: set up (or resume), run every round, evaluate, log, checkpoint; return the summary.
+
+    A round due for evaluation is evaluated once its global models are final and before they go
+    down (`ServerRounds.run`'s `before_send_down`): the workers, waiting for those models or for
+    the next round's fakes, pause meanwhile, so no method's workers train for free while the
+    server evaluates (the training clock leaves evaluation out)."""
     config = context.config
     run_dir = RunDirectory(context.run_dir)
     timeline = context.transport.timeline
@@ -243,14 +249,35 @@ def serve(
     activations = SavedActivations() if config.engine.live_tensors else None
     for round_number in range(first_round + 1, config.rounds + 1):
         round_started = time.perf_counter()
+        is_last = ending or round_number == config.rounds
+        evaluated: dict[str, Any] = {}
+
+        def evaluate_if_due() -> None:
+            """Evaluate G of this round before it goes down (workers wait for it meanwhile), where
+            the round's schedule says so; booked as harness, out of the training clock."""
+            at = clock.train_s()
+            every_seconds = config.eval.every_seconds
+            if not (
+                is_last
+                or is_eval_round(round_number, config.eval.every, config.rounds)
+                or (every_seconds is not None and at - clock.last_eval_s >= every_seconds)
+            ):
+                return
+            started = time.perf_counter()
+            phase(HARNESS, round_number - 1)
+            with memory.paused():
+                evaluated["quality"], evaluated["grids"] = evaluation.run(server, run_dir, round_number)
+            clock.last_eval_s = at
+            evaluated["seconds"] = time.perf_counter() - started
+            clock.harness_s += evaluated["seconds"]
+
         with activations.measure() if activations is not None else nullcontext():
-            method_row = rounds.run(round_number - 1)
-        round_seconds = time.perf_counter() - round_started
+            method_row = rounds.run(round_number - 1, before_send_down=evaluate_if_due)
+        round_seconds = time.perf_counter() - round_started - evaluated.get("seconds", 0.0)
         if timeline is not None:
             timeline.mark(ROUND_END, round_number)
             timeline.phase(HARNESS, round_number - 1)
         train_clock = clock.train_s()
-        is_last = ending or round_number == config.rounds
         row: dict[str, Any] = {
             "round": round_number,
             "round_s": round_seconds,
@@ -266,18 +293,11 @@ def serve(
             **method_row,
         }
         harness_started = time.perf_counter()
-        with memory.paused():  # evaluation, logging and checkpoints are the harness, not the method
-            grids: dict[str, torch.Tensor] = {}
-            every_seconds = config.eval.every_seconds
-            if (
-                is_last
-                or is_eval_round(round_number, config.eval.every, config.rounds)
-                or (every_seconds is not None and train_clock - clock.last_eval_s >= every_seconds)
-            ):
-                quality, grids = evaluation.run(server, run_dir, round_number)
-                row.update(quality)
-                latest = {key: value for key, value in quality.items() if key.startswith("fid/")}
-                clock.last_eval_s = train_clock
+        with memory.paused():  # logging and checkpoints are the harness, not the method
+            grids: dict[str, torch.Tensor] = evaluated.get("grids", {})
+            if "quality" in evaluated:
+                row.update(evaluated["quality"])
+                latest = {key: value for key, value in evaluated["quality"].items() if key.startswith("fid/")}
             run_dir.append_metrics(row)  # before the checkpoint: a checkpoint's round is always logged
             tracker.log_round(row, grids)
             rows.append(row)

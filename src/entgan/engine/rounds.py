@@ -48,8 +48,12 @@ class ServerRounds:
             for position, kind in enumerate(kinds)
         ]
 
-    def run(self, round_index: int) -> dict[str, float]:
-        """One round on the server; returns its row (before the engine's time and memory fields)."""
+    def run(self, round_index: int, before_send_down: Callable[[], None] | None = None) -> dict[str, float]:
+        """One round on the server; returns its row (before the engine's time and memory fields).
+
+        `before_send_down` runs once the global models are final and before they go down: the
+        engine evaluates there, so that workers waiting for the next round's models (or fakes)
+        do not train on while the server evaluates."""
         server = self.server
         phase = phase_marker(self.context.transport.timeline)
         phase("open_round", round_index)
@@ -73,6 +77,8 @@ class ServerRounds:
             figures.update(zip(kind.figures, means.means(), strict=True))
         phase("train_global", round_index)
         row = server.train_global(round_index)
+        if before_send_down is not None:
+            before_send_down()
         phase("send_down", round_index)
         server.send_down(round_index, server.participants(round_index + 1))
         if not kinds:

@@ -115,15 +115,15 @@ class EntGANServer(EntGANRole, ServerRole):
         settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
         g_loss, realness = self.train_generator(steps)
         self.feedback = GeneratorFeedback(fake_realness=realness)
+        if self.generator_average is not None:  # the run's generator, evaluated before G goes down
+            self.generator_average.update(self.G)
         return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness}
 
     def send_down(self, round_index: int, participants: list[int]) -> None:
         """G goes to the next round's participants layer by layer; the overlap controller decides
-        when to wait. The moving average only reads G, so it is updated while G is on its way."""
+        when to wait."""
         transfer = self.transport.send_to_many(model_tensors(self.G), participants, "generator", self.wire_dtype)
         self.generator_in_flight = self.overlap.outgoing(transfer)
-        if self.generator_average is not None:
-            self.generator_average.update(self.G)
 
     # ------------------------------------------------------------------ G steps
     def train_generator(self, steps: int) -> tuple[float, float]:
