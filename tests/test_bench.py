@@ -126,7 +126,7 @@ def test_only_selects_rows_and_rejects_unknown_names() -> None:
         ({"methods": ["entgan", "gan-of-theseus"]}, "methods.1: Input should be 'entgan'"),
         ({"target_fid": -1}, "target_fid: Input should be greater than 0"),
         ({"time_budget_s": None}, "time_budget_s: Input should be a valid number"),
-        ({"methods": [], "ablations": []}, "at least one entry in methods or ablations"),
+        ({"methods": [], "ablations": []}, "at least one entry in methods or ablations, or a memory_sweep"),
         ({"ablations": [{"name": "entgan"}]}, "duplicated: ['entgan']"),
         ({"ablations": [{"name": "x", "overrides": {"control.worker_schedler.enabled": False}}]},
          "ablations.0.overrides: control.worker_schedler: unknown field"),

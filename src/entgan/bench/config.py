@@ -195,8 +195,8 @@ class BenchConfig(_Strict):
 
     @model_validator(mode="after")
     def _runs_and_stop_consistent(self) -> BenchConfig:
-        if not self.methods and not self.ablations:
-            raise ValueError("a bench needs at least one entry in methods or ablations")
+        if not self.methods and not self.ablations and self.memory_sweep is None:
+            raise ValueError("a bench needs at least one entry in methods or ablations, or a memory_sweep")
         if self.tuning is not None:
             overlap = sorted(set(self.tuning.seeds) & set(self.seeds))
             if overlap:

@@ -97,7 +97,7 @@ def plan_runs(bench: BenchConfig, only: Collection[str] | None = None, with_swee
         variants = {variant.name: variant_config_data(bench.base, variant) for variant in sweep.variants}
         for repeat in range(sweep.repeats):
             for label in filter(wanted, bench.swept_methods()):
-                row_base = variants.get(label, {**base, "algorithm": label})
+                row_base = variants.get(label) or method_config_data(bench, label)
                 for count, tasks in tasks_at.items():
                     key = f"sweep-{label}-k{count}" + (f"-r{repeat + 1}" if sweep.repeats > 1 else "")
                     data = {**row_base, "name": f"{bench.name}-{key}", "rounds": sweep.rounds, "tasks": tasks}
