@@ -38,11 +38,16 @@ def add_bench_command(subparsers: Any) -> argparse.ArgumentParser:
         help="smoke run: 15 s budget per run, 3 rounds per sweep run; checks the bench, measures nothing",
     )
     bench.add_argument("--no-sweep", action="store_true", help="skip the server-memory sweep")
-    bench.add_argument("--resume", action="store_true", help="keep finished runs of an earlier invocation")
-    bench.add_argument("--overwrite", action="store_true", help="replace an existing bench output folder")
-    bench.add_argument("--cache-dir", help="domain-classifier cache (default: ENTGAN_CACHE_DIR or ~/.cache/entgan)")
+    _add_output_arguments(bench)
     bench.set_defaults(handler=_command_bench)
     return bench
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `bench` and `tune` share: reuse or replace an output folder, and the classifier cache."""
+    parser.add_argument("--resume", action="store_true", help="keep finished runs of an earlier invocation")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--cache-dir", help="domain-classifier cache (default: ENTGAN_CACHE_DIR or ~/.cache/entgan)")
 
 
 def _command_bench(args: argparse.Namespace) -> int:
@@ -107,9 +112,7 @@ def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
     tune.add_argument("--write", required=True, metavar="FILE", help="tuned file to write (e.g. benchmarks/tuned.yaml)")
     tune.add_argument("--methods", help="comma-separated methods to tune; default: all of the grid's")
     tune.add_argument("--quick", action="store_true", help="smoke run: 15 s budgets; checks the tuning, chooses nothing meaningful")
-    tune.add_argument("--resume", action="store_true", help="keep finished runs of an earlier invocation")
-    tune.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    tune.add_argument("--cache-dir", help="domain-classifier cache (default: ENTGAN_CACHE_DIR or ~/.cache/entgan)")
+    _add_output_arguments(tune)
     tune.set_defaults(handler=_command_tune)
     return tune
 

@@ -491,30 +491,21 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
                 row.append(text)
         rows.append(row)
     lines += _table(["method", *(f"K={count}" for count in counts)], rows)
-    high_water_marks = [
-        [method, *(_mib(cells[count].get("server_hwm_increase_bytes")) if count in cells else "–" for count in counts)]
-        for method, cells in sweep["by_method"].items()
-    ]
-    if any(cell != "–" for row in high_water_marks for cell in row[1:]):
-        lines += ["", "The kernel's high-water mark (VmHWM, reset after warm-up and after each evaluation) over "
-                  "the idle runtime, MiB: it cannot miss a peak shorter than the sampling interval:", ""]
-        lines += _table(["method", *(f"K={count}" for count in counts)], high_water_marks)
-    workers_peaks = [
-        [method, *(_mib(cells[count].get("workers_peak_increase_bytes")) if count in cells else "–" for count in counts)]
-        for method, cells in sweep["by_method"].items()
-    ]
-    if any(cell != "–" for row in workers_peaks for cell in row[1:]):
-        lines += ["", "The largest worker's high-water mark over its runtime with its shard loaded, MiB:", ""]
-        lines += _table(["method", *(f"K={count}" for count in counts)], workers_peaks)
-    live = [
-        [method, *(_live_cell(cells[count].get("server_live_tensors")) if count in cells else "–" for count in counts)]
-        for method, cells in sweep["by_method"].items()
-    ]
-    if any(cell != "–" for row in live for cell in row[1:]):
-        lines += ["", "What the server's tensors are (counted from them, `engine.live_tensors`), MiB: parameters + "
-                  "gradients + optimizer state + other held tensors (receive buffers, sums), then the peak of the "
-                  "activations autograd held for backward:", ""]
-        lines += _table(["method", *(f"K={count}" for count in counts)], live)
+    lines += _sweep_figure_table(
+        sweep, counts, lambda cell: _mib(cell.get("server_hwm_increase_bytes")),
+        "The kernel's high-water mark (VmHWM, reset after warm-up and after each evaluation) over the idle runtime, "
+        "MiB: it cannot miss a peak shorter than the sampling interval:",
+    )
+    lines += _sweep_figure_table(
+        sweep, counts, lambda cell: _mib(cell.get("workers_peak_increase_bytes")),
+        "The largest worker's high-water mark over its runtime with its shard loaded, MiB:",
+    )
+    lines += _sweep_figure_table(
+        sweep, counts, lambda cell: _live_cell(cell.get("server_live_tensors")),
+        "What the server's tensors are (counted from them, `engine.live_tensors`), MiB: parameters + gradients + "
+        "optimizer state + other held tensors (receive buffers, sums), then the peak of the activations autograd "
+        "held for backward:",
+    )
     if sweep["reference_ratios"]:
         ref = sweep["reference"]
         lines += ["", f"`{ref}`'s increase divided by the method's at the same K (below 1: `{ref}` needs less):", ""]
@@ -524,6 +515,19 @@ def _sweep_section(sweep: dict[str, Any]) -> list[str]:
              for method, ratios in sweep["reference_ratios"].items()],
         )
     return [*lines, ""]
+
+
+def _sweep_figure_table(
+    sweep: dict[str, Any], counts: list[str], render: Callable[[dict[str, Any]], str], caption: str
+) -> list[str]:
+    """One figure of the sweep's cells as a method x K table under `caption` (nothing if no cell has it)."""
+    rows = [
+        [method, *(render(cells[count]) if count in cells else "–" for count in counts)]
+        for method, cells in sweep["by_method"].items()
+    ]
+    if all(cell == "–" for row in rows for cell in row[1:]):
+        return []
+    return ["", caption, "", *_table(["method", *(f"K={count}" for count in counts)], rows)]
 
 
 def _live_cell(table: dict[str, int] | None) -> str:
