@@ -46,6 +46,13 @@ users upload D_k (trunk + own task's head) every round and the server keeps the 
                     (j mod n_t)-th of task t's n_t users: G meets each discriminator in turn
                 send G to every user
 
+Carried to several tasks (the paper has one): a user trains only its own task's head of the
+shared multi-head D; approach 1 moves the trunk by the mean over every user that uploaded an entry
+and a head's entries over that task's users only; approaches 2 and 3 route each generated sample
+to the discriminators of its task's users (`TaskRoutedCritic`), averaging their outputs (2) or
+taking them in turn (3). With the engine's participation below 1 (`engine.participation`) a round
+hears from its users only; approaches 2 and 3 keep the latest D_k of the others.
+
 Where the discriminators' outputs are computed: at the server, which holds the K uploaded
 discriminators. This is how we read the paper's set-up (a cloud server with the computing power
 trains the generator; users keep only their data and their discriminator), and it keeps the
