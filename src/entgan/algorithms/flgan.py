@@ -28,7 +28,9 @@ generates and discriminates only its own task t_k, so G's embedding row for anot
 unchanged by k's steps and is pulled back towards its previous value by k's weight in the average
 (FedAvg of the whole G, as the paper averages whole models); D's heads follow EntGAN's rule
 (`DiscriminatorAverager`), so a head is never diluted by workers that never train it. Optimizer
-states stay on the workers and are not averaged: FedGAN averages parameters only.
+states stay on the workers and are not averaged: FedGAN averages parameters only. With the engine's
+participation below 1 (`engine.participation`, FedAvg's client fraction C) a round averages the
+models of its workers, and a worker that sat out receives the averages when it is next due.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ Choices where the paper leaves room or the multi-task setting asks for one:
   for its task another task's worker never trained). The whole D moves (trunk and heads); each
   worker keeps its own Adam state, as the paper swaps parameters only. A task's only worker has no
   one to swap with and keeps its D.
+- With the engine's participation below 1 (`engine.participation`; the paper's server may wait
+  for a subset of workers), a round's batches are dealt to its workers only (k_t from their
+  number) and only they swap, among themselves.
 - Epochs count real samples drawn; shards may differ in size, so the period is computed once by
   the server from the mean shard (the paper's shards are equal) and every worker swaps together.
 - Losses are the project's shared non-saturating GAN losses (the same for every method).
