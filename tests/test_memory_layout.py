@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from entgan.gan import adam, balanced_tasks, build_models, generator_loss
-from entgan.algorithms.entgan.server import add_generator_gradients
-from entgan.config import OptimizerConfig
-from entgan.gan.memory_layout import bind_gradients, linear_gradients_in_place
+from entgan.config import MemoryLayoutConfig, OptimizerConfig
+from entgan.gan.feedback import FakesAwaitingFeedback
+from entgan.gan.memory_layout import GeneratorGradients, bind_gradients, linear_gradients_in_place
 from entgan.engine.parameters import numel
 from entgan.engine.transport import Transport
 from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
@@ -68,8 +68,8 @@ def test_in_place_microbatch_gradients_equal_one_whole_batch_pass(microbatch: in
     tasks = balanced_tasks(12, 2, torch.device("cpu"))
     expected = _whole_batch_gradients(reference, discriminator, latents, tasks)
 
-    bind_gradients(generator.parameters(), torch.zeros(numel(list(generator.parameters()))))
-    loss, _ = add_generator_gradients(generator, discriminator, latents, tasks, microbatch, in_place=True)
+    gradients = GeneratorGradients(generator, MemoryLayoutConfig(), torch.device("cpu"))
+    loss, _ = gradients.add_loss_gradients(discriminator, latents, tasks, microbatch)
 
     whole_loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
     assert loss == pytest.approx(whole_loss.item(), rel=1e-5)
@@ -87,14 +87,44 @@ def test_in_place_gradients_add_to_what_is_there_and_adam_steps_alike() -> None:
     for _ in range(2):
         loss, _ = generator_loss(discriminator, reference(latents, tasks), tasks)
         loss.backward()
-    bind_gradients(generator.parameters(), torch.zeros(numel(list(generator.parameters()))))
+    gradients = GeneratorGradients(generator, MemoryLayoutConfig(), torch.device("cpu"))
     for _ in range(2):
-        add_generator_gradients(generator, discriminator, latents, tasks, 4, in_place=True)
+        gradients.add_loss_gradients(discriminator, latents, tasks, 4)
     optimizer_config = OptimizerConfig()
     adam(generator.parameters(), 1e-3, optimizer_config).step()
     adam(reference.parameters(), 1e-3, optimizer_config).step()
     for parameter, expected in zip(generator.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(parameter, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("graphs", ["held", "recomputed"])
+def test_feedback_back_propagated_into_bound_gradients_equals_autograds(graphs: str) -> None:
+    """MD-GAN's and DANCE's servers: F . dX/dw added into G's bound buffer, in place, is the
+    gradient autograd computes on its own."""
+    generator, _ = _models()
+    reference = copy.deepcopy(generator)
+    latents = generator.sample_latent(6)
+    tasks = balanced_tasks(6, 2, torch.device("cpu"))
+    feedback = torch.randn(6, *reference(latents, tasks).shape[1:])
+    reference(latents, tasks).backward(feedback)
+
+    gradients = GeneratorGradients(generator, MemoryLayoutConfig(), torch.device("cpu"))
+    optimizer = adam(generator.parameters(), 1e-3, OptimizerConfig())
+    gradients.zero(optimizer)
+    FakesAwaitingFeedback(generator, latents, tasks, graphs, gradients.forward).backpropagate(feedback)
+
+    assert gradients.buffer is not None
+    for parameter, expected in zip(generator.parameters(), reference.parameters(), strict=True):
+        assert parameter.grad.untyped_storage().data_ptr() == gradients.buffer.untyped_storage().data_ptr()
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_layout_off_leaves_gradients_to_autograd_and_a_step_to_one_pass() -> None:
+    generator, _ = _models()
+    gradients = GeneratorGradients(generator, MemoryLayoutConfig(enabled=False), torch.device("cpu"))
+    assert gradients.buffer is None and not gradients.in_place
+    assert gradients.microbatch(64, 64) == 64
+    assert GeneratorGradients(generator, MemoryLayoutConfig(), torch.device("cpu")).microbatch(64, 64) == 16
 
 
 def test_linear_layer_of_any_input_rank_and_without_bias() -> None:
@@ -163,3 +193,28 @@ def test_uploads_land_in_the_given_storage_in_their_wire_precision(tmp_path: Pat
         {"accepted": True, "in_storage": True, "values": expected},  # float32
         {"accepted": True, "in_storage": True, "values": expected},  # float16, viewed in the same bytes
     ]
+
+
+# ------------------------------------------------------------------ every server that trains G
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["ren-serial", "dgan-3", "mdgan", "acgan-dance", "central"])
+def test_every_server_that_trains_g_keeps_its_gradients_in_one_buffer(
+    algorithm: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """The memory layout is the engine's, not EntGAN's: the live-tensor table of each such server
+    shows G's gradients as one buffer of G's size after the run (autograd's would be freed)."""
+    from entgan.engine.launch import launch_local
+    from entgan.models import build_generator
+
+    config = tiny_config(algorithm=algorithm, rounds=2, engine={"live_tensors": True})
+    generator_bytes = 4 * numel(list(build_generator(config.model, config.image_shape, len(config.tasks)).parameters()))
+
+    summary = launch_local(config, tmp_path / "on", cache_dir=cache_dir, show_progress=False)
+    off = launch_local(
+        tiny_config(algorithm=algorithm, rounds=2, engine={"live_tensors": True, "memory_layout": {"enabled": False}}),
+        tmp_path / "off", cache_dir=cache_dir, show_progress=False,
+    )
+
+    # Central's server also trains D, whose gradients autograd keeps either way.
+    assert summary["server_live_tensors"]["gradients"] - off["server_live_tensors"]["gradients"] == generator_bytes
+    assert summary["server_live_tensors"]["peak_saved_activations"] > 0

@@ -198,7 +198,9 @@ class CompressionConfig(_Strict):
 
 
 class MemoryLayoutConfig(_Strict):
-    """How the server lays out its work in memory (`engine.memory_layout`)."""
+    """How a server that trains G lays out its work in memory (`engine.memory_layout`,
+    `gan.memory_layout.GeneratorGradients`): engine mechanics for every method whose server trains
+    G (EntGAN, Ren, Distributed-GAN, MD-GAN, DANCE), not one method's contribution."""
 
     enabled: bool = True
     """On: G's gradients live in one buffer, allocated once, that also receives the upload being
@@ -230,7 +232,6 @@ class ControlConfig(_Strict):
     noniid: NonIIDConfig = NonIIDConfig()
     overlap: OverlapConfig = OverlapConfig()
     compression: CompressionConfig = CompressionConfig()
-    memory: MemoryLayoutConfig = MemoryLayoutConfig()
     generator_average: GeneratorAverageConfig = GeneratorAverageConfig()
 
 
@@ -273,6 +274,7 @@ class EngineConfig(_Strict):
     client fraction C; a server that waits for a subset of its workers). Unset: the method's own
     default (`Method.default_participation`: every worker, except EntGAN with its server task
     scheduler on, which takes half)."""
+    memory_layout: MemoryLayoutConfig = MemoryLayoutConfig()
     live_tensors: bool = False
     """Count what each role's memory is made of (`metrics.live_tensors`): parameters, gradients,
     buffers, optimizer state and other held tensors at the end, and the peak of the activations
@@ -458,23 +460,33 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _participation_moved(cls, data: Any) -> Any:
-        """Configurations written before participation became an engine policy (run directories,
-        knowledge bases) carry `control.server_scheduler.participation`, which only EntGAN with its
-        server task scheduler on obeyed: it becomes `engine.participation` there and is dropped
-        elsewhere, so an old run resumes as it ran."""
-        if not isinstance(data, dict):
+    def _moved_to_the_engine(cls, data: Any) -> Any:
+        """Configurations written before participation and the memory layout became engine policy
+        (run directories, knowledge bases) carry them under EntGAN's `control`:
+        `control.server_scheduler.participation`, which only EntGAN with its server task scheduler
+        on obeyed, becomes `engine.participation` there and is dropped elsewhere, so an old run
+        resumes as it ran; `control.memory` becomes `engine.memory_layout`."""
+        if not isinstance(data, dict) or not isinstance(data.get("control"), dict):
             return data
-        scheduler = (data.get("control") or {}).get("server_scheduler")
-        if not (isinstance(scheduler, dict) and "participation" in scheduler):
+        control = data["control"]
+        scheduler = control.get("server_scheduler")
+        moves_participation = isinstance(scheduler, dict) and "participation" in scheduler
+        if not moves_participation and "memory" not in control:
             return data
         data = copy.deepcopy(data)
-        scheduler = data["control"]["server_scheduler"]
-        share = scheduler.pop("participation")
-        if data.get("algorithm", "entgan") == "entgan" and scheduler.get("enabled", True):
-            engine = data.get("engine") or {}
-            if isinstance(engine, dict) and engine.get("participation") is None:
-                data["engine"] = {**engine, "participation": share}
+        control = data["control"]
+        engine = data.get("engine") or {}
+        if not isinstance(engine, dict):
+            return data
+        if "memory" in control:
+            engine.setdefault("memory_layout", control.pop("memory"))
+        if moves_participation:
+            scheduler = control["server_scheduler"]
+            share = scheduler.pop("participation")
+            entgan_scheduler_on = data.get("algorithm", "entgan") == "entgan" and scheduler.get("enabled", True)
+            if entgan_scheduler_on and engine.get("participation") is None:
+                engine["participation"] = share
+        data["engine"] = engine
         return data
 
     @model_validator(mode="after")

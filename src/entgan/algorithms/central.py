@@ -31,6 +31,7 @@ from entgan.data.tasks import TaskData
 from entgan.engine.context import SeedPurpose
 from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, WorkerRole
 from entgan.gan import RealBatches, adam, balanced_tasks, build_models
+from entgan.gan.memory_layout import GeneratorGradients
 from entgan.models.generator import Generator
 
 
@@ -81,6 +82,7 @@ class CentralServer(ServerRole):
         torch.manual_seed(config.seed)  # the same initial G and D as every other method
         self.G, self.D = build_models(config, device)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
+        self.gradients = GeneratorGradients(self.G, config.engine.memory_layout, device)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
         self.steps = StepsPerRound.from_config(config)
         self.real = PooledBatches(
@@ -102,7 +104,8 @@ class CentralServer(ServerRole):
         )
         self.D.requires_grad_(False)  # G's steps need gradients through D, not for D
         g_loss, realness = train_generator(
-            self.G, self.g_optimizer, [self.D] * self.steps.g_steps, self.config.optimizer.batch_size, len(self.config.tasks)
+            self.gradients, self.g_optimizer, [self.D] * self.steps.g_steps, self.config.optimizer.batch_size,
+            len(self.config.tasks),
         )
         self.D.requires_grad_(True)
         return {

@@ -83,6 +83,7 @@ from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.gan import RealBatches, adam, model_digest
 from entgan.gan.feedback import FakesAwaitingFeedback
+from entgan.gan.memory_layout import GeneratorGradients
 from entgan.models import build_discriminator, build_generator
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 from entgan.models.generator import Generator
@@ -231,6 +232,7 @@ class DanceGNode(_DanceRole, ServerRole):
         self.G = build_generator(self.config.model, self.config.image_shape, len(self.config.tasks)).to(device)
         initial_D = self.new_discriminator()
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        self.gradients = GeneratorGradients(self.G, self.config.engine.memory_layout, self.context.device)
         self.latents = self.context.generator_seed(SeedPurpose.LATENTS)
         workers = self.context.worker_ranks
         # Init: D_k := D for every D-node (resuming too: it is where every gossip link started).
@@ -256,7 +258,7 @@ class DanceGNode(_DanceRole, ServerRole):
             d_fakes = self.G(self._latents(d_tasks.numel()), d_tasks)
         g_tasks = worker_tasks.repeat_interleave(batch_size)
         graphs = self.config.engine.feedback_graphs
-        self.g_fakes = FakesAwaitingFeedback(self.G, self._latents(g_tasks.numel()), g_tasks, graphs)
+        self.g_fakes = FakesAwaitingFeedback(self.G, self._latents(g_tasks.numel()), g_tasks, graphs, self.gradients.forward)
         settle(*self.fakes_in_flight)
         self.fakes_in_flight = [
             self.transport.send([torch.cat([d_part.reshape(-1), g_part.reshape(-1)])], rank, "fake-batch")
@@ -282,9 +284,10 @@ class DanceGNode(_DanceRole, ServerRole):
     def train_global(self, round_index: int) -> dict[str, float]:
         """The leader's move: the mean G loss over the D-nodes heard from, through G."""
         if self.feedbacks_in:
-            self.g_optimizer.zero_grad(set_to_none=True)
+            self.gradients.zero(self.g_optimizer)
             self.g_fakes.backpropagate(self.feedback / self.feedbacks_in)
             self.g_optimizer.step()
+            self.gradients.release(self.g_optimizer)
         self.g_fakes.drop()
         del self.g_fakes, self.feedback
         return {"g_steps": 1.0 if self.feedbacks_in else 0.0}

@@ -81,6 +81,7 @@ from entgan.engine.updates import Update, UpdateLayout
 from entgan.engine.uploads import receive_hellos, send_hello
 from entgan.gan import RealBatches, adam, model_digest
 from entgan.gan.feedback import FakesAwaitingFeedback
+from entgan.gan.memory_layout import GeneratorGradients
 from entgan.models import build_discriminator, build_generator
 from entgan.models.generator import Generator
 
@@ -168,6 +169,7 @@ class MDGANServer(ServerRole):
         torch.manual_seed(config.seed)
         self.G = build_generator(config.model, config.image_shape, len(config.tasks)).to(self.context.device)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
+        self.gradients = GeneratorGradients(self.G, config.engine.memory_layout, self.context.device)
         self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
         layout = feedback_layout(config)
         self.upload_kinds = [UploadKind("feedback", layout_of=lambda rank: layout, figures=FEEDBACK_FIGURES)]
@@ -196,7 +198,9 @@ class MDGANServer(ServerRole):
             batches: list[torch.Tensor] = []
             for batch in range(max(max(pair) for pair in dealt) + 1):
                 if batch in answered:
-                    fakes = FakesAwaitingFeedback(self.G, self._latents(), task, self.config.engine.feedback_graphs)
+                    fakes = FakesAwaitingFeedback(
+                        self.G, self._latents(), task, self.config.engine.feedback_graphs, self.gradients.forward
+                    )
                     self.awaiting[(task, batch)] = fakes
                     batches.append(fakes.images)
                 else:
@@ -207,7 +211,7 @@ class MDGANServer(ServerRole):
                 self.sends.append(self.transport.send(pair, rank, "fake-batch"))
                 self.answer_batch[rank] = (task, for_generator)
         self.graphs_held = sum(fakes.holds_graph for fakes in self.awaiting.values())
-        self.g_optimizer.zero_grad(set_to_none=True)
+        self.gradients.zero(self.g_optimizer)
 
     def batches_per_task(self, workers: int) -> int:
         configured = self.config.baselines.mdgan.batches_per_task
@@ -242,6 +246,7 @@ class MDGANServer(ServerRole):
         if self.feedbacks_in:
             average_gradients(self.G, self.feedbacks_in)
             self.g_optimizer.step()
+        self.gradients.release(self.g_optimizer)
         settle(*self.sends)
         return {"g_steps": 1.0 if self.feedbacks_in else 0.0, "feedback_graphs_held": float(self.graphs_held)}
 

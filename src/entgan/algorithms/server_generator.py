@@ -45,7 +45,8 @@ from entgan.engine.parameters import flatten, model_tensors
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.engine.uploads import receive_hellos, send_hello
-from entgan.gan import RealBatches, adam, balanced_tasks, build_models, discriminator_loss, generator_loss, model_digest
+from entgan.gan import RealBatches, adam, balanced_tasks, build_models, discriminator_loss, model_digest
+from entgan.gan.memory_layout import GeneratorGradients
 from entgan.models.discriminator import Discriminator
 from entgan.models.generator import Generator
 
@@ -105,27 +106,30 @@ def train_discriminator(
 
 
 def train_generator(
-    generator: Generator,
+    gradients: GeneratorGradients,
     optimizer: torch.optim.Optimizer,
     critics: Sequence[nn.Module],
     batch_size: int,
     num_tasks: int,
 ) -> tuple[float, float]:
-    """One G step against each critic in `critics`, every task in every batch; returns the mean G
-    loss and the mean probability the critics gave G's samples of being real."""
+    """One G step against each critic in `critics`, every task in every batch, in the engine's
+    memory layout (`GeneratorGradients`: G's gradients in one buffer, micro-batches); returns the
+    mean G loss and the mean probability the critics gave G's samples of being real."""
     if not critics:
         raise ValueError("need at least one critic to train the generator against")
+    generator = gradients.generator
     device = next(generator.parameters()).device
+    microbatch = gradients.microbatch(batch_size, batch_size)
     losses, realness = [], []
     for critic in critics:
         tasks = balanced_tasks(batch_size, num_tasks, device)
-        fakes = generator(generator.sample_latent(batch_size), tasks)
-        loss, fooled = generator_loss(critic, fakes, tasks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        latents = generator.sample_latent(batch_size)
+        gradients.zero(optimizer)
+        loss, fooled = gradients.add_loss_gradients(critic, latents, tasks, microbatch)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss)
         realness.append(fooled)
+    gradients.release(optimizer)
     return sum(losses) / len(losses), sum(realness) / len(realness)
 
 
@@ -166,6 +170,7 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
         self.build_models(self.context.device)
         self.D.requires_grad_(False)  # the server never trains a discriminator
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        self.gradients = GeneratorGradients(self.G, self.config.engine.memory_layout, self.context.device)
         self.sample_counts = receive_hellos(self.context)
         self.upload_kinds = [
             UploadKind(
@@ -197,7 +202,7 @@ class GeneratorServer(_ServerGeneratorModels, ServerRole):
         settle(self.generator_in_flight)
         self.generator_in_flight = None
         g_loss, realness = train_generator(
-            self.G, self.g_optimizer, critics, self.config.optimizer.batch_size, len(self.config.tasks)
+            self.gradients, self.g_optimizer, critics, self.config.optimizer.batch_size, len(self.config.tasks)
         )
         return {"g_loss": g_loss, "g_steps": float(len(critics)), "g_fake_realness": realness}
 

@@ -16,6 +16,8 @@ largest thing such a server holds, once per batch in flight. Two ways to have it
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal
 
 import torch
@@ -29,11 +31,22 @@ FeedbackGraphs = Literal["held", "recomputed"]
 class FakesAwaitingFeedback:
     """One batch of fakes sent for feedback; `backpropagate` adds F . dX/dw to G's gradients."""
 
-    def __init__(self, generator: Generator, latents: Tensor, tasks: Tensor | int, graphs: FeedbackGraphs) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        latents: Tensor,
+        tasks: Tensor | int,
+        graphs: FeedbackGraphs,
+        forward: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
+        """`forward`: the context of a forward whose graph is back-propagated (the engine's memory
+        layout, `GeneratorGradients.forward`, adds G's linear gradients in place)."""
         self.generator = generator
         self.graphs = graphs
+        self._forward = forward
         if graphs == "held":
-            self._graph: Tensor | None = generator(latents, tasks)
+            with forward():
+                self._graph: Tensor | None = generator(latents, tasks)
             self.images = self._graph.detach()
             self._inputs: tuple[Tensor, Tensor | int] | None = None
         else:
@@ -56,7 +69,8 @@ class FakesAwaitingFeedback:
             raise RuntimeError("this batch's feedback was already back-propagated")
         (latents, tasks), self._inputs = self._inputs, None
         buffers = [buffer.detach().clone() for buffer in self.generator.buffers()]
-        images = self.generator(latents, tasks)
+        with self._forward():
+            images = self.generator(latents, tasks)
         images.backward(feedback.view_as(images))
         with torch.no_grad():  # after the backward, which checks that its inputs did not change
             for buffer, saved in zip(self.generator.buffers(), buffers, strict=True):

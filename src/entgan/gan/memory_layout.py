@@ -16,17 +16,28 @@ short-lived allocations. Two devices here keep both down for G's gradients:
 The two go together: with the shared buffer alone, the gradient temporaries that autograd
 allocates and frees each micro-batch stay resident as allocator free space (figures: README,
 Results).
+
+`GeneratorGradients` puts both, and G steps in micro-batches, at the service of every server that
+trains G (`engine.memory_layout`): EntGAN's, Ren's and Distributed-GAN's, which take G steps against
+a critic, and MD-GAN's and DANCE's, which back-propagate workers' feedback into G. The layout is
+engine mechanics, not a method's contribution, so every method that can use it gets it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from entgan.gan.losses import generator_loss
+
+if TYPE_CHECKING:
+    from entgan.config import MemoryLayoutConfig
+    from entgan.models.generator import Generator
 
 
 def bind_gradients(parameters: Iterable[nn.Parameter], storage: torch.Tensor) -> None:
@@ -104,3 +115,75 @@ def linear_gradients_in_place(model: nn.Module) -> Iterator[None]:
             raise ValueError("linear_gradients_in_place needs the model's gradients bound first (bind_gradients)")
     with _InPlaceLinearGradients(layers):
         yield
+
+
+class GeneratorGradients:
+    """Where a server's G keeps its gradients, and how its G steps run (`engine.memory_layout`).
+
+    On: G's `.grad` are views into one flat buffer allocated here once (`bind_gradients`), at least
+    `share_with` values long so that the caller can also receive uploads into it while G does not
+    need its gradients (EntGAN's server); on the CPU, G's linear layers add their gradients into it
+    in place (`linear_gradients_in_place`); G steps run in micro-batches (`microbatch`). Off:
+    autograd allocates as it goes, and a G step is one pass over its batch.
+    """
+
+    def __init__(
+        self, generator: Generator, config: MemoryLayoutConfig, device: torch.device, share_with: int = 0
+    ) -> None:
+        self.generator = generator
+        self.config = config
+        self.buffer: torch.Tensor | None = None
+        if config.enabled:
+            parameters = list(generator.parameters())
+            size = max(sum(parameter.numel() for parameter in parameters), share_with)
+            self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
+            bind_gradients(parameters, self.buffer)
+        # In-place linear gradients serve glibc's heap; on a GPU the caching allocator already
+        # reuses autograd's temporaries, and the Python backward is slower.
+        self.in_place = self.buffer is not None and device.type == "cpu"
+
+    @property
+    def bound(self) -> bool:
+        return self.buffer is not None
+
+    def zero(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clear G's gradients before a step (kept bound to the buffer when they are)."""
+        optimizer.zero_grad(set_to_none=not self.bound)
+
+    def release(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the round's steps: autograd's gradients are freed (not needed until the next step,
+        so their memory serves what comes in between); bound ones stay where they are."""
+        if not self.bound:
+            optimizer.zero_grad(set_to_none=True)
+
+    def forward(self) -> AbstractContextManager[None]:
+        """The context of a forward through G whose backward adds into G's bound gradients."""
+        return linear_gradients_in_place(self.generator) if self.in_place else nullcontext()
+
+    def microbatch(self, batch_size: int, fake_batch_size: int) -> int:
+        """Samples per pass through G and the critic in a G step of `batch_size`: the layout's
+        micro-batch, but for a generator with batch statistics never fewer than a worker's fake
+        batch (`fake_batch_size`): such a G's samples depend on the batch they are drawn in."""
+        if not self.config.enabled:
+            return batch_size
+        if self.generator.normalises_over_batch:
+            return min(batch_size, max(self.config.generator_microbatch, fake_batch_size))
+        return self.config.generator_microbatch
+
+    def add_loss_gradients(
+        self, critic: nn.Module, latents: torch.Tensor, tasks: torch.Tensor, microbatch: int
+    ) -> tuple[float, float]:
+        """Add the gradient of the batch's non-saturating G loss against `critic` to G's `.grad`,
+        `microbatch` samples at a time (the loss is the batch mean either way); return the batch's
+        loss and the mean probability the critic gave its samples of being real."""
+        batch_size = latents.shape[0]
+        loss_sum = fooled_sum = 0.0
+        for z, task in zip(latents.split(microbatch), tasks.split(microbatch), strict=True):
+            share = z.shape[0] / batch_size
+            with self.forward():
+                fakes = self.generator(z, task)
+            loss, fooled = generator_loss(critic, fakes, task)
+            (loss * share).backward()
+            loss_sum += loss.item() * share
+            fooled_sum += fooled * share
+        return loss_sum, fooled_sum

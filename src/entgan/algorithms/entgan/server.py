@@ -7,7 +7,6 @@ Where D is averaged: `EntGANServer.aggregate`, one upload at a time into D's own
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -18,13 +17,12 @@ from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler
 from entgan.engine.method import ServerRole, UploadKind
-from entgan.engine.parameters import model_tensors, numel
+from entgan.engine.parameters import model_tensors
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import Update
 from entgan.engine.uploads import receive_hellos
-from entgan.gan import adam, balanced_tasks, generator_loss
-from entgan.gan.memory_layout import bind_gradients, linear_gradients_in_place
-from entgan.models.discriminator import Discriminator
+from entgan.gan import adam, balanced_tasks
+from entgan.gan.memory_layout import GeneratorGradients
 from entgan.models.generator import Generator
 
 
@@ -53,16 +51,18 @@ class EntGANServer(EntGANRole, ServerRole):
         average = self.config.control.generator_average
         # Copied before G's gradients are bound to the shared buffer, so the copy takes none of it.
         self.generator_average = ModelAverage(self.G, average.half_life_rounds) if average.enabled else None
-        shared_buffer = self.gradients_and_upload_buffer()
+        # G's gradients and the upload being averaged take turns in one buffer (`engine.memory_layout`).
+        self.gradients = GeneratorGradients(
+            self.G, self.config.engine.memory_layout, self.context.device, share_with=self.layout.update_size
+        )
         self.upload_kinds = [
             UploadKind(
                 "discriminator-update",
                 layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
                 in_order=True,
-                values_storage=shared_buffer,
+                values_storage=self.gradients.buffer,
             )
         ]
-        self.gradients_bound = shared_buffer is not None
         self.feedback: GeneratorFeedback | None = None
         if self.resumed_state is not None:
             self.load_state_dict(self.resumed_state)
@@ -73,18 +73,6 @@ class EntGANServer(EntGANRole, ServerRole):
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
         self.generator_in_flight: Transfer | None = None
         self.discriminator_in_flight: Transfer | None = None
-
-    def gradients_and_upload_buffer(self) -> torch.Tensor | None:
-        """With the memory layout on, one flat buffer that holds G's gradients during the G steps and
-        the upload being averaged before them (`gan.memory_layout`); None: autograd allocates G's
-        gradients and the receiver its own buffer."""
-        if not self.config.control.memory.enabled:
-            return None
-        parameters = list(self.G.parameters())
-        size = max(numel(parameters), self.layout.update_size)
-        buffer = torch.zeros(size, dtype=torch.float32, device=self.context.device)
-        bind_gradients(parameters, buffer)
-        return buffer
 
     # ------------------------------------------------------------------ the round
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
@@ -127,25 +115,17 @@ class EntGANServer(EntGANRole, ServerRole):
 
     # ------------------------------------------------------------------ G steps
     def train_generator(self, steps: int) -> tuple[float, float]:
-        """`steps` G updates against the averaged D, every task in every batch.
-
-        Memory layout (`control.memory`): each step's batch goes through G and D in micro-batches
-        whose gradients are added into G's gradient buffer (on the CPU, in place), so the server
-        holds one micro-batch's activations at a time, not the batch's. The update is the same (the
-        loss is the batch mean either way) for generators without batch statistics (the MLP); a
-        BatchNorm generator normalises each micro-batch on its own, so for one the micro-batch is
-        as large as a worker's fake batch (`generator_microbatch`)."""
+        """`steps` G updates against the averaged D, every task in every batch, in the engine's
+        memory layout (`GeneratorGradients`: micro-batches whose gradients are added into G's
+        buffer in place, so the server holds one micro-batch's activations at a time)."""
         batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
-        micro = self.generator_microbatch(batch_size)
-        # In-place linear gradients serve glibc's heap; on a GPU the caching allocator already
-        # reuses autograd's temporaries, and the Python backward is slower.
-        in_place = self.gradients_bound and self.context.device.type == "cpu"
+        micro = self.gradients.microbatch(batch_size, self.config.optimizer.batch_size)
         losses, realness = [], []
         for _ in range(steps):
             tasks = balanced_tasks(batch_size, len(self.config.tasks), self.context.device)
             latents = self.G.sample_latent(batch_size)
-            self.g_optimizer.zero_grad(set_to_none=not self.gradients_bound)
-            step_loss, step_fooled = add_generator_gradients(self.G, self.D, latents, tasks, micro, in_place)
+            self.gradients.zero(self.g_optimizer)
+            step_loss, step_fooled = self.gradients.add_loss_gradients(self.D, latents, tasks, micro)
             if self.warm_start is not None:  # old tasks: no forgetting
                 replay = self.warm_start.replay_loss(self.G)
                 if replay.requires_grad:
@@ -154,21 +134,8 @@ class EntGANServer(EntGANRole, ServerRole):
             self.g_optimizer.step()
             losses.append(step_loss)
             realness.append(step_fooled)
-        if not self.gradients_bound:  # not needed until the next G step: their memory can serve the upload
-            self.g_optimizer.zero_grad(set_to_none=True)
+        self.gradients.release(self.g_optimizer)  # their memory can serve the upload until the next step
         return sum(losses) / len(losses), sum(realness) / len(realness)
-
-    def generator_microbatch(self, batch_size: int) -> int:
-        """Samples per pass through G and D in a G step of `batch_size`: the memory layout's
-        micro-batch, but for a generator with batch statistics never fewer than a worker's fake
-        batch: such a G's samples depend on the batch they are drawn in, and D_k learns from
-        batches of `optimizer.batch_size` (README Results has the DCGAN measurements)."""
-        memory = self.config.control.memory
-        if not memory.enabled:
-            return batch_size
-        if self.G.normalises_over_batch:
-            return min(batch_size, max(memory.generator_microbatch, self.config.optimizer.batch_size))
-        return memory.generator_microbatch
 
     # ------------------------------------------------------------------ life cycle
     def finish(self) -> None:
@@ -199,26 +166,3 @@ class EntGANServer(EntGANRole, ServerRole):
             self.feedback = GeneratorFeedback(fake_realness=state["feedback"])
 
 
-def add_generator_gradients(
-    generator: Generator,
-    discriminator: Discriminator,
-    latents: torch.Tensor,
-    tasks: torch.Tensor,
-    microbatch: int,
-    in_place: bool,
-) -> tuple[float, float]:
-    """Add the gradient of the batch's non-saturating G loss against `discriminator` to G's `.grad`,
-    computed `microbatch` samples at a time; return the batch's loss and the mean realness D gave
-    its samples. `in_place`: G's gradients are bound (`gan.memory_layout.bind_gradients`) and
-    its linear layers add theirs into them directly."""
-    batch_size = latents.shape[0]
-    loss_sum = fooled_sum = 0.0
-    for z, task in zip(latents.split(microbatch), tasks.split(microbatch), strict=True):
-        share = z.shape[0] / batch_size
-        with linear_gradients_in_place(generator) if in_place else nullcontext():
-            fakes = generator(z, task)
-        loss, fooled = generator_loss(discriminator, fakes, task)
-        (loss * share).backward()
-        loss_sum += loss.item() * share
-        fooled_sum += fooled * share
-    return loss_sum, fooled_sum
