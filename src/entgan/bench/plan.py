@@ -1,11 +1,16 @@
 """From a bench configuration to the list of runs it launches, each with its full run configuration.
 
 Three groups of runs, in this order:
-- `methods`: every listed method on the base configuration, under the bench's time budget;
+- `methods`: every listed method on the base configuration with its tuned settings (`tuned`),
+  under the bench's time budget;
 - `ablations`: every variant (the base with overrides), under the same budget;
+  with reporting `seeds`, both groups once per seed, seed by seed (keys `<row>-s<seed>`);
 - `memory_sweep`: each swept method at each worker count, for a fixed number of rounds; with
   `repeats`, the whole sweep again, so that every method's repeats are spread over the same span
   of the machine's time.
+
+Tuning runs (`plan_tuning_runs`, for `entgan tune`) are each method's candidates on each tuning
+seed, labelled `<method>-c<index>`.
 
 Timed runs evaluate every `eval_every_s` of training clock and stop after the round that passes the
 budget (or, with `stop_at_target`, at the first evaluation at or below the target FID).

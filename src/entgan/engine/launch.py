@@ -25,11 +25,11 @@ import torch.multiprocessing as mp
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from entgan.config import ConfigError, RunConfig
+from entgan.control.schedulers import RoundParticipation
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method
 from entgan.engine.processes import LauncherSurroundings, start_method
-from entgan.control.schedulers import RoundParticipation
 from entgan.engine.registry import load_method, method_class
 from entgan.engine.roles import serve, work
 from entgan.engine.security import load_secret, server_handshake, worker_handshake
