@@ -31,7 +31,7 @@ test-fast: $(STAMP)
 # The figures quoted in the README's Results: the level headline (every method with its tuned
 # settings over six reporting seeds, on the training clock and two edge clocks), server and worker
 # memory of every method at 2/4/8/16 workers, the DCGAN memory sweep and the ablations under IID
-# and Dirichlet data, one report per config in $(BENCH_OUT)/<config name>/bench.md. About 105
+# and Dirichlet data, one report per config in $(BENCH_OUT)/<config name>/bench.md. About 90
 # minutes on 2 CPU cores (benchmarks/README.md). Tuning is its own step, not part of this target:
 #   entgan tune benchmarks/level-mnist-2tasks-4workers.yaml --write benchmarks/tuned-level.yaml
 # Every config runs even if one has a failed run; the target fails at the end if any did.

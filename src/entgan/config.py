@@ -434,6 +434,36 @@ class WarmStartConfig(_Strict):
     """Weight of the replay term that holds G's old-task samples to the parent G's (0: off)."""
 
 
+def moved_to_the_engine(data: Any) -> Any:
+    """Configurations written before participation and the memory layout became engine policy
+    (run directories, knowledge bases, lifelong job specs) carry them under EntGAN's `control`:
+    `control.server_scheduler.participation`, which only EntGAN with its server task scheduler on
+    obeyed, becomes `engine.participation` there and is dropped elsewhere, so an old run resumes as
+    it ran; `control.memory` becomes `engine.memory_layout`. Anything else is returned as it is."""
+    if not isinstance(data, dict) or not isinstance(data.get("control"), dict):
+        return data
+    control = data["control"]
+    scheduler = control.get("server_scheduler")
+    moves_participation = isinstance(scheduler, dict) and "participation" in scheduler
+    if not moves_participation and "memory" not in control:
+        return data
+    data = copy.deepcopy(data)
+    control = data["control"]
+    engine = data.get("engine") or {}
+    if not isinstance(engine, dict):
+        return data
+    if "memory" in control:
+        engine.setdefault("memory_layout", control.pop("memory"))
+    if moves_participation:
+        scheduler = control["server_scheduler"]
+        share = scheduler.pop("participation")
+        entgan_scheduler_on = data.get("algorithm", "entgan") == "entgan" and scheduler.get("enabled", True)
+        if entgan_scheduler_on and engine.get("participation") is None:
+            engine["participation"] = share
+    data["engine"] = engine
+    return data
+
+
 class RunConfig(_Strict):
     """A whole run: tasks, data, models, algorithm, control modules, evaluation, engine."""
 
@@ -461,33 +491,7 @@ class RunConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _moved_to_the_engine(cls, data: Any) -> Any:
-        """Configurations written before participation and the memory layout became engine policy
-        (run directories, knowledge bases) carry them under EntGAN's `control`:
-        `control.server_scheduler.participation`, which only EntGAN with its server task scheduler
-        on obeyed, becomes `engine.participation` there and is dropped elsewhere, so an old run
-        resumes as it ran; `control.memory` becomes `engine.memory_layout`."""
-        if not isinstance(data, dict) or not isinstance(data.get("control"), dict):
-            return data
-        control = data["control"]
-        scheduler = control.get("server_scheduler")
-        moves_participation = isinstance(scheduler, dict) and "participation" in scheduler
-        if not moves_participation and "memory" not in control:
-            return data
-        data = copy.deepcopy(data)
-        control = data["control"]
-        engine = data.get("engine") or {}
-        if not isinstance(engine, dict):
-            return data
-        if "memory" in control:
-            engine.setdefault("memory_layout", control.pop("memory"))
-        if moves_participation:
-            scheduler = control["server_scheduler"]
-            share = scheduler.pop("participation")
-            entgan_scheduler_on = data.get("algorithm", "entgan") == "entgan" and scheduler.get("enabled", True)
-            if entgan_scheduler_on and engine.get("participation") is None:
-                engine["participation"] = share
-        data["engine"] = engine
-        return data
+        return moved_to_the_engine(data)
 
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:

@@ -52,6 +52,7 @@ from entgan.config import (
     WarmStartConfig,
     check_unique_task_names,
     format_validation_error,
+    moved_to_the_engine,
 )
 
 NAME_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -146,6 +147,12 @@ class TrainingSpec(_Strict):
     eval: EvalConfig = EvalConfig()
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(every=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_to_the_engine(cls, data: Any) -> Any:
+        """Specs stored before participation and the memory layout moved to `engine`."""
+        return moved_to_the_engine(data)
 
     def run_config(
         self,
