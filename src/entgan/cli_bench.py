@@ -1,7 +1,9 @@
-"""The `entgan bench` command: run a bench config's methods one after another and report them.
+"""The `entgan bench` and `entgan tune` commands (and `entgan edge-clock`): run a bench config's
+methods one after another and report them, or tune every method with the same budget.
 
     entgan bench benchmarks/mnist-2tasks-4workers.yaml --out runs/bench/headline
     entgan bench CONFIG --methods entgan,mdgan --quick      # a smoke run of two rows
+    entgan tune CONFIG --write benchmarks/tuned.yaml        # the tuning grid -> a tuned file
 
 Exit status: 0 when every run finished, 1 when some failed (the report lists them), 2 for a bad
 config or a constrained network that cannot be set up (before any run starts).
@@ -12,8 +14,12 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported by the handlers only: `entgan --help` stays light
+    from entgan.bench import BenchConfig, BenchRunner, RunResult
 
 EXIT_RUN_FAILED = 1
 
@@ -51,34 +57,55 @@ def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _command_bench(args: argparse.Namespace) -> int:
-    from entgan.bench import BenchRunner, load_bench_config, plan_runs
-    from entgan.bench.network import NetworkUnavailable
-    from entgan.config import ConfigError
+    from entgan.bench import load_bench_config, plan_runs
 
     bench = load_bench_config(args.config)
     if args.quick:
         bench = bench.quick()
-    only = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
-    if only is not None and not only:
-        raise ConfigError("--methods: give at least one name")
-    runs = plan_runs(bench, only=only, with_sweep=not args.no_sweep)
+    runs = plan_runs(bench, only=_only(args), with_sweep=not args.no_sweep)
     out_dir = Path(args.out) if args.out else Path("runs") / "bench" / Path(args.config).stem
+    results = _runner(bench, out_dir, args, _invocation(args)).run(runs)
+    return _exit_status("bench", results, out_dir)
+
+
+def _only(args: argparse.Namespace) -> list[str] | None:
+    """`--methods a,b` as a list of names (None: every row); an empty list is refused."""
+    from entgan.config import ConfigError
+
+    if not args.methods:
+        return None
+    only = [name.strip() for name in args.methods.split(",") if name.strip()]
+    if not only:
+        raise ConfigError("--methods: give at least one name")
+    return only
+
+
+def _runner(bench: BenchConfig, out_dir: Path, args: argparse.Namespace, command: str) -> BenchRunner:
+    """A `BenchRunner` for `bench` with the shared output options; a constrained network that
+    cannot be made is a configuration error (exit 2 before any run)."""
+    from entgan.bench import BenchRunner
+    from entgan.bench.network import NetworkUnavailable
+    from entgan.config import ConfigError
+
     try:
-        runner = BenchRunner(
+        return BenchRunner(
             bench,
             out_dir,
             cache_dir=Path(args.cache_dir) if args.cache_dir else None,
             resume=args.resume,
             overwrite=args.overwrite,
             quick=args.quick,
-            command=_invocation(args),
+            command=command,
         )
     except NetworkUnavailable as error:
         raise ConfigError(str(error)) from None
-    results = runner.run(runs)
+
+
+def _exit_status(command: str, results: Sequence[RunResult], out_dir: Path) -> int:
+    """0 when every run finished; otherwise name the failed runs and return `EXIT_RUN_FAILED`."""
     failed = [result.key for result in results if not result.ok]
     if failed:
-        print(f"entgan bench: {len(failed)} run(s) failed: {', '.join(failed)} (see {out_dir / 'bench.md'})",
+        print(f"entgan {command}: {len(failed)} run(s) failed: {', '.join(failed)} (see {out_dir / 'bench.md'})",
               file=sys.stderr)
         return EXIT_RUN_FAILED
     return 0
@@ -118,42 +145,25 @@ def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _command_tune(args: argparse.Namespace) -> int:
-    from entgan.bench import BenchRunner, load_bench_config
-    from entgan.bench.network import NetworkUnavailable
+    from entgan.bench import load_bench_config
     from entgan.bench.plan import plan_tuning_runs
     from entgan.bench.tuning import choose, write_tuned
-    from entgan.config import ConfigError
 
     bench = load_bench_config(args.config, read_tuned=False)
     if args.quick:
         bench = bench.quick()
-    only = [name.strip() for name in args.methods.split(",") if name.strip()] if args.methods else None
-    runs = plan_tuning_runs(bench, only)
+    runs = plan_tuning_runs(bench, _only(args))
     out_dir = Path(args.out) if args.out else Path("runs") / "tune" / Path(args.config).stem
     command = shlex.join(["entgan", "tune", args.config, "--write", args.write])
-    try:
-        runner = BenchRunner(
-            bench.model_copy(update={"methods": [], "profiles": {}, "memory_sweep": None, "seeds": []}),
-            out_dir,
-            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-            resume=args.resume,
-            overwrite=args.overwrite,
-            quick=args.quick,
-            command=command,
-        )
-    except NetworkUnavailable as error:
-        raise ConfigError(str(error)) from None
-    results = runner.run(runs)
+    # The runs' report: the tuning runs alone (no reporting seeds, edge clocks or sweep).
+    report_bench = bench.model_copy(update={"methods": [], "profiles": {}, "memory_sweep": None, "seeds": []})
+    results = _runner(report_bench, out_dir, args, command).run(runs)
     tuned = choose(bench, results)
     path = write_tuned(Path(args.write), tuned, command)
     for method, overrides in tuned["methods"].items():
         print(f"{method}: {overrides or 'the base as it is'}")
     print(f"tuned settings: {path}")
-    failed = [result.key for result in results if not result.ok]
-    if failed:
-        print(f"entgan tune: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
-        return EXIT_RUN_FAILED
-    return 0
+    return _exit_status("tune", results, out_dir)
 
 
 def add_edge_clock_command(subparsers: Any) -> argparse.ArgumentParser:

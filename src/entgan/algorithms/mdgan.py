@@ -324,8 +324,7 @@ class MDGANWorker(WorkerRole):
         alone in its task, which never swaps, still agrees with the others on pi. Only the round's
         participants (`among`) swap: the others are not in the round to answer."""
         swap_index = round_number // self.swap_period - 1
-        everyone = len(among) == self.config.num_workers
-        partners = swap_partners(self.config.worker_tasks(), self.config.seed, swap_index, None if everyone else among)
+        partners = swap_partners(self.config.worker_tasks(), self.config.seed, swap_index, among)
         me = self.context.worker_index
         if partners[me] == me:
             return

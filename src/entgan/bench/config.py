@@ -285,9 +285,7 @@ def method_config_data(bench: BenchConfig, method: str) -> dict[str, Any]:
     """The run configuration mapping of one of the bench's methods: the base with the method's
     tuned settings (before the bench's seed and timing settings)."""
     overrides = bench.tuned.methods.get(method, {}) if bench.tuned is not None else {}
-    data = apply_overrides(bench.base.model_dump(mode="json"), overrides)
-    data["algorithm"] = method
-    return data
+    return variant_config_data(bench.base, VariantConfig(name=method, algorithm=method, overrides=overrides))
 
 
 def variant_config_data(base: RunConfig, variant: VariantConfig) -> dict[str, Any]:
@@ -368,6 +366,12 @@ def load_tuned(path: Path) -> dict[str, Any]:
     return {"source": str(path), "methods": data["methods"], "tuning": data.get("tuning", {})}
 
 
+def _relative(path: str, relative_to: Path | None) -> Path:
+    """A path named in a bench file, read relative to the file's folder unless absolute."""
+    resolved = Path(path)
+    return relative_to / resolved if relative_to is not None and not resolved.is_absolute() else resolved
+
+
 def parse_bench_config(
     data: object, origin: str = "<bench config>", relative_to: Path | None = None, *, read_tuned: bool = True
 ) -> BenchConfig:
@@ -383,19 +387,13 @@ def parse_bench_config(
     if not read_tuned:
         data.pop("tuned", None)
     if isinstance(data.get("base"), str):
-        base_path = Path(data["base"])
-        if not base_path.is_absolute() and relative_to is not None:
-            base_path = relative_to / base_path
         try:
-            data["base"] = load_config(base_path).model_dump(mode="json")
+            data["base"] = load_config(_relative(data["base"], relative_to)).model_dump(mode="json")
         except ConfigError as error:
             raise ConfigError(f"{origin}: base: {error}") from None
     if isinstance(data.get("tuned"), str):
-        tuned_path = Path(data["tuned"])
-        if not tuned_path.is_absolute() and relative_to is not None:
-            tuned_path = relative_to / tuned_path
         try:
-            data["tuned"] = load_tuned(tuned_path)
+            data["tuned"] = load_tuned(_relative(data["tuned"], relative_to))
         except ConfigError as error:
             raise ConfigError(f"{origin}: tuned: {error}") from None
     base_overrides = data.get("base_overrides")

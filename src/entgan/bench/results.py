@@ -231,7 +231,6 @@ def read_run(
     confirmations: int = 1,
     process_wall_s: float | None = None,
     profiles: Mapping[str, EdgeProfile] | None = None,
-    time_budget_s: float | None = None,
 ) -> RunResult:
     """The figures of a finished run; a run without a summary is reported as failed. With
     `profiles`, also its figures on each profile's edge clock (from its timelines)."""
@@ -265,7 +264,7 @@ def read_run(
         final_fid=final.get(OVERALL_FID),
         final_eval_clock_s=final.get("train_clock_s"),
         best_fid=min((fid for _, fid in curve), default=None),
-        fid_area=fid_area(curve, time_budget_s if time_budget_s is not None else train_clock),
+        fid_area=fid_area(curve, run.config.stop.time_budget_s or train_clock),
         fid_by_task={k.removeprefix("fid/"): v for k, v in final.items() if k.startswith("fid/") and k != OVERALL_FID},
         fidelity_by_task={k.removeprefix("fidelity/"): v for k, v in final.items() if k.startswith("fidelity/")},
         server_peak_rss_bytes=summary.get("server_peak_rss_bytes"),

@@ -171,13 +171,7 @@ class BenchRunner:
 
     def _result(self, run: PlannedRun, run_dir: Path, log_path: Path, wall: float | None) -> RunResult:
         result = read_run(
-            run,
-            run_dir,
-            self.bench.target_fid,
-            self.bench.target_confirmations,
-            wall,
-            self.bench.profiles,
-            time_budget_s=run.config.stop.time_budget_s,
+            run, run_dir, self.bench.target_fid, self.bench.target_confirmations, wall, self.bench.profiles
         )
         if self.network.active and log_path.is_file():
             result.shaped_link = shaped_traffic(log_path.read_text())

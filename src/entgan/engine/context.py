@@ -35,23 +35,16 @@ class RunContext:
     device: torch.device
     transport: Transport
     run_dir: Path
+    participation: RoundParticipation
+    """Who takes part in each round (`engine.participation`, or the method's default)."""
     session_keys: dict[int, bytes] = field(default_factory=dict)
     """Per-peer keys from the join handshake: the server holds one per worker, a worker the server's."""
 
     resume: dict[str, Any] | None = None
     """This rank's checkpoint when the run resumes (`engine.roles` and the algorithm restore it)."""
 
-    participation: RoundParticipation | None = None
-    """Who takes part in each round (`engine.participation`, or the method's default); every worker
-    when not given."""
-
-    def __post_init__(self) -> None:
-        if self.participation is None:
-            self.participation = RoundParticipation(1.0, self.config.worker_tasks())
-
     def participant_ranks(self, round_index: int) -> list[int]:
         """Ranks of the workers that train and upload in round `round_index`."""
-        assert self.participation is not None
         return [self.rank_of_worker(index) for index in self.participation.workers(round_index)]
 
     def log_event(self, event: dict[str, Any]) -> None:

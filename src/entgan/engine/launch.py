@@ -173,9 +173,9 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
         device=device,
         transport=transport,
         run_dir=run_dir,
+        participation=RoundParticipation(method.participation(config), config.worker_tasks()),
         session_keys=session_keys,
         resume=run.load_checkpoint(resume_round, rank) if resume_round else None,
-        participation=RoundParticipation(method.participation(config), config.worker_tasks()),
     )
     if context.is_server:
         if options.resume:  # rows past the checkpoint resumed from (all of them, if there is none) go
@@ -207,10 +207,11 @@ def check_capabilities(config: RunConfig, method: type[Method], *, resuming: boo
         problems.append(f"algorithm '{method.name}' cannot {what}: it does not support resuming")
     if config.privacy.enabled and not capabilities.privacy:
         problems.append(f"privacy.enabled: algorithm '{method.name}' does not support differential privacy")
-    if method.participation(config) < 1 and not capabilities.partial_participation:
+    share = method.participation(config)
+    if share < 1 and not capabilities.partial_participation:
         problems.append(
             f"engine.participation: algorithm '{method.name}' cannot leave workers out of a round "
-            f"(participation {method.participation(config):g}; it needs 1)"
+            f"(participation {share:g}; it needs 1)"
         )
     if config.warm_start is not None and not capabilities.warm_start:
         problems.append(f"warm_start: algorithm '{method.name}' cannot start from a parent run")

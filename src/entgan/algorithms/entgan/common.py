@@ -11,7 +11,7 @@ from entgan.gan import build_models
 
 
 class EntGANRole(Role):
-    """Builds G, D and the plumbing both roles share; says which rounds sync D and who takes part."""
+    """Builds G, D and the plumbing both roles share; says which rounds sync D."""
 
     def build_models(self) -> None:
         self.G, self.D = build_models(self.config, self.context.device)
@@ -26,8 +26,3 @@ class EntGANRole(Role):
         """Whether the averaged D goes down after round `round_index` (`aggregation.sync_every`)."""
         every = self.config.aggregation.sync_every
         return every > 0 and (round_index + 1) % every == 0
-
-    def participant_ranks(self, round_index: int) -> list[int]:
-        """Ranks of the workers that train and upload in round `round_index` (the engine's policy,
-        whose default for EntGAN is the server task scheduler's half of each task)."""
-        return self.context.participant_ranks(round_index)

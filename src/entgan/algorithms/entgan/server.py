@@ -92,7 +92,7 @@ class EntGANServer(EntGANRole, ServerRole):
             self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
         self.averager.finish(self.D)
         if self.is_sync_round(round_index):
-            next_workers = self.participant_ranks(round_index + 1)
+            next_workers = self.participants(round_index + 1)
             transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.wire_dtype)
             self.discriminator_in_flight = self.overlap.outgoing(transfer)
 
