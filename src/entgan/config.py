@@ -552,19 +552,24 @@ def parse_config(data: object, origin: str = "<config>") -> RunConfig:
         raise ConfigError(format_validation_error(error, origin)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate a YAML config file, or raise `ConfigError` naming the file and field."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str = "config file", missing_hint: str = "") -> Any:
+    """The parsed content of a YAML file, or `ConfigError` naming the file and what is wrong with it
+    (missing: "<path>: <what> not found<missing_hint>"; unreadable; not YAML; nested too deeply)."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise ConfigError(f"{path}: {what} not found{missing_hint}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot read as UTF-8 text: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     except RecursionError:
         raise ConfigError(f"{path}: YAML nested too deeply to be a configuration") from None
-    return parse_config(data, origin=str(path))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a YAML config file, or raise `ConfigError` naming the file and field."""
+    path = Path(path)
+    return parse_config(read_yaml_file(path), origin=str(path))

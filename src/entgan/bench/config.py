@@ -16,12 +16,11 @@ import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from entgan.bench.links import PerNodeNetworkConfig
 from entgan.bench.profiles import EdgeProfile
-from entgan.config import AlgorithmName, ConfigError, RunConfig, format_validation_error, load_config
+from entgan.config import AlgorithmName, ConfigError, RunConfig, format_validation_error, load_config, read_yaml_file
 
 Label = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -355,12 +354,7 @@ def _override_problems(base: RunConfig, variant: VariantConfig, location: str) -
 
 def load_tuned(path: Path) -> dict[str, Any]:
     """A tuned file written by `entgan tune`, as `TunedSettings` data, or ConfigError."""
-    if not path.is_file():
-        raise ConfigError(f"{path}: tuned file not found (write it with `entgan tune`)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml_file(path, "tuned file", " (write it with `entgan tune`)")
     if not isinstance(data, dict) or not isinstance(data.get("methods"), dict):
         raise ConfigError(f"{path}: expected a mapping with `methods:` (method -> overrides), as `entgan tune` writes")
     return {"source": str(path), "methods": data["methods"], "tuning": data.get("tuning", {})}
@@ -418,10 +412,5 @@ def parse_bench_config(
 def load_bench_config(path: str | Path, *, read_tuned: bool = True) -> BenchConfig:
     """Read and validate a bench YAML file, or raise `ConfigError` naming the file and field."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: bench config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml_file(path, "bench config file")
     return parse_bench_config(data, origin=str(path), relative_to=path.parent, read_tuned=read_tuned)

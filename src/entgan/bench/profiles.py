@@ -26,10 +26,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from entgan.config import ConfigError, format_validation_error
+from entgan.config import ConfigError, format_validation_error, read_yaml_file
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 
@@ -101,10 +100,5 @@ def parse_profiles(data: object, origin: str, default_name: str = "profile") -> 
 def load_profiles(path: str | Path) -> dict[str, EdgeProfile]:
     """The profiles of a YAML file: a single profile, a `profiles:` mapping, or a bench config."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: profile file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    data = read_yaml_file(path, "profile file")
     return parse_profiles(data, str(path), default_name=path.stem)
