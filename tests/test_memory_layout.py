@@ -18,6 +18,7 @@ from entgan.gan import adam, balanced_tasks, build_models, generator_loss
 from entgan.config import MemoryLayoutConfig, OptimizerConfig
 from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.gan.memory_layout import GeneratorGradients, bind_gradients, linear_gradients_in_place
+from entgan.engine.compression import build_codec
 from entgan.engine.parameters import numel
 from entgan.engine.transport import Transport
 from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
@@ -152,6 +153,7 @@ def test_in_place_gradients_need_bound_gradients() -> None:
 # ------------------------------------------------------------------ real two-process exchange
 LAYOUT = UpdateLayout.of([("trunk.weight", torch.zeros(4, 5)), ("heads.0.bias", torch.zeros(2))])
 KEY = b"k" * 32
+CODECS = [None, build_codec("fp16"), build_codec("int8", int8_chunk_size=8), build_codec("topk", topk_ratio=0.5)]
 
 
 def _exchange(rank: int, store_dir: str) -> None:
@@ -163,15 +165,15 @@ def _exchange(rank: int, store_dir: str) -> None:
     transport = Transport(rank, 2, torch.device("cpu"))
     values = torch.arange(22, dtype=torch.float32)
     if rank == 1:
-        for round_index, wire in enumerate([torch.float32, torch.float16]):
+        for round_index, codec in enumerate(CODECS):
             send_update(transport, KEY, values, torch.ones(3), LAYOUT, round_index, 0, "discriminator-update",
-                        wire_dtype=wire).wait()
+                        codec=codec).wait()
     else:
         storage = torch.full((22,), -1.0)
         receiver = UpdateReceiver(transport, {1: KEY}, 3, layout_of=lambda _: LAYOUT, max_norm=None,
-                                  values_storage=storage)
+                                  values_storage=storage, codecs=CODECS[2:])
         result = []
-        for round_index in range(2):
+        for round_index in range(len(CODECS)):
             update = receiver.receive("discriminator-update", [1], round_index)
             result.append({
                 "accepted": type(update).__name__ == "Update",
@@ -185,14 +187,14 @@ def _exchange(rank: int, store_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_uploads_land_in_the_given_storage_in_their_wire_precision(tmp_path: Path) -> None:
+def test_uploads_land_decoded_in_the_given_storage_whatever_their_codec(tmp_path: Path) -> None:
     mp.start_processes(_exchange, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     result = json.loads((tmp_path / "result.json").read_text())
-    expected = [float(v) for v in range(22)]
-    assert result == [
-        {"accepted": True, "in_storage": True, "values": expected},  # float32
-        {"accepted": True, "in_storage": True, "values": expected},  # float16, viewed in the same bytes
-    ]
+    values = torch.arange(22, dtype=torch.float32)
+    for entry, codec in zip(result, CODECS, strict=True):
+        seen = values if codec is None else codec.round_trip(values)
+        assert entry == {"accepted": True, "in_storage": True, "values": seen.tolist()}, codec
+    assert result[3]["values"][:11] == [0.0] * 11  # top-k really dropped the smaller half
 
 
 # ------------------------------------------------------------------ every server that trains G

@@ -188,13 +188,41 @@ class AggregationConfig(_Strict):
 
 
 class CompressionConfig(_Strict):
-    """Compression of everything EntGAN moves (G down, D up, D sync, gossip)."""
+    """EntGAN's communication-efficient transfers (`algorithms.entgan`, `engine.compression`): what
+    moves each round (G and the averaged D down, D_k to its gossip peer, D_k up) travels encoded,
+    so a round costs a fraction of its float32 bytes on an edge worker's slow link. Models are kept
+    and trained in float32 everywhere; the start (every rank's first G and D) is exact."""
 
     enabled: bool = False
-    wire_dtype: Literal["float16", "bfloat16"] = "float16"
-    """Precision of parameters on the wire: half the bytes of float32. The server sums the received
-    uploads into its float32 D (`InPlaceDiscriminatorAverage`); models are kept and trained in
-    float32 everywhere."""
+    codec: Literal["fp16", "bf16", "int8"] = "int8"
+    """How models travel (G down, D sync down, gossip): `fp16`/`bf16` at half the bytes, `int8` at
+    about a quarter (one float32 scale per `int8_chunk_size` values; error at most 1/254 of the
+    chunk's largest magnitude). Each send is a fresh encoding of the model, so errors never build
+    up across rounds."""
+    uploads: Literal["models", "changes"] = "changes"
+    """`models`: D_k itself, in `codec`. `changes`: D_k minus the D the worker received at the last
+    sync, in `upload_codec` with error feedback (what a send leaves out is added to the worker's
+    next change). With D synced every round, that D is the one the server still holds when the
+    upload arrives, so the server adds the participants' weighted mean change to its own float32 D
+    and keeps no copy of anything (needs `aggregation.sync_every: 1`)."""
+    upload_codec: Literal["fp16", "bf16", "int8", "topk"] = "topk"
+    """Codec of the changes uploaded (`uploads: changes`); `topk` keeps the largest `topk_ratio` of
+    them, with their int32 indices."""
+    topk_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
+    int8_chunk_size: PositiveInt = 1024
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_wire_dtype(cls, data: Any) -> Any:
+        """Configurations written before codecs (run directories, knowledge bases) carry
+        `wire_dtype`: half precision for everything, D_k uploaded whole. They keep running so."""
+        if not isinstance(data, dict) or "wire_dtype" not in data:
+            return data
+        data = dict(data)
+        wire_dtype = data.pop("wire_dtype")
+        data.setdefault("codec", {"float16": "fp16", "bfloat16": "bf16"}.get(wire_dtype, wire_dtype))
+        data.setdefault("uploads", "models")
+        return data
 
 
 class MemoryLayoutConfig(_Strict):
@@ -496,6 +524,17 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _tasks_are_distinct(self) -> RunConfig:
         check_unique_task_names([t.name for t in self.tasks])
+        return self
+
+    @model_validator(mode="after")
+    def _changes_need_a_sync_every_round(self) -> RunConfig:
+        compression = self.control.compression
+        if compression.enabled and compression.uploads == "changes" and self.aggregation.sync_every != 1:
+            raise ValueError(
+                "control.compression.uploads: changes needs aggregation.sync_every: 1 (a change is taken "
+                f"from the D the server holds, which workers have only right after a sync), found "
+                f"sync_every: {self.aggregation.sync_every}; use uploads: models"
+            )
         return self
 
     @property

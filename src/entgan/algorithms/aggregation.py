@@ -202,6 +202,48 @@ class InPlaceDiscriminatorAverage:
                 offset += tensor.numel()
 
 
+class InPlaceDiscriminatorChange:
+    """The same multi-task weighted average, from uploads that carry changes instead of models.
+
+    When every worker's D_k started the round from the server's D (a sync every round), the
+    weighted mean of the D_k is D plus the weighted mean of their changes, so each change is added
+    to D in place, scaled by its worker's share of its part's weight: the trunk's over every
+    participant, head t's over task t's participants. The shares are fixed by who takes part, so
+    nothing but D is held; a participant whose upload is refused counts as no change (its share of
+    the step is not taken).
+    """
+
+    def __init__(self, layout: DiscriminatorLayout, num_tasks: int) -> None:
+        self.layout = layout
+        self.num_tasks = num_tasks
+        self._trunk_total = 0.0
+        self._head_totals = [0.0] * num_tasks
+
+    def expect(self, weights_by_task: Sequence[tuple[int, float]]) -> None:
+        """The round's participants, as (task, weight) pairs: the totals each part's shares are of."""
+        self._trunk_total = sum(weight for _, weight in weights_by_task)
+        self._head_totals = [0.0] * self.num_tasks
+        for task, weight in weights_by_task:
+            self._head_totals[task] += weight
+
+    def add(self, discriminator: Discriminator, change: torch.Tensor, task: int, weight: float) -> None:
+        if change.numel() != self.layout.update_size:
+            raise ValueError(f"change has {change.numel()} values, expected {self.layout.update_size}")
+        if not 0 < weight <= self._head_totals[task]:
+            raise ValueError(f"weight {weight} of a task-{task} change is not part of the expected participants")
+        state = discriminator.state_dict(keep_vars=True)
+        trunk, head = change.reshape(-1).split([self.layout.trunk_size, self.layout.head_size])
+        parts = [(self.layout.trunk_names, trunk, weight / self._trunk_total)]
+        parts.append((self.layout.head_names[task], head, weight / self._head_totals[task]))
+        with torch.no_grad():
+            for names, values, share in parts:
+                offset = 0
+                for name in names:
+                    tensor = state[name].data
+                    tensor.add_(values[offset : offset + tensor.numel()].view_as(tensor), alpha=share)
+                    offset += tensor.numel()
+
+
 def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:
     """Per task t, what a task-t worker's discriminator upload is made of: the trunk and head t."""
     return [

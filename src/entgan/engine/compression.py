@@ -83,6 +83,30 @@ class Codec(ABC):
         """decode(encode(vector)): what the receiver will see."""
         return self.decode(self.encode(vector), vector.numel())
 
+    # A payload packed into one byte tensor travels as one message: a model sent layer by layer
+    # stays one message per layer, whatever the codec, so a receiver can still use each layer as
+    # soon as it has arrived.
+    def encode_packed(self, vector: Tensor) -> Tensor:
+        """The payload of `vector` as one uint8 tensor: its tensors' bytes, one after another."""
+        return torch.cat([part.contiguous().view(torch.uint8) for part in self.encode(vector)])
+
+    def decode_packed(self, packed: Tensor, numel: int) -> Tensor:
+        """The float32 vector that `encode_packed` turned into `packed`."""
+        expected = self.payload_bytes(numel)
+        if packed.dtype != torch.uint8 or packed.numel() != expected:
+            raise ValueError(
+                f"{self.name} packed payload for {numel} values should be {expected} uint8 bytes, "
+                f"found {packed.numel()} {packed.dtype}"
+            )
+        parts, offset = [], 0
+        for slot in self.payload_spec(numel):
+            part = packed[offset : offset + slot.nbytes]
+            if (packed.storage_offset() + offset) % slot.dtype.itemsize:  # a view must be aligned
+                part = part.clone()
+            parts.append(part.view(slot.dtype))
+            offset += slot.nbytes
+        return self.decode(parts, numel)
+
 
 def _as_flat_float(vector: Tensor) -> Tensor:
     if vector.dim() != 1:

@@ -30,6 +30,7 @@ import torch
 
 from entgan.config import RunConfig
 from entgan.data.sources import ImageDataset
+from entgan.engine.compression import Codec
 from entgan.engine.context import RunContext
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.models.generator import Generator
@@ -67,6 +68,9 @@ class UploadKind:
     """Receive by rank instead of by arrival (a fixed summation order, reproducible to the bit)."""
     values_storage: torch.Tensor | None = None
     """Memory the received values may occupy (`engine.updates.UpdateReceiver`)."""
+    codecs: tuple[Codec, ...] = ()
+    """Codecs with parameters (int8, top-k) the workers may send this kind in, beyond the casts
+    every receiver knows (`engine.updates.CAST_CODECS`)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,8 @@ class Upload:
     """Flat values; must not change until the engine has settled the upload (next round)."""
     layout: UpdateLayout
     figures: Sequence[float] = ()
-    wire_dtype: torch.dtype = torch.float32
+    codec: Codec | None = None
+    """How the values travel (`engine.compression`); None: float32 as they are."""
     wait_at_once: bool = False
     """Complete the send before the worker goes on (a method without overlap)."""
 

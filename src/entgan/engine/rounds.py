@@ -43,6 +43,7 @@ class ServerRounds:
                     len(kind.figures) + (WorkerReport.SIZE if position == len(kinds) - 1 else 0),
                     kind.layout_of,
                     kind.values_storage,
+                    kind.codecs,
                 ),
             )
             for position, kind in enumerate(kinds)
@@ -154,7 +155,7 @@ class WorkerRounds:
                 round_index,
                 SERVER_RANK,
                 upload.kind,
-                upload.wire_dtype,
+                upload.codec,
             )
             if upload.wait_at_once:
                 transfer.wait()

@@ -24,6 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from entgan.engine.compression import Codec
 from entgan.engine.timeline import RECEIVE, SEND, Timeline, stamp
 
 # Stable tags per message kind (gloo honours tags; NCCL ignores them, and our send/receive order
@@ -51,11 +52,16 @@ def base_kind(kind: str) -> str:
     return kind.removesuffix(BODY_SUFFIX)
 
 
-def _on_wire(tensor: torch.Tensor, wire_dtype: torch.dtype | None) -> torch.Tensor:
-    """`tensor` as it travels: floating-point tensors in `wire_dtype` (a copy), the rest as is."""
-    if wire_dtype is None or not tensor.is_floating_point() or tensor.dtype == wire_dtype:
+def _encoded(tensor: torch.Tensor, codec: Codec | None) -> torch.Tensor:
+    """`tensor` as it travels: a floating-point tensor as `codec`'s packed payload (a new tensor),
+    anything else (integer buffers, or no codec) as is."""
+    if codec is None or not tensor.is_floating_point():
         return tensor
-    return tensor.to(wire_dtype)
+    return codec.encode_packed(tensor.reshape(-1))
+
+
+def _decode_into(buffer: torch.Tensor, wire: torch.Tensor, codec: Codec) -> None:
+    buffer.copy_(codec.decode_packed(wire, buffer.numel()).view_as(buffer))
 
 
 def _wait(work: dist.Work, timeout: datetime.timedelta | None) -> None:
@@ -151,7 +157,7 @@ class Transfer:
             self._counters.wait_seconds += time.perf_counter() - started
             self._works[index] = None
             arrived = self._on_arrival[index]
-            if arrived is not None:  # e.g. widen a half-precision wire copy into the model's tensor
+            if arrived is not None:  # e.g. decode a compressed wire copy into the model's tensor
                 arrived()
         if self._timeline is not None and began is not None:
             ids: list[int] = []
@@ -235,20 +241,21 @@ class Transport:
         return self._transfer(works, kind=kind, messages=messages)
 
     def receive(
-        self, buffers: Iterable[torch.Tensor], src: int, kind: str, wire_dtype: torch.dtype | None = None
+        self, buffers: Iterable[torch.Tensor], src: int, kind: str, codec: Codec | None = None
     ) -> Transfer:
         """Receive into the given buffers in order (asynchronously), e.g. a model's own tensors.
 
-        With `wire_dtype`, floating-point tensors arrive in that precision into a wire copy and are
-        widened into the buffer as each one is waited for (so layer-by-layer use still works)."""
+        With `codec`, floating-point tensors arrive as its packed payloads into a wire buffer and
+        are decoded into their buffer as each one is waited for (so layer-by-layer use still works);
+        the sender must use the same codec."""
         tag = self._tag(kind)
         works, on_arrival, messages = [], [], []
         for buffer in buffers:
             if not buffer.is_contiguous():
                 raise ValueError("receive buffers must be contiguous")
-            if wire_dtype is not None and buffer.is_floating_point() and buffer.dtype != wire_dtype:
-                wire = torch.empty_like(buffer, dtype=wire_dtype)
-                on_arrival.append(partial(buffer.copy_, wire))
+            if codec is not None and buffer.is_floating_point():
+                wire = torch.empty(codec.payload_bytes(buffer.numel()), dtype=torch.uint8, device=buffer.device)
+                on_arrival.append(partial(_decode_into, buffer, wire, codec))
             else:
                 wire = buffer
                 on_arrival.append(None)
@@ -259,16 +266,17 @@ class Transport:
         return self._transfer(works, on_arrival, kind, messages)
 
     def send_to_many(
-        self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str, wire_dtype: torch.dtype | None = None
+        self, tensors: Sequence[torch.Tensor], dsts: Sequence[int], kind: str, codec: Codec | None = None
     ) -> Transfer:
         """Send the same tensors to several ranks, layer-major: every rank gets layer 0 first.
 
-        With `wire_dtype` (e.g. float16), floating-point tensors travel in that precision; the
-        receiver must use `receive(..., wire_dtype=)` with the same dtype."""
+        With `codec` (e.g. int8), floating-point tensors travel as its packed payloads, each
+        encoded once for every destination; the receiver must use `receive(..., codec=)` with the
+        same codec. Bytes are counted as they travel."""
         tag = self._tag(kind)
         works, messages = [], []
         for tensor in tensors:
-            payload = _on_wire(tensor.detach(), wire_dtype).contiguous()
+            payload = _encoded(tensor.detach(), codec).contiguous()
             size = tensor_bytes(payload)
             for dst in dsts:
                 works.append(dist.isend(payload, dst=dst, tag=tag))

@@ -4,8 +4,10 @@ An update is a flat float32 vector of model tensors (e.g. a discriminator's trun
 plus a few float "extras" (the worker's round report). It travels as two messages:
 
     header  int64[7]  magic, version, round, sender rank, layout fingerprint, number of values,
-                      wire precision of the values (float32, or float16/bfloat16 when compressed)
-    body    float32[extras], values, uint8[32] HMAC over header + extras + values
+                      codec of the values (`engine.compression.CODEC_NAMES`: 0 float32 as is,
+                      1/2 float16/bfloat16, 3 int8, 4 top-k)
+    body    float32[extras], values (float32, or the codec's packed bytes), uint8[32] HMAC over
+            header + extras + values as sent
 
 The header comes first on the kind's own tag, so the server can receive from whichever worker is
 ready (any source) and then size the body buffer from the header: a wrongly shaped update is
@@ -24,13 +26,15 @@ from dataclasses import dataclass
 
 import torch
 
+from entgan.engine.compression import CODEC_NAMES, BFloat16, Codec, Float16, NoCompression, codec_id, codec_named
 from entgan.engine.security import MAC_BYTES, mac_matches, message_mac
 from entgan.engine.transport import BODY_SUFFIX, Transfer, Transport
 
 MAGIC = 0x454E5447  # "ENTG"
 VERSION = 1
 HEADER_SIZE = 7
-WIRE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+CAST_CODECS: tuple[Codec, ...] = (NoCompression(), Float16(), BFloat16())
+"""The codecs every receiver knows; codecs with parameters (int8, top-k) are the method's to add."""
 MAX_VALUES = 1 << 28
 """Largest body the server agrees to receive at all (1 GiB of float32); beyond it, the sender is
 not speaking this protocol and the run stops with a clear error instead of allocating."""
@@ -96,21 +100,23 @@ def send_update(
     round_index: int,
     dst: int,
     kind: str,
-    wire_dtype: torch.dtype = torch.float32,
+    codec: Codec | None = None,
 ) -> Transfer:
     """Send one update (asynchronously); `values` and `extras` must not change before wait().
 
-    `wire_dtype` float16/bfloat16 halves the upload (EntGAN's server sums uploads into its float32 D
-    either way, `InPlaceDiscriminatorAverage`)."""
-    values = values.detach().reshape(-1).to(wire_dtype)
+    With `codec`, the values travel as its packed payload (e.g. float16 halves the upload, top-k of
+    a change sends a fraction of it); the receiver must know the codec (`UpdateReceiver`)."""
+    codec = codec or NoCompression()
+    flat = values.detach().reshape(-1)
+    wire = flat.to(torch.float32) if isinstance(codec, NoCompression) else codec.encode_packed(flat)
     extras = extras.detach().reshape(-1).to(torch.float32)
     header = torch.tensor(
-        [MAGIC, VERSION, round_index, transport.rank, layout.fingerprint, values.numel(), WIRE_DTYPES.index(wire_dtype)],
+        [MAGIC, VERSION, round_index, transport.rank, layout.fingerprint, flat.numel(), codec_id(codec)],
         dtype=torch.int64,
     )
-    mac = message_mac(key, header, extras, values).to(values.device)
-    header_transfer = transport.send([header.to(values.device)], dst, kind)
-    body_transfer = transport.send([extras, values, mac], dst, kind + BODY_SUFFIX)
+    mac = message_mac(key, header, extras, wire).to(wire.device)
+    header_transfer = transport.send([header.to(wire.device)], dst, kind)
+    body_transfer = transport.send([extras, wire, mac], dst, kind + BODY_SUFFIX)
     return Transfer.combine(header_transfer, body_transfer)
 
 
@@ -132,6 +138,30 @@ def update_problem(values: torch.Tensor, max_norm: float | None) -> str | None:
     return None
 
 
+def envelope_problem(
+    key: bytes,
+    header: torch.Tensor,
+    extras: torch.Tensor,
+    wire: torch.Tensor,
+    mac: torch.Tensor,
+    rank: int,
+    round_index: int,
+    layout: UpdateLayout,
+) -> str | None:
+    """Why the server must refuse an update received from `rank` in round `round_index` before
+    even decoding its values (forged, replayed, or built from another model), or None."""
+    if not mac_matches(key, mac, header, extras, wire):
+        return "its HMAC does not verify under the worker's session key (forged or corrupted)"
+    _, _, sent_round, sender, fingerprint, count, _ = (int(v) for v in header.tolist())
+    if sender != rank or sent_round != round_index:
+        return f"it claims rank {sender}, round {sent_round + 1} (replayed or misrouted)"
+    if count != layout.numel:
+        return f"it holds {count} values; the model's update has {layout.numel} (shapes differ)"
+    if fingerprint != layout.fingerprint:
+        return "its layer names, shapes or dtypes differ from the model's"
+    return None
+
+
 def refusal_reason(
     key: bytes,
     header: torch.Tensor,
@@ -143,16 +173,13 @@ def refusal_reason(
     layout: UpdateLayout,
     max_norm: float | None,
 ) -> str | None:
-    """Why the server must refuse an update received from `rank` in round `round_index`, or None."""
-    if not mac_matches(key, mac, header, extras, values):
-        return "its HMAC does not verify under the worker's session key (forged or corrupted)"
-    _, _, sent_round, sender, fingerprint, count, _ = (int(v) for v in header.tolist())
-    if sender != rank or sent_round != round_index:
-        return f"it claims rank {sender}, round {sent_round + 1} (replayed or misrouted)"
-    if count != layout.numel or values.numel() != layout.numel:
-        return f"it holds {values.numel()} values; the model's update has {layout.numel} (shapes differ)"
-    if fingerprint != layout.fingerprint:
-        return "its layer names, shapes or dtypes differ from the model's"
+    """Why the server must refuse an update of float32 `values` as received, or None: the
+    envelope's checks, then the values' own (`update_problem`)."""
+    reason = envelope_problem(key, header, extras, values, mac, rank, round_index, layout)
+    if reason is None and values.numel() != layout.numel:
+        reason = f"it holds {values.numel()} values; the model's update has {layout.numel} (shapes differ)"
+    if reason is not None:
+        return reason
     problem = update_problem(values, max_norm)
     return None if problem is None else f"it {problem}"
 
@@ -168,10 +195,11 @@ class UpdateReceiver:
         layout_of: Callable[[int], UpdateLayout],
         max_norm: float | None,
         values_storage: torch.Tensor | None = None,
+        codecs: Sequence[Codec] = (),
     ) -> None:
-        """`values_storage`: memory the received values may occupy when they fit (viewed in their
-        wire precision), e.g. a buffer the caller uses for something else between receives; without
-        it the receiver allocates its own."""
+        """`values_storage`: memory the decoded float32 values may occupy when they fit, e.g. a
+        buffer the caller uses for something else between receives; without it the receiver
+        allocates its own. `codecs`: the ones beyond `CAST_CODECS` that workers may announce."""
         if values_storage is not None and (values_storage.dim() != 1 or not values_storage.is_contiguous()):
             raise ValueError("values_storage must be one contiguous flat tensor")
         self.transport = transport
@@ -180,33 +208,38 @@ class UpdateReceiver:
         self.layout_of = layout_of
         self.max_norm = max_norm
         self.values_storage = values_storage
+        self.codecs = [*CAST_CODECS, *codecs]
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
         self._body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._values: torch.Tensor | None = None
 
-    def _buffers(self, count: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _buffers(self, wire_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Receive buffers, reused while updates keep their size: one update in memory at a time.
         (An accepted update's values are consumed before the next receive overwrites them.)"""
-        if self._body is None or self._body[1].numel() != count or self._body[1].dtype != dtype:
+        if self._body is None or self._body[1].numel() != wire_bytes:
             device = self.transport.device
             self._body = (
                 torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                self._values_buffer(count, dtype),
+                torch.empty(wire_bytes, dtype=torch.uint8, device=device),
                 torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
         return self._body
 
-    def _values_buffer(self, count: int, dtype: torch.dtype) -> torch.Tensor:
-        storage = self.values_storage
-        size = count * dtype.itemsize
-        if storage is not None and size <= storage.numel() * storage.element_size():
-            return storage.view(torch.uint8)[:size].view(dtype)
-        return torch.empty(count, dtype=dtype, device=self.transport.device)
+    def _values_buffer(self, count: int) -> torch.Tensor:
+        if self._values is None or self._values.numel() != count:
+            storage = self.values_storage
+            if storage is not None and count * 4 <= storage.numel() * storage.element_size():
+                self._values = storage.view(torch.uint8)[: count * 4].view(torch.float32)
+            else:
+                self._values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
+        return self._values
 
     def release(self) -> None:
         """Drop the receive buffers until the next update: between rounds the memory is the
         model's to use (e.g. for gradients), not held for an update that is not coming yet.
         (`values_storage` stays the caller's.)"""
         self._body = None
+        self._values = None
 
     def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
         """The next update from one of `expected`: whichever arrives first, or with `in_order` the
@@ -217,18 +250,31 @@ class UpdateReceiver:
         else:
             rank = self.transport.receive_from_any(self._header, kind, expected)
         header = [int(v) for v in self._header.tolist()]
-        magic, version, count, precision = header[0], header[1], header[5], header[6]
-        if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= precision < len(WIRE_DTYPES):
+        magic, version, count, announced = header[0], header[1], header[5], header[6]
+        if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= announced < len(CODEC_NAMES):
             raise ProtocolError(
                 f"rank {rank} sent a '{kind}' message that is not an update envelope (header {header}); "
                 "is it running the same EntGAN version?"
             )
-        extras, values, mac = self._buffers(count, WIRE_DTYPES[precision])
-        self.transport.receive([extras, values, mac], rank, kind + BODY_SUFFIX).wait()
+        try:
+            codec = codec_named(announced, self.codecs)
+        except ValueError as error:
+            raise ProtocolError(f"rank {rank}'s '{kind}' update: {error}") from None
+        if isinstance(codec, NoCompression):  # float32 as is: received straight into the values buffer
+            values = self._values_buffer(count)
+            extras, _, mac = self._buffers(0)
+            wire = values
+        else:
+            extras, wire, mac = self._buffers(codec.payload_bytes(count))
+        self.transport.receive([extras, wire, mac], rank, kind + BODY_SUFFIX).wait()
 
-        reason = refusal_reason(
-            self.keys[rank], self._header, extras, values, mac, rank, round_index, self.layout_of(rank), self.max_norm
-        )
+        reason = envelope_problem(self.keys[rank], self._header, extras, wire, mac, rank, round_index, self.layout_of(rank))
         if reason is not None:
             return Refusal(rank, round_index, reason)
+        if not isinstance(codec, NoCompression):
+            values = self._values_buffer(count)
+            values.copy_(codec.decode_packed(wire, count))
+        problem = update_problem(values, self.max_norm)
+        if problem is not None:
+            return Refusal(rank, round_index, f"it {problem}")
         return Update(rank, values, extras.clone())

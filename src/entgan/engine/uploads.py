@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from entgan.engine.compression import Codec
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.updates import Refusal, Update, UpdateLayout, UpdateReceiver
 
@@ -39,10 +40,11 @@ def update_receiver(
     extras_size: int,
     layout_of: Callable[[int], UpdateLayout],
     values_storage: torch.Tensor | None = None,
+    codecs: Sequence[Codec] = (),
 ) -> UpdateReceiver:
     """Server: the engine's checking receiver for uploads whose values follow `layout_of(rank)` and
     carry `extras_size` extra floats, bounded by `security.max_update_norm`; the values land in
-    `values_storage` where given (`UpdateReceiver`)."""
+    `values_storage` where given, and workers may send them in `codecs` (`UpdateReceiver`)."""
     return UpdateReceiver(
         context.transport,
         context.session_keys,
@@ -50,6 +52,7 @@ def update_receiver(
         layout_of=layout_of,
         max_norm=context.config.security.max_update_norm,
         values_storage=values_storage,
+        codecs=codecs,
     )
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
 from entgan.algorithms.aggregation import DiscriminatorLayout, discriminator_update_layouts
 from entgan.control.overlap import OverlapController
+from entgan.engine.compression import Codec, build_codec
 from entgan.engine.method import Role
 from entgan.gan import build_models
 
@@ -19,8 +18,19 @@ class EntGANRole(Role):
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.overlap = OverlapController(self.config.control.overlap)
         compression = self.config.control.compression
-        # Per-round traffic travels in half precision when compression is on (the start is exact).
-        self.wire_dtype: torch.dtype | None = getattr(torch, compression.wire_dtype) if compression.enabled else None
+        # With compression on, per-round traffic travels encoded (the start is exact).
+        self.model_codec: Codec | None = None
+        """How G, the synced D and gossip travel (None: float32)."""
+        self.upload_codec: Codec | None = None
+        """How D_k (or its change) travels up (None: float32)."""
+        self.uploads_changes = compression.enabled and compression.uploads == "changes"
+        if compression.enabled:
+            self.model_codec = build_codec(compression.codec, int8_chunk_size=compression.int8_chunk_size)
+            self.upload_codec = self.model_codec
+            if self.uploads_changes:
+                self.upload_codec = build_codec(
+                    compression.upload_codec, compression.topk_ratio, compression.int8_chunk_size
+                )
 
     def is_sync_round(self, round_index: int) -> bool:
         """Whether the averaged D goes down after round `round_index` (`aggregation.sync_every`)."""

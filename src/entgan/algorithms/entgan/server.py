@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage
+from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
@@ -48,6 +48,7 @@ class EntGANServer(EntGANRole, ServerRole):
         self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
+        self.changes = InPlaceDiscriminatorChange(self.layout, len(self.config.tasks))
         average = self.config.control.generator_average
         # Copied before G's gradients are bound to the shared buffer, so the copy takes none of it.
         self.generator_average = ModelAverage(self.G, average.half_life_rounds) if average.enabled else None
@@ -61,6 +62,7 @@ class EntGANServer(EntGANRole, ServerRole):
                 layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
                 in_order=True,
                 values_storage=self.gradients.buffer,
+                codecs=() if self.upload_codec is None else (self.upload_codec,),
             )
         ]
         self.feedback: GeneratorFeedback | None = None
@@ -81,19 +83,27 @@ class EntGANServer(EntGANRole, ServerRole):
         No buffer beyond D and one update: updates are read in rank order (they are all in flight
         by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
         the sum the same on every run. Refused updates (`engine.updates`) never get here; a part
-        (trunk, a task's head) with no accepted update keeps its values. On sync rounds the
-        averaged D then goes down at once (D_k := D), before G trains, so the next round's
-        participants can start the real-data half of their D step while the server trains G.
+        (trunk, a task's head) with no accepted update keeps its values. With compressed changes
+        uploaded (`control.compression.uploads: changes`), each is added to D in place instead,
+        scaled by its worker's share (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
+        then goes down at once (D_k := D), before G trains, so the next round's participants can
+        start the real-data half of their D step while the server trains G.
         """
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
-        self.averager.reset()
-        for update in accepted:
-            self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
-        self.averager.finish(self.D)
+        if self.uploads_changes:
+            participants = self.participants(round_index)
+            self.changes.expect([(self.context.task_of(rank), self.sample_counts[rank]) for rank in participants])
+            for update in accepted:
+                self.changes.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+        else:
+            self.averager.reset()
+            for update in accepted:
+                self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+            self.averager.finish(self.D)
         if self.is_sync_round(round_index):
             next_workers = self.participants(round_index + 1)
-            transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.wire_dtype)
+            transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.model_codec)
             self.discriminator_in_flight = self.overlap.outgoing(transfer)
 
     def train_global(self, round_index: int) -> dict[str, float]:
@@ -110,7 +120,7 @@ class EntGANServer(EntGANRole, ServerRole):
     def send_down(self, round_index: int, participants: list[int]) -> None:
         """G goes to the next round's participants layer by layer; the overlap controller decides
         when to wait."""
-        transfer = self.transport.send_to_many(model_tensors(self.G), participants, "generator", self.wire_dtype)
+        transfer = self.transport.send_to_many(model_tensors(self.G), participants, "generator", self.model_codec)
         self.generator_in_flight = self.overlap.outgoing(transfer)
 
     # ------------------------------------------------------------------ G steps

@@ -14,7 +14,7 @@ from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, Upload, WorkerRole
-from entgan.engine.parameters import LayerStream, flatten, model_tensors, unflatten_into
+from entgan.engine.parameters import LayerStream, flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import update_problem
 from entgan.engine.uploads import send_hello
@@ -64,6 +64,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
         )
+        # Uploading changes: the D this round started from (the server's, just synced) and what
+        # earlier compressed changes left out (error feedback).
+        self.synced_update: torch.Tensor | None = None
+        self.unsent_change = torch.zeros(self.layout.update_size, device=self.context.device)
         send_hello(self.context, len(shard))
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
@@ -78,6 +82,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         """Steps 1-2: fakes from G_k, D_k's update, then gossip and the continual-learning update."""
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
+        if self.uploads_changes:  # D_k := D was just synced: the change is taken from here
+            self.synced_update = flatten(self.layout.update_tensors(self.D, self.context.task))
         plan = self.worker_scheduler.plan(round_index)
 
         d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
@@ -95,17 +101,30 @@ class EntGANWorker(EntGANRole, WorkerRole):
         return LocalFigures(d_loss, real_realness, fake_realness)
 
     def uploads(self, round_index: int) -> Sequence[Upload]:
-        """(trunk_k, head_k), in an authenticated envelope the server validates before averaging."""
+        """(trunk_k, head_k), or its change since the sync, in an authenticated envelope the server
+        validates before averaging."""
         task = self.context.task
+        values = flatten(self.layout.update_tensors(self.D, task))
+        if self.uploads_changes:
+            values = self.compressed_change(values)
         return [
             Upload(
                 "discriminator-update",
-                flatten(self.layout.update_tensors(self.D, task)),
+                values,
                 self.update_layouts[task],
-                wire_dtype=self.wire_dtype or torch.float32,
+                codec=self.upload_codec,
                 wait_at_once=not self.overlap.enabled,
             )
         ]
+
+    def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
+        """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
+        leaves out of it is kept for the next one (error feedback: nothing is dropped for good)."""
+        assert self.synced_update is not None and self.upload_codec is not None
+        change = update.sub_(self.synced_update).add_(self.unsent_change)
+        self.unsent_change = change - self.upload_codec.round_trip(change)
+        self.synced_update = None
+        return change
 
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index`: D on sync rounds
@@ -113,9 +132,9 @@ class EntGANWorker(EntGANRole, WorkerRole):
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(
-                model_tensors(self.D), SERVER_RANK, "discriminator", self.wire_dtype
+                model_tensors(self.D), SERVER_RANK, "discriminator", self.model_codec
             )
-        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", self.wire_dtype)
+        transfer = self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", self.model_codec)
         self.incoming_generator = self.overlap.incoming_model(self.G, transfer)
 
     # ------------------------------------------------------------------ steps 1-2
@@ -184,7 +203,9 @@ class EntGANWorker(EntGANRole, WorkerRole):
         if partners is None:
             return None
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
-        snapshot = flatten(model_tensors(self.D)).to(self.wire_dtype or torch.float32)
+        snapshot = flatten(model_tensors(self.D))
+        if self.model_codec is not None:
+            snapshot = self.model_codec.encode_packed(snapshot)
         incoming = torch.empty_like(snapshot)
         transfer = self.transport.exchange(snapshot, send_to, incoming, receive_from, "gossip")
         return transfer, incoming
@@ -193,6 +214,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         """Update: mix in the peer's D, then fit own data while held to the peer."""
         transfer, incoming = gossip
         transfer.wait()
+        if self.model_codec is not None:
+            incoming = self.model_codec.decode_packed(incoming, numel(model_tensors(self.peer_D)))
         if update_problem(incoming, self.config.security.max_update_norm) is not None:
             return  # a broken peer (NaN, exploded) must not spread: skip this exchange, keep own D_k
         unflatten_into(incoming, model_tensors(self.peer_D))
@@ -231,6 +254,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
             "latent_stream": self.latent_stream.get_state(),
             # The privacy spent so far: a resumed run keeps counting epsilon, never restarts at 0.
             "private": self.private.state_dict() if self.private is not None else None,
+            "unsent_change": self.unsent_change.clone() if self.uploads_changes else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -240,6 +264,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.latent_stream.set_state(state["latent_stream"])
         if self.private is not None:
             self.private.load_state_dict(state["private"])
+        if state.get("unsent_change") is not None:  # absent from checkpoints written before changes
+            self.unsent_change.copy_(state["unsent_change"])
 
     def digest(self) -> dict[str, float]:
         return model_digest(self.G, "generator")
