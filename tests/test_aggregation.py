@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from entgan.algorithms.aggregation import (
     DiscriminatorAverager,
     DiscriminatorLayout,
     InPlaceDiscriminatorAverage,
+    InPlaceDiscriminatorChange,
     RunningAverage,
 )
 from entgan.config import ModelConfig
@@ -160,3 +163,47 @@ def test_in_place_average_equals_the_running_average_and_keeps_parts_without_upd
     assert torch.allclose(flatten(model_tensors(in_place)), flatten(model_tensors(reference)), atol=1e-6)
     for before, after in zip(untouched_head, model_tensors(in_place.heads[2]), strict=True):
         assert torch.equal(before, after)  # task 2 had no update this round
+
+
+def test_adding_the_changes_equals_averaging_the_models_they_came_from() -> None:
+    # Every D_k started the round from the server's D (a sync every round): D plus the weighted
+    # mean change is the weighted mean of the D_k, trunk over everyone, head t over task t's.
+    server, *workers = _discriminators(4)
+    layout = DiscriminatorLayout(server)
+    for worker in workers:
+        worker.load_state_dict(server.state_dict())
+        with torch.no_grad():
+            for parameter in worker.parameters():
+                parameter.add_(torch.randn_like(parameter))
+    tasks, weights = [0, 0, 1], [1.0, 3.0, 2.0]
+    expected = copy.deepcopy(server)
+    average = InPlaceDiscriminatorAverage(layout, num_tasks=2)
+    for worker, task, weight in zip(workers, tasks, weights):
+        average.add(expected, flatten(layout.update_tensors(worker, task)), task, weight)
+    average.finish(expected)
+
+    changes = InPlaceDiscriminatorChange(layout, num_tasks=2)
+    changes.expect(list(zip(tasks, weights)))
+    start = {task: flatten(layout.update_tensors(server, task)) for task in (0, 1)}
+    for worker, task, weight in zip(workers, tasks, weights):
+        changes.add(server, flatten(layout.update_tensors(worker, task)) - start[task], task, weight)
+
+    for name, tensor in server.state_dict().items():
+        torch.testing.assert_close(tensor, expected.state_dict()[name], rtol=0, atol=1e-5)
+
+
+def test_a_refused_change_counts_as_no_change_and_foreign_weights_are_refused() -> None:
+    (server,) = _discriminators(1)
+    layout = DiscriminatorLayout(server)
+    before = {name: tensor.clone() for name, tensor in server.state_dict().items()}
+    changes = InPlaceDiscriminatorChange(layout, num_tasks=2)
+    changes.expect([(0, 1.0), (0, 1.0)])  # two task-0 participants; one upload never arrives
+    changes.add(server, torch.full((layout.update_size,), 2.0), 0, 1.0)
+
+    state = server.state_dict()
+    for name in layout.trunk_names + layout.head_names[0]:  # half the step: the other half was refused
+        torch.testing.assert_close(state[name], before[name] + 1.0)
+    for name in layout.head_names[1]:  # no task-1 participant: untouched
+        assert torch.equal(state[name], before[name])
+    with pytest.raises(ValueError, match="task-1"):
+        changes.add(server, torch.zeros(layout.update_size), 1, 1.0)

@@ -195,3 +195,47 @@ def test_chooser_picks_the_least_lossy_codec_that_fits_the_target() -> None:
     assert choice(1e3) == "topk"  # nothing fits: the most compressed
     with pytest.raises(ValueError, match="target time"):
         CodecChooser(ladder, target_seconds=0)
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("numel", [0, 1, 1023, 1024, 3001])
+def test_a_packed_payload_is_one_byte_tensor_of_the_payload_size_and_decodes_the_same(name: str, numel: int) -> None:
+    codec = build_codec(name, topk_ratio=0.3, int8_chunk_size=64)
+    vector = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+
+    packed = codec.encode_packed(vector)
+
+    assert packed.dtype == torch.uint8 and packed.numel() == codec.payload_bytes(numel)
+    assert torch.equal(codec.decode_packed(packed, numel), codec.round_trip(vector))
+    # Received into the middle of a larger buffer (an unaligned float32 slot): the same values.
+    shifted = torch.cat([torch.zeros(3, dtype=torch.uint8), packed])[3:]
+    assert torch.equal(codec.decode_packed(shifted, numel), codec.round_trip(vector))
+
+
+def test_a_packed_payload_of_the_wrong_size_is_refused_by_name() -> None:
+    codec = build_codec("int8")
+    with pytest.raises(ValueError, match="int8 packed payload for 10 values should be 14"):
+        codec.decode_packed(torch.zeros(12, dtype=torch.uint8), 10)
+
+
+def test_int8_of_a_change_is_far_closer_than_int8_of_the_model() -> None:
+    # Why EntGAN uploads D_k's change since the sync: the same bytes, an error scaled to the change.
+    generator = torch.Generator().manual_seed(0)
+    model = torch.randn(4096, generator=generator)
+    change = 1e-3 * torch.randn(4096, generator=generator)
+    codec = build_codec("int8")
+    error_whole = (codec.round_trip(model + change) - (model + change)).abs().max()
+    error_change = (model + codec.round_trip(change) - (model + change)).abs().max()
+    assert error_change < error_whole / 100
+
+
+@pytest.mark.parametrize("name", CODEC_NAMES)
+@pytest.mark.parametrize("numel", [0, 5, 64, 1000])
+def test_decoding_into_a_buffer_writes_what_decode_returns(name: str, numel: int) -> None:
+    codec = build_codec(name, topk_ratio=0.3, int8_chunk_size=64)
+    vector = torch.randn(numel, generator=torch.Generator().manual_seed(1))
+    out = torch.full((numel,), float("nan"))
+
+    codec.decode_packed_into(codec.encode_packed(vector), out)
+
+    assert torch.equal(out, codec.round_trip(vector))

@@ -36,6 +36,11 @@ def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
         ({"data": {"source": "idx"}}, "data.path is required"),
         ({"data": {"image_size": 30}}, "data.image_size"),
         ({"control": {"server_scheduler": {"min_g_steps": 5, "g_steps": 2}}}, "min_g_steps"),
+        ({"control": {"compression": {"codec": "zip"}}}, "control.compression.codec"),
+        (
+            {"control": {"compression": {"enabled": True}}, "aggregation": {"sync_every": 2}},
+            "uploads: changes needs aggregation.sync_every: 1",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(change: dict, expected: str) -> None:
@@ -78,3 +83,14 @@ def test_backend_follows_the_gpus_each_process_can_have(backend: str, processes:
 def test_nccl_without_a_gpu_per_process_is_refused_before_anything_starts(gpus: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         select_backend(tiny_config(engine={"backend": "nccl"}), local_world_size=3, cuda_devices=gpus)
+
+
+@pytest.mark.parametrize(("wire_dtype", "codec"), [("float16", "fp16"), ("bfloat16", "bf16")])
+def test_a_config_written_with_a_wire_dtype_keeps_running_as_it_did(wire_dtype: str, codec: str) -> None:
+    # Run directories and knowledge bases hold configs from before codecs: half precision for
+    # everything, D_k uploaded whole.
+    data = {**tiny_config_data(), "control": {"compression": {"enabled": True, "wire_dtype": wire_dtype}}}
+
+    compression = parse_config(data).control.compression
+
+    assert (compression.codec, compression.uploads) == (codec, "models")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import re
 from pathlib import Path
 
@@ -165,6 +167,30 @@ def test_compression_halves_the_traffic_and_keeps_workers_in_step(tmp_path: Path
     for digest in worker_digests(tmp_path / "half"):  # G_k is G up to float16 rounding
         assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=1e-2, abs=1e-2)
         assert digest["generator_abs_sum"] > 0
+
+
+def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_train(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    every_worker = {"participation": 1.0, "start_timeout_s": 60, "round_timeout_s": 60}
+    plain = launch_local(tiny_config(engine=every_worker), tmp_path / "plain", cache_dir=cache_dir, show_progress=False)
+    config = tiny_config(engine=every_worker, control={"compression": {"enabled": True}})  # int8, changes
+    assert (config.control.compression.codec, config.control.compression.uploads) == ("int8", "changes")
+
+    compressed = launch_local(config, tmp_path / "int8", cache_dir=cache_dir, show_progress=False)
+
+    rounds = config.rounds
+    for key in ("server/bytes_sent/generator", "server/bytes_sent/discriminator", "server/bytes_received/discriminator-update"):
+        # After the exact start-up sync (a round's worth of float32 for G and D), each round moves
+        # about a quarter of float32's bytes (int8 codes plus a float32 scale per 1,024 values).
+        start = plain[key] / rounds if "update" not in key else 0.0
+        per_round = (compressed[key] - start) / rounds
+        assert per_round < 0.27 * (plain[key] - start) / rounds, key
+    assert math.isfinite(compressed["fid/overall"])
+    rows = RunDirectory(tmp_path / "int8").metrics()
+    assert all(row["refused_updates"] == 0 for row in rows if "refused_updates" in row)
+    for digest in worker_digests(tmp_path / "int8"):  # G_k is G up to int8 rounding
+        assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=2e-2, abs=2e-2)
 
 
 def test_partial_participation_trains_the_scheduled_workers_and_keeps_them_in_step(

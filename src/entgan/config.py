@@ -205,9 +205,11 @@ class CompressionConfig(_Strict):
     next change). With D synced every round, that D is the one the server still holds when the
     upload arrives, so the server adds the participants' weighted mean change to its own float32 D
     and keeps no copy of anything (needs `aggregation.sync_every: 1`)."""
-    upload_codec: Literal["fp16", "bf16", "int8", "topk"] = "topk"
-    """Codec of the changes uploaded (`uploads: changes`); `topk` keeps the largest `topk_ratio` of
-    them, with their int32 indices."""
+    upload_codec: Literal["fp16", "bf16", "int8", "topk"] = "int8"
+    """Codec of the changes uploaded (`uploads: changes`). `int8` keeps every entry of a change to
+    1/254 of its chunk's largest one; `topk` keeps the largest `topk_ratio` of them with their
+    int32 indices (8 bytes each: at 0.1, 0.8 bytes a value against int8's 1), and leaves the rest
+    to error feedback, which D's Adam steps (every weight moves each step) make slow to catch up."""
     topk_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
     int8_chunk_size: PositiveInt = 1024
 

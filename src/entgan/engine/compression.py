@@ -90,14 +90,27 @@ class Codec(ABC):
         """The payload of `vector` as one uint8 tensor: its tensors' bytes, one after another."""
         return torch.cat([part.contiguous().view(torch.uint8) for part in self.encode(vector)])
 
+    def encode_packed_into(self, vector: Tensor, out: Tensor) -> None:
+        """`encode_packed` into `out` (uint8, `payload_bytes` long), e.g. a sender's wire buffer
+        kept from round to round."""
+        _check_packed_size(self, out, vector.numel())
+        out.copy_(self.encode_packed(vector))
+
     def decode_packed(self, packed: Tensor, numel: int) -> Tensor:
         """The float32 vector that `encode_packed` turned into `packed`."""
-        expected = self.payload_bytes(numel)
-        if packed.dtype != torch.uint8 or packed.numel() != expected:
-            raise ValueError(
-                f"{self.name} packed payload for {numel} values should be {expected} uint8 bytes, "
-                f"found {packed.numel()} {packed.dtype}"
-            )
+        return self.decode(self._unpacked(packed, numel), numel)
+
+    def decode_into(self, payload: Sequence[Tensor], out: Tensor) -> None:
+        """Decode into `out` (1-D float32): the same values as `decode`, here with a full-size
+        temporary; codecs override it to write in place (a server decodes every upload)."""
+        out.copy_(self.decode(payload, out.numel()))
+
+    def decode_packed_into(self, packed: Tensor, out: Tensor) -> None:
+        """`decode_packed` into `out` (1-D float32)."""
+        self.decode_into(self._unpacked(packed, out.numel()), out)
+
+    def _unpacked(self, packed: Tensor, numel: int) -> list[Tensor]:
+        _check_packed_size(self, packed, numel)
         parts, offset = [], 0
         for slot in self.payload_spec(numel):
             part = packed[offset : offset + slot.nbytes]
@@ -105,13 +118,22 @@ class Codec(ABC):
                 part = part.clone()
             parts.append(part.view(slot.dtype))
             offset += slot.nbytes
-        return self.decode(parts, numel)
+        return parts
 
 
 def _as_flat_float(vector: Tensor) -> Tensor:
     if vector.dim() != 1:
         raise ValueError(f"codecs take 1-D vectors, found shape {tuple(vector.shape)}")
     return vector.detach().to(torch.float32)
+
+
+def _check_packed_size(codec: Codec, packed: Tensor, numel: int) -> None:
+    expected = codec.payload_bytes(numel)
+    if packed.dtype != torch.uint8 or packed.numel() != expected:
+        raise ValueError(
+            f"{codec.name} packed payload for {numel} values should be {expected} uint8 bytes, "
+            f"found {packed.numel()} {packed.dtype}"
+        )
 
 
 def _check_payload(codec: Codec, payload: Sequence[Tensor], numel: int) -> None:
@@ -136,6 +158,10 @@ class NoCompression(Codec):
         _check_payload(self, payload, numel)
         return payload[0]
 
+    def decode_into(self, payload: Sequence[Tensor], out: Tensor) -> None:
+        _check_payload(self, payload, out.numel())
+        out.copy_(payload[0])
+
 
 class _HalfPrecision(Codec):
     """Cast to a 16-bit float (DDP's fp16 compress hook, for a vector): half the bytes."""
@@ -151,6 +177,10 @@ class _HalfPrecision(Codec):
     def decode(self, payload: Sequence[Tensor], numel: int) -> Tensor:
         _check_payload(self, payload, numel)
         return payload[0].to(torch.float32)
+
+    def decode_into(self, payload: Sequence[Tensor], out: Tensor) -> None:
+        _check_payload(self, payload, out.numel())
+        out.copy_(payload[0])  # widened as it is copied
 
 
 class Float16(_HalfPrecision):
@@ -190,26 +220,58 @@ class Int8Quantisation(Codec):
         return math.ceil(numel / self._chunk(numel)) if numel else 0
 
     def payload_spec(self, numel: int) -> list[PayloadSlot]:
-        return [PayloadSlot(numel, torch.int8), PayloadSlot(self._num_chunks(numel), torch.float32)]
+        # Scales first: packed, they sit at the start of the bytes, aligned for a float32 view.
+        return [PayloadSlot(self._num_chunks(numel), torch.float32), PayloadSlot(numel, torch.int8)]
 
-    def _per_value(self, scales: Tensor, numel: int) -> Tensor:
-        return scales.repeat_interleave(self._chunk(numel))[:numel]
+    def _blocks(self, vector: Tensor) -> Tensor:
+        """`vector` as (chunks, chunk) rows, zero-padded to whole chunks (a copy only if padded)."""
+        numel = vector.numel()
+        chunk = self._chunk(numel)
+        padding = self._num_chunks(numel) * chunk - numel
+        if padding:
+            vector = torch.nn.functional.pad(vector, (0, padding))
+        return vector.view(-1, chunk)
 
     def encode(self, vector: Tensor) -> list[Tensor]:
         vector = _as_flat_float(vector)
+        packed = torch.empty(self.payload_bytes(vector.numel()), dtype=torch.uint8, device=vector.device)
+        self.encode_packed_into(vector, packed)
+        return self._unpacked(packed, vector.numel())
+
+    def encode_packed_into(self, vector: Tensor, out: Tensor) -> None:
+        """Written straight into `out`'s bytes (one float temporary the size of `vector`), so a
+        sender that keeps its wire buffers allocates nothing that outlives the call."""
+        vector = _as_flat_float(vector)
         numel = vector.numel()
-        chunk = self._chunk(numel)
-        padded = torch.zeros(self._num_chunks(numel) * chunk, device=vector.device)
-        padded[:numel] = vector
-        peaks = padded.view(-1, chunk).abs().amax(dim=1)
-        scales = torch.where(peaks > 0, peaks / self.LEVELS, torch.ones_like(peaks))  # all-zero chunk: any scale
-        codes = torch.round(vector / self._per_value(scales, numel)).clamp_(-self.LEVELS, self.LEVELS)
-        return [codes.to(torch.int8), scales]
+        _check_packed_size(self, out, numel)
+        if numel == 0:
+            return
+        chunks = self._num_chunks(numel)
+        scales = out[: 4 * chunks].view(torch.float32)
+        codes = out[4 * chunks :].view(torch.int8)
+        blocks = self._blocks(vector)
+        lowest, highest = blocks.aminmax(dim=1)
+        torch.maximum(highest, lowest.neg_(), out=scales)
+        scales.div_(self.LEVELS).masked_fill_(scales == 0, 1.0)  # all-zero chunk: any scale
+        quotients = torch.div(blocks, scales[:, None]).round_().clamp_(-self.LEVELS, self.LEVELS)
+        codes.copy_(quotients.view(-1)[:numel])
 
     def decode(self, payload: Sequence[Tensor], numel: int) -> Tensor:
+        out = torch.empty(numel, dtype=torch.float32, device=payload[0].device)
+        self.decode_into(payload, out)
+        return out
+
+    def decode_into(self, payload: Sequence[Tensor], out: Tensor) -> None:
+        numel = out.numel()
         _check_payload(self, payload, numel)
-        codes, scales = payload
-        return codes.to(torch.float32) * self._per_value(scales, numel)
+        scales, codes = payload
+        out.copy_(codes)  # widened in place: no float32 temporary
+        chunk = self._chunk(numel)
+        whole = numel // chunk if numel else 0
+        if whole:
+            out[: whole * chunk].view(whole, chunk).mul_(scales[:whole, None])
+        if whole * chunk < numel:
+            out[whole * chunk :].mul_(scales[whole])
 
 
 class TopKSparsification(Codec):
@@ -246,6 +308,12 @@ class TopKSparsification(Codec):
         dense = torch.zeros(numel, dtype=torch.float32, device=values.device)
         dense[indices.long()] = values
         return dense
+
+    def decode_into(self, payload: Sequence[Tensor], out: Tensor) -> None:
+        _check_payload(self, payload, out.numel())
+        values, indices = payload
+        out.zero_()
+        out[indices.long()] = values
 
 
 CODEC_NAMES: tuple[str, ...] = ("none", "fp16", "bf16", "int8", "topk")

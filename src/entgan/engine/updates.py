@@ -235,10 +235,10 @@ class UpdateReceiver:
         return self._values
 
     def release(self) -> None:
-        """Drop the receive buffers until the next update: between rounds the memory is the
-        model's to use (e.g. for gradients), not held for an update that is not coming yet.
-        (`values_storage` stays the caller's.)"""
-        self._body = None
+        """Drop the values buffer until the next update: between rounds the memory is the model's
+        to use (e.g. for gradients), not held for an update that is not coming yet. (The wire
+        buffers, a compressed fraction of it, are kept: allocated anew each round they would
+        fragment the heap. `values_storage` stays the caller's.)"""
         self._values = None
 
     def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
@@ -273,7 +273,7 @@ class UpdateReceiver:
             return Refusal(rank, round_index, reason)
         if not isinstance(codec, NoCompression):
             values = self._values_buffer(count)
-            values.copy_(codec.decode_packed(wire, count))
+            codec.decode_packed_into(wire, values)
         problem = update_problem(values, self.max_norm)
         if problem is not None:
             return Refusal(rank, round_index, f"it {problem}")

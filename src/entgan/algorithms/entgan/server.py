@@ -18,7 +18,7 @@ from entgan.control.overlap import settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler
 from entgan.engine.method import ServerRole, UploadKind
 from entgan.engine.parameters import model_tensors
-from entgan.engine.transport import Transfer
+from entgan.engine.transport import Transfer, WireBuffers
 from entgan.engine.updates import Update
 from entgan.engine.uploads import receive_hellos
 from entgan.gan import adam, balanced_tasks
@@ -75,6 +75,10 @@ class EntGANServer(EntGANRole, ServerRole):
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator").wait()
         self.generator_in_flight: Transfer | None = None
         self.discriminator_in_flight: Transfer | None = None
+        # G and D are encoded into the same buffers every round (the sends settle before G or D change).
+        codec = self.model_codec
+        self.generator_wire = None if codec is None else WireBuffers(model_tensors(self.G), codec)
+        self.discriminator_wire = None if codec is None else WireBuffers(model_tensors(self.D), codec)
 
     # ------------------------------------------------------------------ the round
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
@@ -103,7 +107,9 @@ class EntGANServer(EntGANRole, ServerRole):
             self.averager.finish(self.D)
         if self.is_sync_round(round_index):
             next_workers = self.participants(round_index + 1)
-            transfer = self.transport.send_to_many(model_tensors(self.D), next_workers, "discriminator", self.model_codec)
+            transfer = self.transport.send_to_many(
+                model_tensors(self.D), next_workers, "discriminator", self.model_codec, self.discriminator_wire
+            )
             self.discriminator_in_flight = self.overlap.outgoing(transfer)
 
     def train_global(self, round_index: int) -> dict[str, float]:
@@ -120,7 +126,9 @@ class EntGANServer(EntGANRole, ServerRole):
     def send_down(self, round_index: int, participants: list[int]) -> None:
         """G goes to the next round's participants layer by layer; the overlap controller decides
         when to wait."""
-        transfer = self.transport.send_to_many(model_tensors(self.G), participants, "generator", self.model_codec)
+        transfer = self.transport.send_to_many(
+            model_tensors(self.G), participants, "generator", self.model_codec, self.generator_wire
+        )
         self.generator_in_flight = self.overlap.outgoing(transfer)
 
     # ------------------------------------------------------------------ G steps
