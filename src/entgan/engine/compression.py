@@ -15,6 +15,11 @@ vector's length (`payload_spec`), so the receiver can post its receives before a
 | `int8` | int8 codes + one float32 scale per chunk      | n + 4 n/chunk  | <= max|chunk| / 254        |
 | `topk` | the k largest-magnitude values + their indices| 8k, k=ceil(rn) | the n-k dropped entries    |
 
+A payload also packs into one uint8 tensor (`encode_packed`, `decode_packed`), so a model sent
+layer by layer in any codec is still one message per layer; `encode_packed_into` and
+`decode_packed_into` write into buffers a sender or receiver keeps (`engine.transport.WireBuffers`,
+the update receiver), so a server that codes every round allocates nothing per round.
+
 Codecs are stateless. Two link helpers carry the error feedback:
 - `ErrorFeedback` (sender side, for streams of increments such as gradients): the residual of one
   send is added to the next increment, so the sum of decoded vectors tracks the sum of inputs;

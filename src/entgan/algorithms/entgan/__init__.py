@@ -8,7 +8,9 @@ modules (task schedulers, non-IID optimizer, overlap controller) are in `entgan.
 Who holds what: the server holds the global generator G and discriminator D; worker k holds G_k
 (a copy of G) and its own D_k for its task. What moves each round: D_k up to the server (shared
 trunk + its task's head), D_k to a peer (gossip), G down to the next round's participants, layer
-by layer, and on sync rounds the averaged D down to them as well.
+by layer, and on sync rounds the averaged D down to them as well. With `control.compression` on
+(for edge links), models travel in a codec (int8 by default) and D_k goes up as its change since
+the sync, with error feedback; the server adds the participants' weighted mean change to its D.
 
     init: G_k := G, D_k := D for every worker k
     each round r:
@@ -20,7 +22,8 @@ by layer, and on sync rounds the averaged D down to them as well.
                     non-IID optimizer: swap D_k with a peer in P_r, mix, continual-learning update
                     send (trunk_k, head_k) to the server
       server:    3. D := sample-weighted running average of P_r's updates as they arrive
-                    (trunk over all of them, head t over task t's);
+                    (trunk over all of them, head t over task t's; with compressed changes,
+                    D := D + the weighted mean of the changes D_k - D);
                     every `aggregation.sync_every` rounds, send D down at once to P_{r+1} (D_k := D)
                  4. n := server_task_scheduler.next_steps(feedback)
                     n times: G := G - lr * grad L_G(D(G(z, t), t))
