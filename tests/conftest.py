@@ -46,10 +46,9 @@ def tiny_config(**overrides: Any) -> RunConfig:
 def due_ranks(config: RunConfig, round_index: int) -> list[int]:
     """Ranks of the workers that take part in round `round_index` (0-based) under the config's
     partial participation; those due in round `config.rounds` received the run's final G."""
-    from entgan.control.schedulers import RoundParticipation
     from entgan.engine.registry import method_class
 
-    participation = RoundParticipation(method_class(config.algorithm).participation(config), config.worker_tasks())
+    participation = method_class(config.algorithm).round_participation(config)
     return [index + 1 for index in participation.workers(round_index)]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from entgan.config import ModelConfig, NonIIDConfig, ServerSchedulerConfig, WorkerSchedulerConfig
+from entgan.config import ModelConfig, NonIIDConfig, ServerSchedulerConfig, StragglerAwareConfig, WorkerSchedulerConfig
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.schedulers import (
     GeneratorFeedback,
@@ -207,3 +207,31 @@ def test_a_batch_statistics_generator_draws_fakes_in_the_servers_task_mix() -> N
         60, own_task=2, num_tasks=3, generator=generator, like_server=True
     )
     assert torch.bincount(three, minlength=3).tolist() == [20, 20, 20]
+
+
+def test_straggler_aware_participation_takes_the_fastest_and_everyone_now_and_then() -> None:
+    # Task 0: workers 0-3 with expected rounds of 2.4, 1.2, 0.6 and 0.24 s; task 1: workers 4-7 alike.
+    aware = StragglerAwareConfig(round_s=[2.4, 1.2, 0.6, 0.24], max_rounds_out=3)
+    participation = RoundParticipation(0.5, worker_tasks=[0, 0, 0, 0, 1, 1, 1, 1], straggler_aware=aware)
+
+    rounds = [participation.workers(r) for r in range(8)]
+
+    assert rounds[:3] == [[2, 3, 6, 7]] * 3  # the two fastest of each task
+    assert rounds[3] == [0, 1, 4, 5]  # the slow ones, out 3 rounds in a row, all in one round
+    assert rounds[4:7] == [[2, 3, 6, 7]] * 3 and rounds[7] == [0, 1, 4, 5]
+    for worker in range(8):  # nobody is out more than max_rounds_out rounds in a row
+        taken = [r for r, chosen in enumerate(rounds) if worker in chosen]
+        assert max(b - a for a, b in zip([-1, *taken], [*taken, 8])) <= 4
+    # The schedule is a function of the round: asked out of order (a resumed run), the same.
+    fresh = RoundParticipation(0.5, worker_tasks=[0, 0, 0, 0, 1, 1, 1, 1], straggler_aware=aware)
+    assert fresh.workers(7) == rounds[7] and fresh.includes(0, 3) and not fresh.includes(0, 2)
+
+
+def test_straggler_aware_participation_with_equal_times_gives_everyone_equal_turns() -> None:
+    tasks = [0, 0, 1, 1, 1, 2]
+    in_turn = RoundParticipation(0.5, tasks)
+    aware = RoundParticipation(0.5, tasks, StragglerAwareConfig(round_s=[1.0]))
+
+    for rounds in (6, 12):
+        expected = [sum(w in in_turn.workers(r) for r in range(rounds)) for w in range(6)]
+        assert [sum(w in aware.workers(r) for r in range(rounds)) for w in range(6)] == expected  # 3,3,4,4,4,6 per 6

@@ -16,7 +16,7 @@ from entgan.engine.launch import launch_local
 from entgan.models import build_discriminator, build_generator
 from entgan.rundir import RunDirectory
 
-from conftest import tiny_config, worker_digests
+from conftest import due_ranks, tiny_config, worker_digests
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +191,21 @@ def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_tra
     assert all(row["refused_updates"] == 0 for row in rows if "refused_updates" in row)
     for digest in worker_digests(tmp_path / "int8"):  # G_k is G up to int8 rounding
         assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=2e-2, abs=2e-2)
+
+
+def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_long(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    # Task "low" has workers 1-2, worker 1 declared 5x slower; task "high" worker 3 (always).
+    config = tiny_config(engine={"straggler_aware": {"round_s": [5.0, 1.0, 1.0], "max_rounds_out": 2}})
+    run_dir = tmp_path / "run"
+
+    launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+
+    rows = RunDirectory(run_dir).metrics()
+    reporting = [sorted(int(m[1]) for key in row if (m := re.fullmatch(r"worker(\d+)/bytes_sent", key))) for row in rows]
+    assert reporting == [[2, 3], [2, 3], [1, 3], [2, 3]]  # worker 1 only once it has sat out 2 rounds
+    assert reporting == [due_ranks(config, r) for r in range(config.rounds)]
 
 
 def test_partial_participation_trains_the_scheduled_workers_and_keeps_them_in_step(

@@ -281,6 +281,21 @@ class EvalConfig(_Strict):
     """Images in each per-task sample grid."""
 
 
+class StragglerAwareConfig(_Strict):
+    """Which workers a round with partial participation takes when their speeds differ
+    (`control.schedulers.RoundParticipation`): the ones expected to finish first, so that a round,
+    which ends with its last upload, is not set by a slow device or link; and every worker at
+    least once every `max_rounds_out` rounds, so no worker's data is left out for long."""
+
+    round_s: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)]
+    """Expected seconds a round takes each worker, compute and transfers (e.g. its bytes per round
+    over its link), cycled over the workers in rank order as an edge profile's devices are: the
+    deployment as declared, the same on every rank, so every rank derives the same schedule
+    without messages."""
+    max_rounds_out: PositiveInt = 8
+    """A worker left out this many rounds in a row takes part in the next one, however slow."""
+
+
 class EngineConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """`auto`: NCCL when every process on the machine gets a GPU of its own, otherwise gloo (on the
@@ -304,6 +319,9 @@ class EngineConfig(_Strict):
     client fraction C; a server that waits for a subset of its workers). Unset: the method's own
     default (`Method.default_participation`: every worker, except EntGAN with its server task
     scheduler on, which takes half)."""
+    straggler_aware: StragglerAwareConfig | None = None
+    """With partial participation: take each round the workers expected to be fastest (a round
+    policy of the engine, for every method that follows `participation`). None: in turn."""
     memory_layout: MemoryLayoutConfig = MemoryLayoutConfig()
     live_tensors: bool = False
     """Count what each role's memory is made of (`metrics.live_tensors`): parameters, gradients,

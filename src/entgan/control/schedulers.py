@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from entgan.config import ServerSchedulerConfig, WorkerSchedulerConfig
+from entgan.config import ServerSchedulerConfig, StragglerAwareConfig, WorkerSchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -123,14 +123,26 @@ class RoundParticipation:
     (`engine.participation`), which every method that declares `partial_participation` follows.
 
     With a share below 1, each round a share of every task's workers (rounded up, so every task's
-    head is updated every round) takes part, in turn, so that over rounds every worker trains
-    equally often; the others sit the round out. Why: a round ends only when its last upload
-    arrives, and a server that waits for fewer workers has shorter rounds where workers are slow
-    or share CPUs (FedAvg's client fraction C is the same lever). Every rank derives the same
-    schedule from the round index and the worker-to-task map, without messages.
+    head is updated every round) takes part and the others sit the round out. Why: a round ends
+    only when its last upload arrives, and a server that waits for fewer workers has shorter
+    rounds where workers are slow or share CPUs (FedAvg's client fraction C is the same lever).
+    Which ones:
+
+    - in turn (default), so that over rounds every worker trains equally often;
+    - straggler-aware (`engine.straggler_aware`, given each worker's expected round time): those
+      left out `max_rounds_out` rounds in a row first (longest out first), then the fastest, ties
+      to the longest out, then to the fewest turns so far. With equal times every worker takes
+      the same number of turns, as in turn; with uneven ones a slow worker joins about once every
+      `max_rounds_out + 1` rounds, together with the task's other slow ones, instead of slowing
+      every other round.
+
+    Every rank derives the same schedule from the round index, the worker-to-task map and the
+    config, without messages.
     """
 
-    def __init__(self, share: float, worker_tasks: Sequence[int]) -> None:
+    def __init__(
+        self, share: float, worker_tasks: Sequence[int], straggler_aware: StragglerAwareConfig | None = None
+    ) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"participation must be in (0, 1], found {share}")
         by_task: dict[int, list[int]] = {}
@@ -140,13 +152,40 @@ class RoundParticipation:
         # The tolerance keeps float products such as 0.3 * 10 = 3.0000000000000004 from rounding up.
         self._per_task = [max(1, math.ceil(share * len(workers) - 1e-9)) for workers in self._task_workers]
         self.everyone = all(count == len(workers) for count, workers in zip(self._per_task, self._task_workers))
+        self._straggler_aware = straggler_aware
+        if straggler_aware is not None:
+            times = straggler_aware.round_s
+            self._round_s = [times[worker % len(times)] for worker in range(len(worker_tasks))]
+            self._rounds_out = [0] * len(worker_tasks)
+            self._turns = [0] * len(worker_tasks)
+            self._schedule: list[list[int]] = []
 
     def workers(self, round_index: int) -> list[int]:
         """Worker indices (0..K-1, ascending) that take part in round `round_index`."""
+        if self._straggler_aware is not None and not self.everyone:
+            while len(self._schedule) <= round_index:
+                self._schedule.append(self._fastest_next())
+            return self._schedule[round_index]
         chosen: list[int] = []
         for workers, count in zip(self._task_workers, self._per_task):
             start = round_index * count
             chosen.extend(workers[(start + offset) % len(workers)] for offset in range(count))
+        return sorted(chosen)
+
+    def _fastest_next(self) -> list[int]:
+        """The next round's workers under the straggler-aware rule (rounds are decided in order)."""
+        assert self._straggler_aware is not None
+        limit = self._straggler_aware.max_rounds_out
+        out, turns, round_s = self._rounds_out, self._turns, self._round_s
+        chosen: list[int] = []
+        for workers, count in zip(self._task_workers, self._per_task):
+            due = sorted((w for w in workers if out[w] >= limit), key=lambda w: (-out[w], turns[w], w))
+            rest = sorted((w for w in workers if out[w] < limit), key=lambda w: (round_s[w], -out[w], turns[w], w))
+            chosen.extend((due + rest)[:count])
+        for worker in range(len(out)):
+            taken = worker in chosen
+            out[worker] = 0 if taken else out[worker] + 1
+            turns[worker] += taken
         return sorted(chosen)
 
     def includes(self, worker_index: int, round_index: int) -> bool:

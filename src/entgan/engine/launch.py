@@ -25,7 +25,6 @@ import torch.multiprocessing as mp
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
 from entgan.config import ConfigError, RunConfig
-from entgan.control.schedulers import RoundParticipation
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method
@@ -173,7 +172,7 @@ def run_rank(config: RunConfig, rank: int, world_size: int, run_dir: Path, optio
         device=device,
         transport=transport,
         run_dir=run_dir,
-        participation=RoundParticipation(method.participation(config), config.worker_tasks()),
+        participation=method.round_participation(config),
         session_keys=session_keys,
         resume=run.load_checkpoint(resume_round, rank) if resume_round else None,
     )

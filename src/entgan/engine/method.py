@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from entgan.config import RunConfig
+from entgan.control.schedulers import RoundParticipation
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import Codec
 from entgan.engine.context import RunContext
@@ -200,6 +201,12 @@ class Method:
     def default_participation(cls, config: RunConfig) -> float:
         """The share of each task's workers a round takes when `engine.participation` is unset."""
         return 1.0
+
+    @classmethod
+    def round_participation(cls, config: RunConfig) -> RoundParticipation:
+        """Who takes part in each round of a run of this method (`engine.participation`,
+        `engine.straggler_aware`)."""
+        return RoundParticipation(cls.participation(config), config.worker_tasks(), config.engine.straggler_aware)
 
     @classmethod
     def participation(cls, config: RunConfig) -> float:
