@@ -17,7 +17,7 @@ from entgan.bench import plan_runs
 from entgan.bench.config import load_bench_config, parse_bench_config
 from entgan.bench.plan import plan_tuning_runs
 from entgan.bench.report import over_seeds, render_markdown, report_data
-from entgan.bench.results import TargetHit, fid_area
+from entgan.bench.results import TargetHit, bytes_sent_until, fid_area
 from entgan.bench.statistics import Observation, paired_ratio, spread
 from entgan.bench.tuning import choose
 from entgan.config import ConfigError
@@ -170,6 +170,23 @@ def test_the_report_summarises_each_row_over_seeds_against_the_reference() -> No
     assert data["seeds"] == [0, 1, 2, 3] and data["over_seeds"] == json.loads(json.dumps(table))
     markdown = render_markdown(bench, results, _context(), data)
     assert "## Over seeds" in markdown and "| flgan | 4 |" in markdown and "(1×≥)" in markdown
+
+
+def test_bytes_until_the_target_count_the_servers_running_total_and_the_workers_reports() -> None:
+    rows = [
+        {"round": 1, "server/bytes_sent": 1000.0, "workers/bytes_sent": 30.0},
+        {"round": 2, "server/bytes_sent": 1100.0, "workers/bytes_sent": 40.0},
+        {"round": 3, "server/bytes_sent": 1200.0, "workers/bytes_sent": 50.0},
+    ]
+    assert bytes_sent_until(rows, 2) == 1100.0 + 30.0 + 40.0
+    assert bytes_sent_until(rows, 3) == 1200.0 + 120.0
+
+    bench = parse_bench_config(bench_data(methods=["entgan", "flgan"], ablations=[], seeds=[0]), origin="bench.yaml")
+    reached = _result("entgan", target=TargetHit(20.0, 2, 90.0), bytes_to_target=1170.0)
+    missed = _result("flgan", target=None, server_bytes_sent=5000.0, workers_bytes_sent=700.0)
+    table = over_seeds(bench, [reached, missed])
+    assert table["entgan"]["figures"]["bytes_to_target"]["per_seed"]["0"] == {"value": 1170.0, "censored": False}
+    assert table["flgan"]["figures"]["bytes_to_target"]["per_seed"]["0"] == {"value": 5700.0, "censored": True}
 
 
 # --- a real tuning and bench ------------------------------------------------------------------

@@ -127,6 +127,16 @@ def _time_to_target_figure(result: RunResult, bench: BenchConfig) -> Observation
     return Observation(float(budget or bench.time_budget_s), censored=True)
 
 
+def _bytes_to_target_figure(result: RunResult, bench: BenchConfig) -> Observation | None:
+    """Bytes every rank sent until the target; censored at the whole run's bytes where it was not
+    reached (a lower bound)."""
+    if result.bytes_to_target is not None:
+        return Observation(result.bytes_to_target)
+    if result.target is None and result.server_bytes_sent is not None and result.workers_bytes_sent is not None:
+        return Observation(result.server_bytes_sent + result.workers_bytes_sent, censored=True)
+    return None
+
+
 def _edge_time_to_target_figure(profile: str) -> SeedFigure:
     """A profile's edge clock to the target; censored at the run's last replayed round."""
 
@@ -164,6 +174,7 @@ def seed_figures(bench: BenchConfig) -> dict[str, SeedFigure]:
             lambda r: None if r.server_bytes_sent is None or r.workers_bytes_sent is None
             else r.server_bytes_sent + r.workers_bytes_sent
         ),
+        "bytes_to_target": _bytes_to_target_figure,
         "rounds": _plain(lambda r: r.rounds),
     }
 
@@ -437,7 +448,8 @@ def _over_seeds_section(bench: BenchConfig, table: dict[str, Any]) -> list[str]:
     for clock in clock_names:
         header += [f"time to target, {clock} (s)", f"÷ {ref}"]
     header += ["mean FID over budget", f"÷ {ref}", "FID at budget", "server HWM increase (MiB)", f"÷ {ref}",
-               "worker peak increase (MiB)", "bytes sent, all ranks (MiB)", f"÷ {ref}"]
+               "worker peak increase (MiB)", "bytes sent, all ranks (MiB)", f"÷ {ref}",
+               "bytes sent until the target (MiB)", f"÷ {ref}"]
     rows = []
     for label, entry in table.items():
         figures = entry["figures"]
@@ -450,6 +462,8 @@ def _over_seeds_section(bench: BenchConfig, table: dict[str, Any]) -> list[str]:
             _spread_cell(figures["server_hwm_increase_bytes"], MIB), _ratio_cell(figures["server_hwm_increase_bytes"]),
             _spread_cell(figures["workers_peak_increase_bytes"], MIB),
             _spread_cell(figures["bytes_sent_total"], MIB, 0), _ratio_cell(figures["bytes_sent_total"]),
+            *((_spread_cell(figures["bytes_to_target"], MIB, 0), _ratio_cell(figures["bytes_to_target"]))
+              if "bytes_to_target" in figures else ("–", "–")),
         ]
         rows.append(cells)
     return [*lines, *_table(header, rows), ""]

@@ -188,6 +188,8 @@ class RunResult:
     server_bytes_received: float | None = None
     workers_bytes_sent: float | None = None
     workers_bytes_received: float | None = None
+    bytes_to_target: float | None = None
+    """Bytes every rank sent until the round the target was reached (None: not reached)."""
     server_comm_wait_s: float | None = None
     """Server's time blocked on transfers over the whole run, set-up included."""
     server_comm_wait_share: float | None = None
@@ -277,11 +279,23 @@ def read_run(
         server_bytes_received=summary.get("server/bytes_received"),
         workers_bytes_sent=workers_sent,
         workers_bytes_received=workers_received,
+        bytes_to_target=bytes_sent_until(rows, target.round) if target is not None else None,
         server_comm_wait_s=summary.get("server/comm_wait_s", rows[-1].get("server/comm_wait_s")),
         server_comm_wait_share=training_comm_wait_share(rows),
         curve=curve,
         edge=edge,
     )
+
+
+def bytes_sent_until(rows: Sequence[Mapping[str, Any]], round_number: int) -> float | None:
+    """Bytes every rank sent up to round `round_number`'s row: the server's running count (set-up
+    included) plus the workers' per-round reports. A worker's report rides on its upload and books
+    its traffic since its previous upload, so each worker's last upload before the row is left out,
+    as it is for every method (about one round's uploads)."""
+    upto = [row for row in rows if int(row["round"]) <= round_number]
+    if not upto or "server/bytes_sent" not in upto[-1]:
+        return None
+    return float(upto[-1]["server/bytes_sent"]) + float(sum(row.get("workers/bytes_sent", 0.0) for row in upto))
 
 
 def _workers_peak(run_dir: Path) -> int | None:
