@@ -186,7 +186,7 @@ def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_tra
         start = plain[key] / rounds if "update" not in key else 0.0
         per_round = (compressed[key] - start) / rounds
         assert per_round < 0.27 * (plain[key] - start) / rounds, key
-    assert math.isfinite(compressed["fid/overall"])
+    assert math.isfinite(compressed["final_eval"]["fid/overall"])
     rows = RunDirectory(tmp_path / "int8").metrics()
     assert all(row["refused_updates"] == 0 for row in rows if "refused_updates" in row)
     for digest in worker_digests(tmp_path / "int8"):  # G_k is G up to int8 rounding

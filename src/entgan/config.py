@@ -195,21 +195,24 @@ class CompressionConfig(_Strict):
 
     enabled: bool = False
     codec: Literal["fp16", "bf16", "int8"] = "int8"
-    """How models travel (G down, D sync down, gossip): `fp16`/`bf16` at half the bytes, `int8` at
-    about a quarter (one float32 scale per `int8_chunk_size` values; error at most 1/254 of the
-    chunk's largest magnitude). Each send is a fresh encoding of the model, so errors never build
-    up across rounds."""
+    """How models travel (G down, D sync down, and with `uploads: models` D_k up and to its peer):
+    `fp16`/`bf16` at half the bytes, `int8` at about a quarter (one float32 scale per
+    `int8_chunk_size` values; error at most 1/254 of the chunk's largest magnitude). Each send is a
+    fresh encoding of the model, so errors never build up across rounds."""
     uploads: Literal["models", "changes"] = "changes"
-    """`models`: D_k itself, in `codec`. `changes`: D_k minus the D the worker received at the last
-    sync, in `upload_codec` with error feedback (what a send leaves out is added to the worker's
-    next change). With D synced every round, that D is the one the server still holds when the
-    upload arrives, so the server adds the participants' weighted mean change to its own float32 D
-    and keeps no copy of anything (needs `aggregation.sync_every: 1`)."""
-    upload_codec: Literal["fp16", "bf16", "int8", "topk"] = "int8"
-    """Codec of the changes uploaded (`uploads: changes`). `int8` keeps every entry of a change to
-    1/254 of its chunk's largest one; `topk` keeps the largest `topk_ratio` of them with their
-    int32 indices (8 bytes each: at 0.1, 0.8 bytes a value against int8's 1), and leaves the rest
-    to error feedback, which D's Adam steps (every weight moves each step) make slow to catch up."""
+    """`models`: D_k itself, in `codec`, up and to its gossip peer. `changes`: D_k minus the D the
+    worker received at this round's sync, in `change_codec`: up, with error feedback (what a send
+    leaves out is added to the worker's next change), and to the gossip peer, which synced the same
+    D. With D synced every round, that D is the one the server still holds when the upload arrives,
+    so the server adds the participants' weighted mean change to its own float32 D and keeps no
+    copy of anything (needs `aggregation.sync_every: 1`). A change is far smaller than the model,
+    so its coding error is too: a model coded at full magnitude and mixed in by gossip every round
+    would put that error into every change the server adds up."""
+    change_codec: Literal["fp16", "bf16", "int8", "topk"] = "int8"
+    """Codec of the changes (`uploads: changes`). `int8` keeps every entry of a change to 1/254 of
+    its chunk's largest one; `topk` keeps the largest `topk_ratio` of them with their int32
+    indices (8 bytes each: at 0.1, 0.8 bytes a value against int8's 1), and leaves the rest to
+    error feedback, which D's Adam steps (every weight moves each step) make slow to catch up."""
     topk_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1
     int8_chunk_size: PositiveInt = 1024
 

@@ -23,13 +23,15 @@ class EntGANRole(Role):
         """How G, the synced D and gossip travel (None: float32)."""
         self.upload_codec: Codec | None = None
         """How D_k (or its change) travels up (None: float32)."""
+        self.gossip_codec: Codec | None = None
+        """How D_k (or its change) travels to its gossip peer (None: float32)."""
         self.uploads_changes = compression.enabled and compression.uploads == "changes"
         if compression.enabled:
             self.model_codec = build_codec(compression.codec, int8_chunk_size=compression.int8_chunk_size)
-            self.upload_codec = self.model_codec
+            self.upload_codec = self.gossip_codec = self.model_codec
             if self.uploads_changes:
-                self.upload_codec = build_codec(
-                    compression.upload_codec, compression.topk_ratio, compression.int8_chunk_size
+                self.upload_codec = self.gossip_codec = build_codec(
+                    compression.change_codec, compression.topk_ratio, compression.int8_chunk_size
                 )
 
     def is_sync_round(self, round_index: int) -> bool:

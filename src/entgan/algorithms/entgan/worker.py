@@ -28,6 +28,7 @@ from entgan.gan import (
     real_loss,
 )
 from entgan.models import build_discriminator
+from entgan.models.discriminator import Discriminator
 
 
 class EntGANWorker(EntGANRole, WorkerRole):
@@ -64,9 +65,12 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
         )
-        # Uploading changes: the D this round started from (the server's, just synced) and what
-        # earlier compressed changes left out (error feedback).
-        self.synced_update: torch.Tensor | None = None
+        # Sending changes: the D this round started from (the server's, just synced, which the
+        # round's gossip peer holds too) and what earlier compressed uploads left out (error feedback).
+        self.synced_D: Discriminator | None = None
+        if self.uploads_changes:
+            self.synced_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
+            self.synced_D.to(self.context.device).requires_grad_(False)
         self.unsent_change = torch.zeros(self.layout.update_size, device=self.context.device)
         send_hello(self.context, len(shard))
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
@@ -82,8 +86,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         """Steps 1-2: fakes from G_k, D_k's update, then gossip and the continual-learning update."""
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
-        if self.uploads_changes:  # D_k := D was just synced: the change is taken from here
-            self.synced_update = flatten(self.layout.update_tensors(self.D, self.context.task))
+        if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
+            self.synced_D.load_state_dict(self.D.state_dict())
         plan = self.worker_scheduler.plan(round_index)
 
         d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
@@ -120,10 +124,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
         leaves out of it is kept for the next one (error feedback: nothing is dropped for good)."""
-        assert self.synced_update is not None and self.upload_codec is not None
-        change = update.sub_(self.synced_update).add_(self.unsent_change)
+        assert self.synced_D is not None and self.upload_codec is not None
+        change = update.sub_(flatten(self.layout.update_tensors(self.synced_D, self.context.task)))
+        change.add_(self.unsent_change)
         self.unsent_change = change - self.upload_codec.round_trip(change)
-        self.synced_update = None
         return change
 
     def expect_down(self, round_index: int) -> None:
@@ -204,8 +208,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
             return None
         send_to, receive_from = (self.context.rank_of_worker(index) for index in partners)
         snapshot = flatten(model_tensors(self.D))
-        if self.model_codec is not None:
-            snapshot = self.model_codec.encode_packed(snapshot)
+        if self.synced_D is not None:  # the peer synced the same D this round: send the change
+            snapshot.sub_(flatten(model_tensors(self.synced_D)))
+        if self.gossip_codec is not None:
+            snapshot = self.gossip_codec.encode_packed(snapshot)
         incoming = torch.empty_like(snapshot)
         transfer = self.transport.exchange(snapshot, send_to, incoming, receive_from, "gossip")
         return transfer, incoming
@@ -214,8 +220,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
         """Update: mix in the peer's D, then fit own data while held to the peer."""
         transfer, incoming = gossip
         transfer.wait()
-        if self.model_codec is not None:
-            incoming = self.model_codec.decode_packed(incoming, numel(model_tensors(self.peer_D)))
+        if self.gossip_codec is not None:
+            incoming = self.gossip_codec.decode_packed(incoming, numel(model_tensors(self.peer_D)))
+        if self.synced_D is not None:
+            incoming = incoming.add_(flatten(model_tensors(self.synced_D)))
         if update_problem(incoming, self.config.security.max_update_norm) is not None:
             return  # a broken peer (NaN, exploded) must not spread: skip this exchange, keep own D_k
         unflatten_into(incoming, model_tensors(self.peer_D))
