@@ -164,8 +164,11 @@ def test_secret_comes_from_file_or_environment_never_too_short(tmp_path: Path, m
 
 
 @pytest.mark.slow
-def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path) -> None:
-    config = tiny_config(rounds=8, checkpoint={"every": 2}, eval={"every": 2})
+@pytest.mark.parametrize("control", [{}, {"compression": {"enabled": True}}], ids=["float32", "int8-changes"])
+def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path, control: dict[str, Any]) -> None:
+    # Coded: the workers' error feedback is in their checkpoints, and the resumed start sends the
+    # models coded, as the round before would have.
+    config = tiny_config(rounds=8, checkpoint={"every": 2}, eval={"every": 2}, control=control)
     straight = launch_local(config, tmp_path / "straight", cache_dir=cache_dir, show_progress=False)
     interrupted = tmp_path / "interrupted"
     launch_local(config, interrupted, cache_dir=cache_dir, show_progress=False)

@@ -399,7 +399,9 @@ class SecurityConfig(_Strict):
     makes a fresh random secret for its own processes."""
     secret_env: Annotated[str, Field(min_length=1)] = "ENTGAN_JOB_SECRET"
     max_update_norm: Annotated[float, Field(gt=0)] | None = 1e4
-    """Updates whose L2 norm exceeds this are refused (None: no bound)."""
+    """Updates whose L2 norm exceeds this are refused (None: no bound). An update is what a worker
+    uploads: a model, or with EntGAN's `control.compression.uploads: changes` its change since the
+    sync (a tighter bound then catches more, as a change is far smaller than a model)."""
 
 
 class FaultConfig(_Strict):

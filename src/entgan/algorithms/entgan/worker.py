@@ -68,13 +68,15 @@ class EntGANWorker(EntGANRole, WorkerRole):
         # Sending changes: the D this round started from (the server's, just synced, which the
         # round's gossip peer holds too) and what earlier compressed uploads left out (error feedback).
         self.synced_D: Discriminator | None = None
+        self.unsent_change: torch.Tensor | None = None
         if self.uploads_changes:
             self.synced_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
             self.synced_D.to(self.context.device).requires_grad_(False)
-        self.unsent_change = torch.zeros(self.layout.update_size, device=self.context.device)
+            self.unsent_change = torch.zeros(self.layout.update_size, device=self.context.device)
         send_hello(self.context, len(shard))
-        self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator").wait()
-        self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator").wait()
+        codec = self.model_codec if self.resumed_state is not None else None  # as the server sends them
+        self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", codec).wait()
+        self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator", codec).wait()
         if self.resumed_state is not None:  # G_k := G came from the server; D_k is this worker's own
             self.load_state_dict(self.resumed_state)
         self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
@@ -124,7 +126,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
         leaves out of it is kept for the next one (error feedback: nothing is dropped for good)."""
-        assert self.synced_D is not None and self.upload_codec is not None
+        assert self.synced_D is not None and self.unsent_change is not None and self.upload_codec is not None
         change = update.sub_(flatten(self.layout.update_tensors(self.synced_D, self.context.task)))
         change.add_(self.unsent_change)
         self.unsent_change = change - self.upload_codec.round_trip(change)
@@ -262,7 +264,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
             "latent_stream": self.latent_stream.get_state(),
             # The privacy spent so far: a resumed run keeps counting epsilon, never restarts at 0.
             "private": self.private.state_dict() if self.private is not None else None,
-            "unsent_change": self.unsent_change.clone() if self.uploads_changes else None,
+            "unsent_change": None if self.unsent_change is None else self.unsent_change.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -272,7 +274,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.latent_stream.set_state(state["latent_stream"])
         if self.private is not None:
             self.private.load_state_dict(state["private"])
-        if state.get("unsent_change") is not None:  # absent from checkpoints written before changes
+        if self.unsent_change is not None and state.get("unsent_change") is not None:  # absent before changes
             self.unsent_change.copy_(state["unsent_change"])
 
     def digest(self) -> dict[str, float]:
