@@ -252,6 +252,31 @@ def test_flgan_run_averages_g_and_d_and_workers_end_with_the_servers_models(tmp_
 
 
 @pytest.mark.slow
+def test_flgan_with_entgans_coded_transfers_moves_a_quarter_and_keeps_workers_at_the_servers_models(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    plain_config = tiny_config(algorithm="flgan", rounds=3, baselines={"flgan": {"local_steps": 2}})
+    coded_config = tiny_config(
+        algorithm="flgan", rounds=3, baselines={"flgan": {"local_steps": 2, "compression": {"enabled": True}}}
+    )
+    plain = launch_local(plain_config, tmp_path / "plain", cache_dir=cache_dir, show_progress=False)
+
+    coded = launch_local(coded_config, tmp_path / "coded", cache_dir=cache_dir, show_progress=False)
+
+    rounds = coded_config.rounds
+    for kind in ("bytes_sent/generator", "bytes_sent/discriminator"):  # the exact start, then int8
+        start = plain[f"server/{kind}"] / (rounds + 1)
+        assert (coded[f"server/{kind}"] - start) / rounds < 0.27 * start, kind
+    for kind in ("bytes_received/generator", "bytes_received/discriminator-update"):  # int8 changes
+        assert coded[f"server/{kind}"] < 0.27 * plain[f"server/{kind}"], kind
+    assert math.isfinite(coded["final_eval"]["fid/overall"])
+    for digest in _worker_digests(tmp_path / "coded").values():  # G_k is the server's G up to int8
+        assert digest["generator_sum"] == pytest.approx(coded["generator_sum"], rel=2e-2, abs=2e-2)
+    rows = RunDirectory(tmp_path / "coded").metrics()
+    assert all(row["refused_updates"] == 0 for row in rows)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["mdgan", "flgan"])
 def test_dcgan_models_run(tmp_path: Path, cache_dir: Path, algorithm: str) -> None:
     """Convolutional nets with BatchNorm in G (running statistics generated / averaged)."""

@@ -437,6 +437,11 @@ class FLGANConfig(_Strict):
 
     local_steps: PositiveInt = 5
     """Local G and D steps between two FedAvg synchronisations (E in the paper)."""
+    compression: CompressionConfig = CompressionConfig()
+    """EntGAN's coded transfers, given to FL-GAN so the two meet on level ground at the edge (not
+    in the FedGAN paper; off by default): the averaged G and D go down in `codec`, and each worker
+    uploads G_k's and D_k's changes since the sync (it started the round from the averages) in
+    `change_codec` with error feedback; the server adds the weighted mean change to G and D."""
 
 
 class DanceConfig(_Strict):

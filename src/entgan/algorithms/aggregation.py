@@ -52,6 +52,11 @@ class RunningAverage:
     def write_mean_into(self, tensors: Sequence[torch.Tensor]) -> None:
         """Copy the mean into `tensors` (in `flatten` order) tensor by tensor, with no full-size
         temporary: the same values as `unflatten_into(self.mean(), tensors)`."""
+        self.mean_into(tensors, add=False)
+
+    def mean_into(self, tensors: Sequence[torch.Tensor], add: bool) -> None:
+        """Copy the mean into `tensors`, or with `add` add it to them (a model plus the mean of
+        changes made from it), tensor by tensor."""
         if self.count == 0:
             raise ValueError("no update was added")
         if numel(tensors) != self._sum.numel():
@@ -59,8 +64,11 @@ class RunningAverage:
         offset = 0
         with torch.no_grad():
             for tensor in tensors:
-                part = self._sum[offset : offset + tensor.numel()]
-                tensor.copy_((part / self.total_weight).to(torch.float32).view_as(tensor))
+                part = (self._sum[offset : offset + tensor.numel()] / self.total_weight).to(torch.float32)
+                if add:
+                    tensor.add_(part.view_as(tensor))
+                else:
+                    tensor.copy_(part.view_as(tensor))
                 offset += tensor.numel()
 
     def reset(self) -> None:
@@ -125,12 +133,13 @@ class DiscriminatorAverager:
     def tasks_with_updates(self) -> list[int]:
         return [task for task, head in enumerate(self._heads) if head.count > 0]
 
-    def write_into(self, discriminator: Discriminator) -> None:
-        """Load the averages into `discriminator`; heads of tasks with no update are left as they are."""
+    def write_into(self, discriminator: Discriminator, add: bool = False) -> None:
+        """Load the averages into `discriminator` (with `add`, add them: the averages are of changes
+        made from it); heads of tasks with no update are left as they are."""
         state = discriminator.state_dict(keep_vars=True)
-        self._trunk.write_mean_into([state[name].data for name in self.layout.trunk_names])
+        self._trunk.mean_into([state[name].data for name in self.layout.trunk_names], add)
         for task in self.tasks_with_updates():
-            self._heads[task].write_mean_into([state[name].data for name in self.layout.head_names[task]])
+            self._heads[task].mean_into([state[name].data for name in self.layout.head_names[task]], add)
 
     def reset(self) -> None:
         self._trunk.reset()

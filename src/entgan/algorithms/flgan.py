@@ -8,7 +8,9 @@ round: G_k (whole) and D_k (shared trunk + its task's head) up to the server ("g
 "discriminator-update"), the averaged G and D down to every worker ("generator", "discriminator").
 On the engine's hooks (`engine.method`): a worker's `local_round` is its E local steps, `uploads`
 G_k then D_k; the server's `aggregate` keeps running sums of each kind, `train_global` writes the
-averages into G and D, `send_down` sends both.
+averages into G and D, `send_down` sends both. With `baselines.flgan.compression` on (EntGAN's
+coded transfers, for the edge bench's level field; not in the paper) the averages go down coded and
+the workers upload their changes since the sync, whose weighted means the server adds to G and D.
 
 One engine round is one synchronisation period: E = `baselines.flgan.local_steps` local steps on
 every worker, then one averaging. Per round, a worker therefore runs E D steps and E G steps.
@@ -49,11 +51,12 @@ from entgan.algorithms.aggregation import (
 from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
 from entgan.control.overlap import settle
 from entgan.data.sources import ImageDataset
+from entgan.engine.compression import Codec, ErrorFeedback, LinkCodecs
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.parameters import flatten, model_tensors, numel
 from entgan.engine.reports import FigureMeans
-from entgan.engine.transport import Transfer
+from entgan.engine.transport import Transfer, WireBuffers
 from entgan.engine.updates import Update, UpdateLayout
 from entgan.engine.uploads import receive_hellos, send_hello
 from entgan.gan import RealBatches, adam, build_models, model_digest
@@ -64,13 +67,18 @@ GENERATOR_FIGURES = ("g_loss", "g_fake_realness")
 
 
 class _FLGANModels:
-    """G, D and the two upload layouts, alike on both sides."""
+    """G, D, the two upload layouts and the codecs, alike on both sides."""
 
     def build_models(self, config: Any, device: torch.device) -> None:
         self.G, self.D = build_models(config, device)
         self.layout = DiscriminatorLayout(self.D)
         self.generator_layout = UpdateLayout.of(named_state(self.G))
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
+        self.codecs = LinkCodecs.from_config(config.baselines.flgan.compression)
+
+    def start_codec(self, resumed: bool) -> Codec | None:
+        """How the models go down at the start: exact, or coded on a resume, as after a round."""
+        return self.codecs.model if resumed else None
 
 
 class FLGANServer(_FLGANModels, ServerRole):
@@ -89,19 +97,23 @@ class FLGANServer(_FLGANModels, ServerRole):
         self.generator_average = RunningAverage(numel(model_tensors(self.G)), device)
         self.discriminator_average = DiscriminatorAverager(self.layout, len(self.config.tasks), device)
         # Each worker sends its G_k first, then (trunk_k, head_k) with its figures and report.
+        upload_codecs = () if self.codecs.upload is None else (self.codecs.upload,)
         self.upload_kinds = [
-            UploadKind("generator", layout_of=lambda rank: self.generator_layout),
+            UploadKind("generator", layout_of=lambda rank: self.generator_layout, codecs=upload_codecs),
             UploadKind(
                 "discriminator-update",
                 layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
                 figures=GENERATOR_FIGURES,
+                codecs=upload_codecs,
             ),
         ]
         self.sample_counts = receive_hellos(self.context)
         self.downloads_in_flight: list[Transfer] = []
+        codec = self.codecs.model
+        self.wires = [None if codec is None else WireBuffers(model_tensors(model), codec) for model in (self.G, self.D)]
         if self.resumed_state is not None:  # the averages of the checkpointed round go down instead
             self.load_state_dict(self.resumed_state)
-        self.send_down(-1, self.context.worker_ranks)  # init: G_k := G, D_k := D
+        self.send_models(self.context.worker_ranks, self.start_codec(self.resumed_state is not None))  # init: G_k := G, D_k := D
         settle(*self.downloads_in_flight)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
@@ -118,18 +130,24 @@ class FLGANServer(_FLGANModels, ServerRole):
             self.discriminator_average.add(update.values, self.context.task_of(update.rank), weight)
 
     def train_global(self, round_index: int) -> dict[str, float]:
-        """G := the averaged G_k, D := the averaged D_k (the workers trained; the server averages)."""
+        """G := the averaged G_k, D := the averaged D_k (the workers trained; the server averages);
+        from changes, G := G + their average, and so for D."""
         settle(*self.downloads_in_flight)  # the last round's models must be out before they change
+        changes = self.codecs.changes
         if self.generator_average.count:
-            self.generator_average.write_mean_into(model_tensors(self.G))
+            self.generator_average.mean_into(model_tensors(self.G), add=changes)
         if self.discriminator_average.count:
-            self.discriminator_average.write_into(self.D)
+            self.discriminator_average.write_into(self.D, add=changes)
         return {"g_steps": float(self.config.baselines.flgan.local_steps)}
 
     def send_down(self, round_index: int, participants: list[int]) -> None:
+        self.send_models(participants, self.codecs.model)
+
+    def send_models(self, participants: list[int], codec: Codec | None) -> None:
+        wires = self.wires if codec is not None else [None, None]
         self.downloads_in_flight = [
-            self.transport.send_to_many(model_tensors(self.G), participants, "generator"),
-            self.transport.send_to_many(model_tensors(self.D), participants, "discriminator"),
+            self.transport.send_to_many(model_tensors(model), participants, kind, codec, wire)
+            for model, kind, wire in zip((self.G, self.D), ("generator", "discriminator"), wires)
         ]
 
     def finish(self) -> None:
@@ -158,8 +176,15 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
+        # Uploading changes: G_k's and (trunk_k, head_k)'s values at the sync, and what the codec
+        # left out of earlier uploads (error feedback).
+        self.synced: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.feedback: tuple[ErrorFeedback, ErrorFeedback] | None = None
+        if self.codecs.changes:
+            device = self.context.device
+            self.feedback = (ErrorFeedback(numel(model_tensors(self.G)), device), ErrorFeedback(self.layout.update_size, device))
         send_hello(self.context, len(shard))
-        self.expect_down(-1)
+        self.receive_models(self.start_codec(self.resumed_state is not None))
         settle(*self.downloads)
         self.downloads = []
         if self.resumed_state is not None:  # G_k := G, D_k := D came from the server, as after a round
@@ -169,6 +194,8 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         settle(*self.downloads)  # G_k := G, D_k := D from the last synchronisation
         self.downloads = []
         task = self.context.task
+        if self.feedback is not None:  # the changes uploaded are from here
+            self.synced = (flatten(model_tensors(self.G)), flatten(self.layout.update_tensors(self.D, task)))
         d_figures, self.g_figures = FigureMeans(3), FigureMeans(len(GENERATOR_FIGURES))
         for _ in range(self.config.baselines.flgan.local_steps):
             real = self.real.next()
@@ -181,21 +208,31 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         """G_k, then (trunk_k, head_k) with the round's G figures. Both are copies, so the averaged
         models can be received into G_k and D_k while these are still in flight."""
         task = self.context.task
+        values = [flatten(model_tensors(self.G)), flatten(self.layout.update_tensors(self.D, task))]
+        if self.feedback is not None and self.synced is not None and self.codecs.change is not None:
+            values = [
+                feedback.corrected(now.sub_(then), self.codecs.change)
+                for now, then, feedback in zip(values, self.synced, self.feedback)
+            ]
         return [
-            Upload("generator", flatten(model_tensors(self.G)), self.generator_layout),
+            Upload("generator", values[0], self.generator_layout, codec=self.codecs.upload),
             Upload(
                 "discriminator-update",
-                flatten(self.layout.update_tensors(self.D, task)),
+                values[1],
                 self.update_layouts[task],
                 figures=self.g_figures.means(),
+                codec=self.codecs.upload,
             ),
         ]
 
     def expect_down(self, round_index: int) -> None:
+        self.receive_models(self.codecs.model)
+
+    def receive_models(self, codec: Codec | None) -> None:
         """Post the receive of the averaged G and D straight into G_k's and D_k's own tensors."""
         self.downloads: list[Transfer] = [
-            self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator"),
-            self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator"),
+            self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", codec),
+            self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator", codec),
         ]
 
     def finish(self) -> None:
@@ -211,6 +248,7 @@ class FLGANWorker(_FLGANModels, WorkerRole):
             "discriminator_optimizer": self.d_optimizer.state_dict(),
             "real_batches": self.real.state_dict(),
             "latent_stream": self.latent_stream.get_state(),
+            "unsent_changes": None if self.feedback is None else [f.residual.clone() for f in self.feedback],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -218,6 +256,9 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         self.d_optimizer.load_state_dict(state["discriminator_optimizer"])
         self.real.load_state_dict(state["real_batches"])
         self.latent_stream.set_state(state["latent_stream"])
+        if self.feedback is not None and state.get("unsent_changes") is not None:  # absent before codecs
+            for feedback, residual in zip(self.feedback, state["unsent_changes"]):
+                feedback.residual.copy_(residual)
 
     def digest(self) -> dict[str, float]:
         """After the final synchronisation, G_k is the server's G (tests compare the sums)."""

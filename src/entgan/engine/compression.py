@@ -41,10 +41,13 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from entgan.config import CompressionConfig
 
 
 @dataclass(frozen=True)
@@ -356,6 +359,35 @@ def codec_named(identifier: int, codecs: Sequence[Codec]) -> Codec:
     raise ValueError(f"link header announces codec {name!r}, this end only knows {[c.name for c in codecs]}")
 
 
+@dataclass(frozen=True)
+class LinkCodecs:
+    """The codecs of a method's coded transfers (`control.compression` for EntGAN,
+    `baselines.flgan.compression` for FL-GAN): models in `model`; with `uploads: changes`, each
+    model's change since the sync in `change`, up and to peers, with error feedback on the uploads."""
+
+    model: Codec | None = None
+    change: Codec | None = None
+
+    @classmethod
+    def from_config(cls, compression: CompressionConfig) -> LinkCodecs:
+        if not compression.enabled:
+            return cls()
+        model = build_codec(compression.codec, int8_chunk_size=compression.int8_chunk_size)
+        if compression.uploads != "changes":
+            return cls(model)
+        return cls(model, build_codec(compression.change_codec, compression.topk_ratio, compression.int8_chunk_size))
+
+    @property
+    def changes(self) -> bool:
+        """Whether uploads (and gossip) carry changes since the sync instead of models."""
+        return self.change is not None
+
+    @property
+    def upload(self) -> Codec | None:
+        """How an upload (a change, or a model) travels; None: float32."""
+        return self.change if self.change is not None else self.model
+
+
 # ---------------------------------------------------------------- error feedback on a link
 
 
@@ -375,6 +407,14 @@ class ErrorFeedback:
         payload = codec.encode(corrected)
         self.residual = corrected - codec.decode(payload, corrected.numel())
         return payload
+
+    def corrected(self, increment: Tensor, codec: Codec) -> Tensor:
+        """increment + residual, the vector to send in `codec` (by a caller that encodes it
+        itself, e.g. in an update envelope); what the codec will leave out of it becomes the
+        residual."""
+        corrected = _as_flat_float(increment) + self.residual
+        self.residual = corrected - codec.round_trip(corrected)
+        return corrected
 
 
 class ReplicaReceiver:

@@ -12,6 +12,7 @@ from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler
 from entgan.data.sources import ImageDataset
+from entgan.engine.compression import ErrorFeedback
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, Upload, WorkerRole
 from entgan.engine.parameters import LayerStream, flatten, model_tensors, numel, unflatten_into
@@ -68,11 +69,11 @@ class EntGANWorker(EntGANRole, WorkerRole):
         # Sending changes: the D this round started from (the server's, just synced, which the
         # round's gossip peer holds too) and what earlier compressed uploads left out (error feedback).
         self.synced_D: Discriminator | None = None
-        self.unsent_change: torch.Tensor | None = None
+        self.upload_feedback: ErrorFeedback | None = None
         if self.uploads_changes:
             self.synced_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
             self.synced_D.to(self.context.device).requires_grad_(False)
-            self.unsent_change = torch.zeros(self.layout.update_size, device=self.context.device)
+            self.upload_feedback = ErrorFeedback(self.layout.update_size, self.context.device)
         send_hello(self.context, len(shard))
         codec = self.model_codec if self.resumed_state is not None else None  # as the server sends them
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", codec).wait()
@@ -126,11 +127,9 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
         leaves out of it is kept for the next one (error feedback: nothing is dropped for good)."""
-        assert self.synced_D is not None and self.unsent_change is not None and self.upload_codec is not None
+        assert self.synced_D is not None and self.upload_feedback is not None and self.upload_codec is not None
         change = update.sub_(flatten(self.layout.update_tensors(self.synced_D, self.context.task)))
-        change.add_(self.unsent_change)
-        self.unsent_change = change - self.upload_codec.round_trip(change)
-        return change
+        return self.upload_feedback.corrected(change, self.upload_codec)
 
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index`: D on sync rounds
@@ -212,8 +211,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         snapshot = flatten(model_tensors(self.D))
         if self.synced_D is not None:  # the peer synced the same D this round: send the change
             snapshot.sub_(flatten(model_tensors(self.synced_D)))
-        if self.gossip_codec is not None:
-            snapshot = self.gossip_codec.encode_packed(snapshot)
+        if self.upload_codec is not None:
+            snapshot = self.upload_codec.encode_packed(snapshot)
         incoming = torch.empty_like(snapshot)
         transfer = self.transport.exchange(snapshot, send_to, incoming, receive_from, "gossip")
         return transfer, incoming
@@ -222,8 +221,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         """Update: mix in the peer's D, then fit own data while held to the peer."""
         transfer, incoming = gossip
         transfer.wait()
-        if self.gossip_codec is not None:
-            incoming = self.gossip_codec.decode_packed(incoming, numel(model_tensors(self.peer_D)))
+        if self.upload_codec is not None:
+            incoming = self.upload_codec.decode_packed(incoming, numel(model_tensors(self.peer_D)))
         if self.synced_D is not None:
             incoming = incoming.add_(flatten(model_tensors(self.synced_D)))
         if update_problem(incoming, self.config.security.max_update_norm) is not None:
@@ -264,7 +263,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
             "latent_stream": self.latent_stream.get_state(),
             # The privacy spent so far: a resumed run keeps counting epsilon, never restarts at 0.
             "private": self.private.state_dict() if self.private is not None else None,
-            "unsent_change": None if self.unsent_change is None else self.unsent_change.clone(),
+            "unsent_change": None if self.upload_feedback is None else self.upload_feedback.residual.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -274,8 +273,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.latent_stream.set_state(state["latent_stream"])
         if self.private is not None:
             self.private.load_state_dict(state["private"])
-        if self.unsent_change is not None and state.get("unsent_change") is not None:  # absent before changes
-            self.unsent_change.copy_(state["unsent_change"])
+        if self.upload_feedback is not None and state.get("unsent_change") is not None:  # absent before changes
+            self.upload_feedback.residual.copy_(state["unsent_change"])
 
     def digest(self) -> dict[str, float]:
         return model_digest(self.G, "generator")
