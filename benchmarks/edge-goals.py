@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 16's goals, read off an edge bench's bench.json (and, optionally, its straggler-aware twin).
 
-    python benchmarks/edge-goals.py runs/bench/edge-mnist-2tasks-8workers [runs/bench/edge-straggler-aware]
+    python benchmarks/edge-goals.py runs/bench/edge-mnist-2tasks-8workers [runs/bench/edge-every-lever]
 
 For each edge profile: every row's median time to the target, EntGAN's ratio to the best
 distributed baseline (the paired geometric mean and its bootstrap 95% interval, as the bench
