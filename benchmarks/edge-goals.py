@@ -27,12 +27,12 @@ def _figure(report: dict, label: str, name: str) -> dict | None:
     return report["over_seeds"].get(label, {}).get("figures", {}).get(name)
 
 
-def _median(figure: dict | None) -> str:
+def _median(figure: dict | None, scale: float = 1.0) -> str:
     if not figure or not figure["spread"]:
         return "–"
     spread = figure["spread"]
     censored = f" ({spread['censored']}×≥)" if spread.get("censored") else ""
-    return f"{spread['median']:.0f}{censored}"
+    return f"{spread['median'] / scale:.0f}{censored}"
 
 
 def _inverse_ratio(figure: dict | None) -> str:
@@ -45,29 +45,24 @@ def _inverse_ratio(figure: dict | None) -> str:
     return f"{1 / ratio['geometric_mean']:.2f} [{1 / high:.2f}–{1 / low:.2f}]{bound}"
 
 
+def _against_entgan(report: dict, title: str, name: str, scale: float = 1.0) -> list[str]:
+    """Every row's median of figure `name` and EntGAN's ratio to it."""
+    lines = [f"### {title}", "", "| row | median | EntGAN ÷ row [95% CI] |", "|---|---|---|"]
+    for label in report["over_seeds"]:
+        figure = _figure(report, label, name)
+        lines.append(f"| {label} | {_median(figure, scale)} | {_inverse_ratio(figure) if label != 'entgan' else '–'} |")
+    return [*lines, ""]
+
+
 def goals(report: dict) -> list[str]:
     labels = list(report["over_seeds"])
     profiles = sorted({profile for run in report["runs"]["methods"] for profile in run.get("edge", {})})
     lines = []
     for profile in profiles:
-        name = f"edge/{profile}/time_to_target_s"
-        lines.append(f"### {profile}: time to the target on the edge clock (s)")
-        lines.append("")
-        lines.append("| row | median | EntGAN ÷ row [95% CI] |")
-        lines.append("|---|---|---|")
-        for label in labels:
-            figure = _figure(report, label, name)
-            lines.append(f"| {label} | {_median(figure)} | {_inverse_ratio(figure) if label != 'entgan' else '–'} |")
-        lines.append("")
-    lines.append("### bytes every rank sent until the target (MiB)")
-    lines.append("")
-    lines.append("| row | median | EntGAN ÷ row [95% CI] |")
-    lines.append("|---|---|---|")
-    for label in labels:
-        figure = _figure(report, label, "bytes_to_target")
-        median = "–" if not figure or not figure["spread"] else f"{figure['spread']['median'] / MIB:.0f}"
-        lines.append(f"| {label} | {median} | {_inverse_ratio(figure) if label != 'entgan' else '–'} |")
-    lines.append("")
+        lines += _against_entgan(
+            report, f"{profile}: time to the target on the edge clock (s)", f"edge/{profile}/time_to_target_s"
+        )
+    lines += _against_entgan(report, "bytes every rank sent until the target (MiB)", "bytes_to_target", MIB)
     lines.append("### slow devices: time on edge-uneven ÷ time on edge-uneven-equal-speed, per seed")
     lines.append("")
     lines.append("| row | median | per seed |")
