@@ -239,3 +239,12 @@ def test_decoding_into_a_buffer_writes_what_decode_returns(name: str, numel: int
     codec.decode_packed_into(codec.encode_packed(vector), out)
 
     assert torch.equal(out, codec.round_trip(vector))
+
+
+def test_int8_encodes_a_few_chunks_at_a_time_to_the_same_bytes_as_in_one_pass() -> None:
+    vector = _vector(16 * 1024 * 3 + 17, seed=4)  # three whole steps and a ragged tail
+    stepwise = Int8Quantisation()
+    one_pass = Int8Quantisation()
+    one_pass.ROWS_AT_ONCE = 10**6
+
+    assert torch.equal(stepwise.encode_packed(vector), one_pass.encode_packed(vector))

@@ -72,6 +72,8 @@ class UploadKind:
     codecs: tuple[Codec, ...] = ()
     """Codecs with parameters (int8, top-k) the workers may send this kind in, beyond the casts
     every receiver knows (`engine.updates.CAST_CODECS`)."""
+    wire_storage: torch.Tensor | None = None
+    """Memory the coded bytes of an upload may occupy while it is decoded (`UpdateReceiver`)."""
 
 
 @dataclass(frozen=True)

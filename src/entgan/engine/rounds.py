@@ -44,6 +44,7 @@ class ServerRounds:
                     kind.layout_of,
                     kind.values_storage,
                     kind.codecs,
+                    kind.wire_storage,
                 ),
             )
             for position, kind in enumerate(kinds)

@@ -67,9 +67,18 @@ class WireBuffers:
 
     def __init__(self, tensors: Sequence[torch.Tensor], codec: Codec) -> None:
         self.codec = codec
+        sizes = [codec.payload_bytes(t.numel()) if t.is_floating_point() else 0 for t in tensors]
+        # One block, each tensor's payload a slice of it (at 4-byte offsets, so scales stay aligned).
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + -(-size // 4) * 4)
+        device = tensors[0].device if tensors else None
+        self.storage = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
+        """Every payload's bytes: between sends (once the last has completed) the owner may lend it
+        out, e.g. to receive into."""
         self.buffers = [
-            torch.empty(codec.payload_bytes(t.numel()), dtype=torch.uint8, device=t.device) if t.is_floating_point() else None
-            for t in tensors
+            self.storage[start : start + size] if t.is_floating_point() else None
+            for t, start, size in zip(tensors, offsets, sizes)
         ]
 
     def encoded(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

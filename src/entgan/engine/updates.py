@@ -196,18 +196,22 @@ class UpdateReceiver:
         max_norm: float | None,
         values_storage: torch.Tensor | None = None,
         codecs: Sequence[Codec] = (),
+        wire_storage: torch.Tensor | None = None,
     ) -> None:
         """`values_storage`: memory the decoded float32 values may occupy when they fit, e.g. a
         buffer the caller uses for something else between receives; without it the receiver
-        allocates its own. `codecs`: the ones beyond `CAST_CODECS` that workers may announce."""
-        if values_storage is not None and (values_storage.dim() != 1 or not values_storage.is_contiguous()):
-            raise ValueError("values_storage must be one contiguous flat tensor")
+        allocates its own. `wire_storage`: the same for a coded upload's bytes. `codecs`: the ones
+        beyond `CAST_CODECS` that workers may announce."""
+        for name, storage in (("values_storage", values_storage), ("wire_storage", wire_storage)):
+            if storage is not None and (storage.dim() != 1 or not storage.is_contiguous()):
+                raise ValueError(f"{name} must be one contiguous flat tensor")
         self.transport = transport
         self.keys = keys
         self.extras_size = extras_size
         self.layout_of = layout_of
         self.max_norm = max_norm
         self.values_storage = values_storage
+        self.wire_storage = wire_storage
         self.codecs = [*CAST_CODECS, *codecs]
         self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
         self._body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -218,9 +222,11 @@ class UpdateReceiver:
         (An accepted update's values are consumed before the next receive overwrites them.)"""
         if self._body is None or self._body[1].numel() != wire_bytes:
             device = self.transport.device
+            storage = self.wire_storage
+            fits = storage is not None and wire_bytes <= storage.numel() * storage.element_size()
             self._body = (
                 torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                torch.empty(wire_bytes, dtype=torch.uint8, device=device),
+                storage.view(torch.uint8)[:wire_bytes] if fits else torch.empty(wire_bytes, dtype=torch.uint8, device=device),
                 torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
         return self._body

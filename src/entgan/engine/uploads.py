@@ -41,10 +41,12 @@ def update_receiver(
     layout_of: Callable[[int], UpdateLayout],
     values_storage: torch.Tensor | None = None,
     codecs: Sequence[Codec] = (),
+    wire_storage: torch.Tensor | None = None,
 ) -> UpdateReceiver:
     """Server: the engine's checking receiver for uploads whose values follow `layout_of(rank)` and
     carry `extras_size` extra floats, bounded by `security.max_update_norm`; the values land in
-    `values_storage` where given, and workers may send them in `codecs` (`UpdateReceiver`)."""
+    `values_storage` (decoded) and `wire_storage` (coded) where given, and workers may send them in
+    `codecs` (`UpdateReceiver`)."""
     return UpdateReceiver(
         context.transport,
         context.session_keys,
@@ -53,6 +55,7 @@ def update_receiver(
         max_norm=context.config.security.max_update_norm,
         values_storage=values_storage,
         codecs=codecs,
+        wire_storage=wire_storage,
     )
 
 

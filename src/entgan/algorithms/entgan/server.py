@@ -56,6 +56,10 @@ class EntGANServer(EntGANRole, ServerRole):
         self.gradients = GeneratorGradients(
             self.G, self.config.engine.memory_layout, self.context.device, share_with=self.layout.update_size
         )
+        # G and D are coded into the same buffers every round (the sends settle before G or D change).
+        codec = self.model_codec
+        self.generator_wire = None if codec is None else WireBuffers(model_tensors(self.G), codec)
+        self.discriminator_wire = None if codec is None else WireBuffers(model_tensors(self.D), codec)
         self.upload_kinds = [
             UploadKind(
                 "discriminator-update",
@@ -63,6 +67,9 @@ class EntGANServer(EntGANRole, ServerRole):
                 in_order=True,
                 values_storage=self.gradients.buffer,
                 codecs=() if self.upload_codec is None else (self.upload_codec,),
+                # Uploads arrive after the last sync's D has left (`aggregate`), so their coded
+                # bytes can sit in the buffer that D is coded into, until D is coded again.
+                wire_storage=None if self.discriminator_wire is None else self.discriminator_wire.storage,
             )
         ]
         self.feedback: GeneratorFeedback | None = None
@@ -77,10 +84,6 @@ class EntGANServer(EntGANRole, ServerRole):
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator", codec).wait()
         self.generator_in_flight: Transfer | None = None
         self.discriminator_in_flight: Transfer | None = None
-        # G and D are encoded into the same buffers every round (the sends settle before G or D change).
-        codec = self.model_codec
-        self.generator_wire = None if codec is None else WireBuffers(model_tensors(self.G), codec)
-        self.discriminator_wire = None if codec is None else WireBuffers(model_tensors(self.D), codec)
 
     # ------------------------------------------------------------------ the round
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
