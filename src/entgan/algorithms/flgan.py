@@ -113,7 +113,8 @@ class FLGANServer(_FLGANModels, ServerRole):
         self.wires = [None if codec is None else WireBuffers(model_tensors(model), codec) for model in (self.G, self.D)]
         if self.resumed_state is not None:  # the averages of the checkpointed round go down instead
             self.load_state_dict(self.resumed_state)
-        self.send_models(self.context.worker_ranks, self.start_codec(self.resumed_state is not None))  # init: G_k := G, D_k := D
+        # init: G_k := G, D_k := D
+        self.send_models(self.context.worker_ranks, self.start_codec(self.resumed_state is not None))
         settle(*self.downloads_in_flight)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
@@ -182,7 +183,10 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         self.feedback: tuple[ErrorFeedback, ErrorFeedback] | None = None
         if self.codecs.changes:
             device = self.context.device
-            self.feedback = (ErrorFeedback(numel(model_tensors(self.G)), device), ErrorFeedback(self.layout.update_size, device))
+            self.feedback = (
+                ErrorFeedback(numel(model_tensors(self.G)), device),
+                ErrorFeedback(self.layout.update_size, device),
+            )
         send_hello(self.context, len(shard))
         self.receive_models(self.start_codec(self.resumed_state is not None))
         settle(*self.downloads)

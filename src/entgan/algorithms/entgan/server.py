@@ -100,15 +100,15 @@ class EntGANServer(EntGANRole, ServerRole):
         """
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
+        task_of, weight_of = self.context.task_of, self.sample_counts
         if self.uploads_changes:
-            participants = self.participants(round_index)
-            self.changes.expect([(self.context.task_of(rank), self.sample_counts[rank]) for rank in participants])
+            self.changes.expect([(task_of(rank), weight_of[rank]) for rank in self.participants(round_index)])
             for update in accepted:
-                self.changes.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+                self.changes.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
         else:
             self.averager.reset()
             for update in accepted:
-                self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
+                self.averager.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
             self.averager.finish(self.D)
         if self.is_sync_round(round_index):
             next_workers = self.participants(round_index + 1)
