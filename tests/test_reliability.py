@@ -185,9 +185,10 @@ def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path
     for a, b in zip(rows_straight, rows_resumed, strict=True):
         assert _comparable(a) == pytest.approx(_comparable(b), rel=1e-5, abs=1e-6), f"round {a['round']}"
     assert resumed["generator_sum"] == pytest.approx(straight["generator_sum"], rel=1e-6)
+    tolerance = 2e-2 if control else 1e-9  # coded, G_k is G up to int8 rounding
     for digest in worker_digests(interrupted):  # the workers due in the next round hold the final G
         if digest["rank"] in due_ranks(config, config.rounds):
-            assert digest["generator_sum"] == pytest.approx(resumed["generator_sum"], rel=1e-9, abs=1e-9)
+            assert digest["generator_sum"] == pytest.approx(resumed["generator_sum"], rel=tolerance, abs=tolerance)
 
 
 def _kill_when(run_dir: Path, rank: int, rounds_done: int, killed: dict[str, int]) -> None:
