@@ -179,9 +179,9 @@ class InPlaceDiscriminatorAverage:
             raise ValueError(f"update has {update.numel()} values, expected {self.layout.update_size}")
         state = discriminator.state_dict(keep_vars=True)
         trunk, head = update.reshape(-1).split([self.layout.trunk_size, self.layout.head_size])
-        self._accumulate([state[name].data for name in self.layout.trunk_names], trunk, weight, self._trunk_weight == 0)
+        _add_weighted([state[name].data for name in self.layout.trunk_names], trunk, weight, self._trunk_weight == 0)
         names = self.layout.head_names[task]
-        self._accumulate([state[name].data for name in names], head, weight, self._head_weights[task] == 0)
+        _add_weighted([state[name].data for name in names], head, weight, self._head_weights[task] == 0)
         self._trunk_weight += weight
         self._head_weights[task] += weight
         self._count += 1
@@ -198,17 +198,19 @@ class InPlaceDiscriminatorAverage:
                     for name in self.layout.head_names[task]:
                         state[name].data.div_(total)
 
-    @staticmethod
-    def _accumulate(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float, first: bool) -> None:
-        offset = 0
-        with torch.no_grad():
-            for tensor in tensors:
-                part = values[offset : offset + tensor.numel()].view_as(tensor)
-                if first:  # widened first: a half-precision upload times its weight can overflow
-                    torch.mul(part.to(tensor.dtype), weight, out=tensor)
-                else:
-                    tensor.add_(part, alpha=weight)
-                offset += tensor.numel()
+
+
+def _add_weighted(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float, overwrite: bool = False) -> None:
+    """tensors += weight * values (flat, in `tensors`' order), or with `overwrite` tensors := it."""
+    offset = 0
+    with torch.no_grad():
+        for tensor in tensors:
+            part = values[offset : offset + tensor.numel()].view_as(tensor)
+            if overwrite:  # widened first: a half-precision upload times its weight can overflow
+                torch.mul(part.to(tensor.dtype), weight, out=tensor)
+            else:
+                tensor.add_(part, alpha=weight)
+            offset += tensor.numel()
 
 
 class InPlaceDiscriminatorChange:
@@ -242,15 +244,9 @@ class InPlaceDiscriminatorChange:
             raise ValueError(f"weight {weight} of a task-{task} change is not part of the expected participants")
         state = discriminator.state_dict(keep_vars=True)
         trunk, head = change.reshape(-1).split([self.layout.trunk_size, self.layout.head_size])
-        parts = [(self.layout.trunk_names, trunk, weight / self._trunk_total)]
-        parts.append((self.layout.head_names[task], head, weight / self._head_totals[task]))
-        with torch.no_grad():
-            for names, values, share in parts:
-                offset = 0
-                for name in names:
-                    tensor = state[name].data
-                    tensor.add_(values[offset : offset + tensor.numel()].view_as(tensor), alpha=share)
-                    offset += tensor.numel()
+        _add_weighted([state[name].data for name in self.layout.trunk_names], trunk, weight / self._trunk_total)
+        names = self.layout.head_names[task]
+        _add_weighted([state[name].data for name in names], head, weight / self._head_totals[task])
 
 
 def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:

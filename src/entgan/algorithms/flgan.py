@@ -76,10 +76,6 @@ class _FLGANModels:
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.codecs = LinkCodecs.from_config(config.baselines.flgan.compression)
 
-    def start_codec(self, resumed: bool) -> Codec | None:
-        """How the models go down at the start: exact, or coded on a resume, as after a round."""
-        return self.codecs.model if resumed else None
-
 
 class FLGANServer(_FLGANModels, ServerRole):
     """FedGAN's intermediary: averages the G_k and the D_k, trains nothing."""
@@ -114,7 +110,7 @@ class FLGANServer(_FLGANModels, ServerRole):
         if self.resumed_state is not None:  # the averages of the checkpointed round go down instead
             self.load_state_dict(self.resumed_state)
         # init: G_k := G, D_k := D
-        self.send_models(self.context.worker_ranks, self.start_codec(self.resumed_state is not None))
+        self.send_models(self.context.worker_ranks, self.codecs.at_start(self.resumed_state is not None))
         settle(*self.downloads_in_flight)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
@@ -188,7 +184,7 @@ class FLGANWorker(_FLGANModels, WorkerRole):
                 ErrorFeedback(self.layout.update_size, device),
             )
         send_hello(self.context, len(shard))
-        self.receive_models(self.start_codec(self.resumed_state is not None))
+        self.receive_models(self.codecs.at_start(self.resumed_state is not None))
         settle(*self.downloads)
         self.downloads = []
         if self.resumed_state is not None:  # G_k := G, D_k := D came from the server, as after a round

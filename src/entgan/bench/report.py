@@ -462,8 +462,7 @@ def _over_seeds_section(bench: BenchConfig, table: dict[str, Any]) -> list[str]:
             _spread_cell(figures["server_hwm_increase_bytes"], MIB), _ratio_cell(figures["server_hwm_increase_bytes"]),
             _spread_cell(figures["workers_peak_increase_bytes"], MIB),
             _spread_cell(figures["bytes_sent_total"], MIB, 0), _ratio_cell(figures["bytes_sent_total"]),
-            *((_spread_cell(figures["bytes_to_target"], MIB, 0), _ratio_cell(figures["bytes_to_target"]))
-              if "bytes_to_target" in figures else ("–", "–")),
+            _spread_cell(figures["bytes_to_target"], MIB, 0), _ratio_cell(figures["bytes_to_target"]),
         ]
         rows.append(cells)
     return [*lines, *_table(header, rows), ""]

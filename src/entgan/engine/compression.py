@@ -264,7 +264,7 @@ class Int8Quantisation(Codec):
         for first in range(0, chunks, self.ROWS_AT_ONCE):
             last = min(first + self.ROWS_AT_ONCE, chunks)
             part = vector[first * chunk : min(last * chunk, numel)]
-            blocks = self._blocks(part) if part.numel() % chunk else part.view(-1, chunk)
+            blocks = self._blocks(part)
             lowest, highest = blocks.aminmax(dim=1)
             row_scales = scales[first:last]
             torch.maximum(highest, lowest.neg_(), out=row_scales)
@@ -384,6 +384,11 @@ class LinkCodecs:
         if compression.uploads != "changes":
             return cls(model)
         return cls(model, build_codec(compression.change_codec, compression.topk_ratio, compression.int8_chunk_size))
+
+    def at_start(self, resumed: bool) -> Codec | None:
+        """How the models go down at the start: exact, or on a resume coded as every round's, so
+        the workers due next hold what they would have received and the run goes on as it was."""
+        return self.model if resumed else None
 
     @property
     def changes(self) -> bool:

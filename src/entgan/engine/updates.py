@@ -184,6 +184,14 @@ def refusal_reason(
     return None if problem is None else f"it {problem}"
 
 
+def _in_storage(storage: torch.Tensor | None, count: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`count` values of `dtype` viewed at the start of `storage` where they fit, else a new tensor."""
+    size = count * dtype.itemsize
+    if storage is not None and size <= storage.numel() * storage.element_size():
+        return storage.view(torch.uint8)[:size].view(dtype)
+    return torch.empty(count, dtype=dtype, device=device)
+
+
 class UpdateReceiver:
     """The server's side: receive updates in arrival order and accept or refuse each."""
 
@@ -222,22 +230,16 @@ class UpdateReceiver:
         (An accepted update's values are consumed before the next receive overwrites them.)"""
         if self._body is None or self._body[1].numel() != wire_bytes:
             device = self.transport.device
-            storage = self.wire_storage
-            fits = storage is not None and wire_bytes <= storage.numel() * storage.element_size()
             self._body = (
                 torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                storage.view(torch.uint8)[:wire_bytes] if fits else torch.empty(wire_bytes, dtype=torch.uint8, device=device),
+                _in_storage(self.wire_storage, wire_bytes, torch.uint8, device),
                 torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
         return self._body
 
     def _values_buffer(self, count: int) -> torch.Tensor:
         if self._values is None or self._values.numel() != count:
-            storage = self.values_storage
-            if storage is not None and count * 4 <= storage.numel() * storage.element_size():
-                self._values = storage.view(torch.uint8)[: count * 4].view(torch.float32)
-            else:
-                self._values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
+            self._values = _in_storage(self.values_storage, count, torch.float32, self.transport.device)
         return self._values
 
     def release(self) -> None:

@@ -18,7 +18,7 @@ class EntGANRole(Role):
         self.update_layouts = discriminator_update_layouts(self.layout, self.D)
         self.overlap = OverlapController(self.config.control.overlap)
         # With compression on, per-round traffic travels coded (the start is exact).
-        codecs = LinkCodecs.from_config(self.config.control.compression)
+        self.codecs = codecs = LinkCodecs.from_config(self.config.control.compression)
         self.model_codec: Codec | None = codecs.model
         """How G and the synced D travel (None: float32)."""
         self.upload_codec: Codec | None = codecs.upload

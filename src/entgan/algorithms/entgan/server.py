@@ -76,10 +76,9 @@ class EntGANServer(EntGANRole, ServerRole):
         if self.resumed_state is not None:
             self.load_state_dict(self.resumed_state)
         self.sample_counts = receive_hellos(self.context)
-        # Initialisation: G_k := G, D_k := D; exact at the start, coded as every round's on a resume
-        # (the workers due next hold what they would have received, so the run goes on as it was).
+        # Initialisation: G_k := G, D_k := D (`LinkCodecs.at_start`: exact, or coded on a resume).
         workers = self.context.worker_ranks
-        codec = self.model_codec if self.resumed_state is not None else None
+        codec = self.codecs.at_start(self.resumed_state is not None)
         self.transport.send_to_many(model_tensors(self.G), workers, "generator", codec).wait()
         self.transport.send_to_many(model_tensors(self.D), workers, "discriminator", codec).wait()
         self.generator_in_flight: Transfer | None = None

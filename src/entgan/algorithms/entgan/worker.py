@@ -75,7 +75,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.synced_D.to(self.context.device).requires_grad_(False)
             self.upload_feedback = ErrorFeedback(self.layout.update_size, self.context.device)
         send_hello(self.context, len(shard))
-        codec = self.model_codec if self.resumed_state is not None else None  # as the server sends them
+        codec = self.codecs.at_start(self.resumed_state is not None)  # as the server sends them
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", codec).wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator", codec).wait()
         if self.resumed_state is not None:  # G_k := G came from the server; D_k is this worker's own
