@@ -155,8 +155,12 @@ def _command_tune(args: argparse.Namespace) -> int:
     runs = plan_tuning_runs(bench, _only(args))
     out_dir = Path(args.out) if args.out else Path("runs") / "tune" / Path(args.config).stem
     command = shlex.join(["entgan", "tune", args.config, "--write", args.write])
-    # The runs' report: the tuning runs alone (no reporting seeds, edge clocks or sweep).
-    report_bench = bench.model_copy(update={"methods": [], "profiles": {}, "memory_sweep": None, "seeds": []})
+    # The runs' report: the tuning runs alone (no reporting seeds or sweep; only the edge clock
+    # the candidates are compared on, if any).
+    assert bench.tuning is not None
+    clock = bench.tuning.clock
+    profiles = {} if clock is None else {clock: bench.profiles[clock]}
+    report_bench = bench.model_copy(update={"methods": [], "profiles": profiles, "memory_sweep": None, "seeds": []})
     results = _runner(report_bench, out_dir, args, command).run(runs)
     tuned = choose(bench, results)
     path = write_tuned(Path(args.write), tuned, command)
