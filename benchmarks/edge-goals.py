@@ -6,8 +6,8 @@
 For each edge profile: every row's median time to the target, EntGAN's ratio to the best
 distributed baseline (the paired geometric mean and its bootstrap 95% interval, as the bench
 computes them, inverted to EntGAN ÷ baseline); bytes until the target against FL-GAN; the
-slow-device figure (time on `edge-uneven` over time on `edge-uneven-equal-speed`, per seed); and
-per-task FID at the end of the budget. Figures come from bench.json only: nothing is re-measured.
+slow-device figure (time on `edge-uneven` over time on `edge-uneven-equal-speed`, per seed);
+per-task FID at the end of the budget; and overall FID at one edge-clock time for every row. Figures come from bench.json only: nothing is re-measured.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def _against_entgan(report: dict, title: str, name: str, scale: float = 1.0) -> 
 
 def goals(report: dict) -> list[str]:
     labels = list(report["over_seeds"])
-    profiles = sorted({profile for run in report["runs"]["methods"] for profile in run.get("edge", {})})
+    every_run = report["runs"]["methods"] + report["runs"].get("ablations", [])
+    profiles = sorted({profile for run in every_run for profile in run.get("edge", {})})
     lines = []
     for profile in profiles:
         lines += _against_entgan(
@@ -92,7 +93,32 @@ def goals(report: dict) -> list[str]:
         cells.append(f"{statistics.median(run['final_fid'] for run in mine):.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append("")
+    for profile in profiles:
+        lines += _fid_at_common_edge_time(runs, labels, profile)
     return lines
+
+
+def _fid_at_common_edge_time(runs: list[dict], labels: list[str], profile: str) -> list[str]:
+    """Overall FID where every run has got to on `profile`'s edge clock: at the edge time of the
+    earliest run end there, the last evaluation of each run at or before it (median over seeds).
+    The budget is training-clock time, which buys different edge time per row; this reads quality
+    at the end of one edge budget for all."""
+    ends = [run["edge"][profile]["clock_s"] for run in runs if run.get("edge", {}).get(profile, {}).get("clock_s")]
+    if not ends:
+        return []
+    horizon = min(ends)
+    lines = [f"### {profile}: overall FID at {horizon:.0f} s of edge clock (the earliest run end there; median over seeds)", ""]
+    lines += ["| row | FID | seeds |", "|---|---|---|"]
+    for label in labels:
+        values = []
+        for run in runs:
+            curve = run.get("edge", {}).get(profile, {}).get("curve") or []
+            before = [fid for time, fid in curve if time <= horizon]
+            if run["label"] == label and before:
+                values.append(before[-1])
+        if values:
+            lines.append(f"| {label} | {statistics.median(values):.1f} | {len(values)} |")
+    return [*lines, ""]
 
 
 def _observations(figure: dict) -> dict[int, Observation]:

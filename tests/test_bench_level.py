@@ -17,7 +17,7 @@ from entgan.bench import plan_runs
 from entgan.bench.config import load_bench_config, parse_bench_config
 from entgan.bench.plan import plan_tuning_runs
 from entgan.bench.report import over_seeds, render_markdown, report_data
-from entgan.bench.results import TargetHit, bytes_sent_until, fid_area
+from entgan.bench.results import EdgeFigures, RunResult, TargetHit, bytes_sent_until, fid_area
 from entgan.bench.statistics import Observation, paired_ratio, spread
 from entgan.bench.tuning import choose
 from entgan.config import ConfigError
@@ -93,6 +93,7 @@ TUNING = {"seeds": [7], "grid": {"entgan": [{"engine.participation": 0.5}, {"eng
         ({"tuning": {**TUNING, "grid": {**TUNING["grid"], "flgan": [{}, {"engine.participaton": 0.5}]}}},
          "tuning.grid.flgan.1"),
         ({"seeds": [3, 3]}, "seeds must be distinct"),
+        ({"tuning": {**TUNING, "clock": "edge-lan"}}, "tuning.clock: 'edge-lan' is not one of the bench's profiles []"),
     ],
 )
 def test_bad_seeds_or_tuning_name_the_problem(overrides: dict[str, Any], expected: str) -> None:
@@ -145,6 +146,35 @@ def test_tuning_chooses_the_lowest_median_area_and_never_a_failed_candidate() ->
     assert [entry["chosen"] for entry in entgan] == [False, True]
     assert [run["seed"] for run in entgan[0]["runs"]] == [7, 8]
     assert math.isinf(tuned["tuning"]["candidates"]["flgan"][0]["score"])  # median of 50 and a failure
+
+
+def test_tuning_on_an_edge_clock_chooses_the_fastest_to_the_target_there() -> None:
+    """A candidate that never reaches the target on the tuning clock loses to one that does, even
+    with a better FID area; where none reach it, the area decides."""
+    profile = {"workers": [{"speed": 0.5, "uplink_mbit": 5, "downlink_mbit": 20}]}
+    bench = parse_bench_config(
+        bench_data(methods=["entgan", "flgan"], ablations=[], profiles={"slow": profile},
+                   tuning={**TUNING, "seeds": [7, 8], "clock": "slow"}),
+        origin="bench.yaml",
+    )
+
+    def run(label: str, seed: int, area: float, edge_s: float | None) -> RunResult:
+        return _result(label, seed=seed, fid_area=area, edge={"slow": EdgeFigures(clock_s=500.0, time_to_target_s=edge_s)})
+
+    results = [
+        run("entgan-c0", 7, 80.0, None), run("entgan-c0", 8, 80.0, 300.0),  # best area, median miss
+        run("entgan-c1", 7, 95.0, 400.0), run("entgan-c1", 8, 99.0, 450.0),
+        run("flgan-c0", 7, 90.0, None), run("flgan-c0", 8, 90.0, None),
+        run("flgan-c1", 7, 85.0, None), run("flgan-c1", 8, 85.0, None),
+    ]
+
+    tuned = choose(bench, results)
+
+    assert tuned["methods"] == {"entgan": {"engine.participation": 1.0}, "flgan": {"engine.participation": 0.5}}
+    entgan = tuned["tuning"]["candidates"]["entgan"]
+    assert entgan[1]["edge_time_to_target_s"] == 425.0 and math.isinf(entgan[0]["edge_time_to_target_s"])
+    assert [figures["edge_time_to_target_s"] for figures in entgan[1]["runs"]] == [400.0, 450.0]
+    assert "'slow' edge clock" in tuned["tuning"]["selection"]
 
 
 def test_the_report_summarises_each_row_over_seeds_against_the_reference() -> None:
