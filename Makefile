@@ -44,10 +44,12 @@ bench: $(STAMP)
 
 # EntGAN at the edge (README Results, "EntGAN at the edge"): the edge bench (4 methods and 2
 # ablations over six seeds, replayed on edge-lan, edge-uneven and edge-uneven with equal devices),
-# the same with every lever for every method that can take it (straggler-aware participation; FL-GAN with the coded transfers), and server memory at 2-16 workers (MLP and DCGAN).
-# About 110 minutes on 2 CPU cores. The real 20 Mbit/s link check needs root and runs on its own:
+# the same with every lever for every method that can take it (straggler-aware participation; FL-GAN with the coded transfers),
+# every method tuned for the edge (edge-tuned.yaml, whose choices tuned-edge.yaml holds:
+#   entgan tune benchmarks/edge-tuned.yaml --write benchmarks/tuned-edge.yaml), and server memory at 2-16 workers (MLP and DCGAN).
+# About 155 minutes on 2 CPU cores. The real 20 Mbit/s link check needs root and runs on its own:
 #   entgan bench benchmarks/edge-20mbit.yaml
-EDGE_BENCH_CONFIGS ?= benchmarks/edge-mnist-2tasks-8workers.yaml benchmarks/edge-every-lever.yaml benchmarks/edge-server-memory.yaml
+EDGE_BENCH_CONFIGS ?= benchmarks/edge-mnist-2tasks-8workers.yaml benchmarks/edge-every-lever.yaml benchmarks/edge-tuned.yaml benchmarks/edge-server-memory.yaml
 bench-edge: $(STAMP)
 	@status=0; for config in $(EDGE_BENCH_CONFIGS); do \
 	  $(BIN)/entgan bench $$config --out $(BENCH_OUT)/$$(basename $$config .yaml) --overwrite || status=1; \
