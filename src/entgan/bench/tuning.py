@@ -5,8 +5,9 @@ each tuning seed under the bench's time budget, picks per method the candidate w
 median mean FID over the budget (`results.fid_area`: the whole curve counts, and it is defined
 even where the target is never reached), or, with `tuning.clock` naming an edge profile, the lowest
 median time to the target on that edge clock (what an edge bench claims), and writes the choices
-with every tuning run's figures to a tuned file. The bench config's `tuned:` names that file; `entgan bench` applies the choices
-to the methods' runs on the reporting seeds, which the tuning seeds never include.
+with every tuning run's figures to a tuned file. The bench config's `tuned:` names that file;
+`entgan bench` applies the choices to the methods' runs on the reporting seeds, which the tuning
+seeds never include.
 """
 
 from __future__ import annotations
