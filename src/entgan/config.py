@@ -259,7 +259,16 @@ class GeneratorAverageConfig(_Strict):
     round)."""
 
 
+class EdgeGeneratorConfig(_Strict):
+    """Exploration (not in DESIGN.md): G_k takes a step at the worker after each D step, against
+    D_k, and G_k's change since the round's G goes up with D_k's; the server adds the weighted
+    mean change to G before its own G steps (FL-GAN's local game, inside EntGAN's round)."""
+
+    enabled: bool = False
+
+
 class ControlConfig(_Strict):
+    edge_generator: EdgeGeneratorConfig = EdgeGeneratorConfig()
     worker_scheduler: WorkerSchedulerConfig = WorkerSchedulerConfig()
     server_scheduler: ServerSchedulerConfig = ServerSchedulerConfig()
     noniid: NonIIDConfig = NonIIDConfig()

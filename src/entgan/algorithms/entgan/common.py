@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from entgan.algorithms.aggregation import DiscriminatorLayout, discriminator_update_layouts
 from entgan.control.overlap import OverlapController
+from entgan.algorithms.local_training import named_state
 from entgan.engine.compression import Codec, LinkCodecs
+from entgan.engine.updates import UpdateLayout
 from entgan.engine.method import Role
 from entgan.gan import build_models
 
@@ -24,6 +26,8 @@ class EntGANRole(Role):
         self.upload_codec: Codec | None = codecs.upload
         """How D_k, or its change since the sync, travels up and to its gossip peer (None: float32)."""
         self.uploads_changes = codecs.changes
+        self.edge_generator = self.config.control.edge_generator.enabled
+        self.generator_layout = UpdateLayout.of(named_state(self.G))
 
     def is_sync_round(self, round_index: int) -> bool:
         """Whether the averaged D goes down after round `round_index` (`aggregation.sync_every`)."""

@@ -11,13 +11,13 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange
+from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange, RunningAverage
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler
 from entgan.engine.method import ServerRole, UploadKind
-from entgan.engine.parameters import model_tensors
+from entgan.engine.parameters import model_tensors, numel
 from entgan.engine.transport import Transfer, WireBuffers
 from entgan.engine.updates import Update
 from entgan.engine.uploads import receive_hellos
@@ -72,6 +72,16 @@ class EntGANServer(EntGANRole, ServerRole):
                 wire_storage=None if self.discriminator_wire is None else self.discriminator_wire.storage,
             )
         ]
+        if self.edge_generator:  # G_k's changes since the round's G, averaged and added to G
+            self.upload_kinds.append(
+                UploadKind(
+                    "generator",
+                    layout_of=lambda rank: self.generator_layout,
+                    in_order=True,
+                    codecs=() if self.upload_codec is None else (self.upload_codec,),
+                )
+            )
+            self.generator_changes = RunningAverage(numel(model_tensors(self.G)), self.context.device)
         self.feedback: GeneratorFeedback | None = None
         if self.resumed_state is not None:
             self.load_state_dict(self.resumed_state)
@@ -97,6 +107,15 @@ class EntGANServer(EntGANRole, ServerRole):
         then goes down at once (D_k := D), before G trains, so the next round's participants can
         start the real-data half of their D step while the server trains G.
         """
+        if kind == "generator":
+            settle(self.generator_in_flight)  # G's last broadcast must be out before G changes
+            self.generator_in_flight = None
+            self.generator_changes.reset()
+            for update in accepted:
+                self.generator_changes.add(update.values, float(self.sample_counts[update.rank]))
+            if self.generator_changes.count:
+                self.generator_changes.mean_into(model_tensors(self.G), add=True)
+            return
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
         task_of, weight_of = self.context.task_of, self.sample_counts

@@ -10,6 +10,7 @@ import torch
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
+from entgan.algorithms.local_training import generator_step
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
@@ -80,7 +81,15 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator", codec).wait()
         if self.resumed_state is not None:  # G_k := G came from the server; D_k is this worker's own
             self.load_state_dict(self.resumed_state)
-        self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
+        self.g_optimizer: torch.optim.Optimizer | None = None
+        self.synced_G: torch.Tensor | None = None
+        self.generator_feedback: ErrorFeedback | None = None
+        if self.edge_generator:  # G_k steps here too; its change goes up
+            self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+            if self.upload_codec is not None:
+                self.generator_feedback = ErrorFeedback(numel(model_tensors(self.G)), self.context.device)
+        else:
+            self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
         self.incoming_discriminator: Transfer | None = None
 
@@ -92,6 +101,11 @@ class EntGANWorker(EntGANRole, WorkerRole):
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
             self.synced_D.load_state_dict(self.D.state_dict())
         plan = self.worker_scheduler.plan(round_index)
+        if self.edge_generator:  # G_k changes after each D step: fresh fakes for every step
+            settle(self.incoming_generator)
+            self.incoming_generator = None
+            self.synced_G = flatten(model_tensors(self.G))
+            plan = WorkerPlan(d_steps=plan.d_steps, fake_batches=plan.d_steps, generate_upfront=False)
 
         d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
 
@@ -114,7 +128,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
         values = flatten(self.layout.update_tensors(self.D, task))
         if self.uploads_changes:
             values = self.compressed_change(values)
-        return [
+        uploads = [
             Upload(
                 "discriminator-update",
                 values,
@@ -123,6 +137,16 @@ class EntGANWorker(EntGANRole, WorkerRole):
                 wait_at_once=not self.overlap.enabled,
             )
         ]
+        if self.edge_generator:
+            assert self.synced_G is not None
+            change = flatten(model_tensors(self.G)).sub_(self.synced_G)
+            if self.generator_feedback is not None and self.upload_codec is not None:
+                change = self.generator_feedback.corrected(change, self.upload_codec)
+            uploads.append(
+                Upload("generator", change, self.generator_layout, codec=self.upload_codec,
+                       wait_at_once=not self.overlap.enabled)
+            )
+        return uploads
 
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
@@ -173,11 +197,21 @@ class EntGANWorker(EntGANRole, WorkerRole):
                     loss.backward()
                 self.d_optimizer.step()
                 loss_value = loss.item()
+                if self.g_optimizer is not None:
+                    self._generator_step(batch_size)
             losses.append(loss_value)
             real_scores.append(real_score)
             fake_scores.append(fake_score)
         steps = len(losses)
         return sum(losses) / steps, sum(real_scores) / steps, sum(fake_scores) / steps, fake_batches[-1]
+
+    def _generator_step(self, batch_size: int) -> None:
+        """One G_k step against D_k on this worker's task (FL-GAN's local G step)."""
+        assert self.g_optimizer is not None
+        task = self.context.task
+        z = self.G.sample_latent(batch_size, generator=self.latent_stream)
+        tasks = torch.full((batch_size,), task, dtype=torch.long, device=self.context.device)
+        generator_step(self.g_optimizer, self.D, self.G(z, tasks), task)
 
     def _fakes_for_step(
         self, plan: WorkerPlan, step: int, fake_batches: list[torch.Tensor], batch_size: int
