@@ -46,10 +46,11 @@ bench: $(STAMP)
 # ablations over six seeds, replayed on edge-lan, edge-uneven and edge-uneven with equal devices),
 # the same with every lever for every method that can take it (straggler-aware participation; FL-GAN with the coded transfers),
 # every method tuned for the edge (edge-tuned.yaml, whose choices tuned-edge.yaml holds:
-#   entgan tune benchmarks/edge-tuned.yaml --write benchmarks/tuned-edge.yaml), and server memory at 2-16 workers (MLP and DCGAN).
-# About 155 minutes on 2 CPU cores. The real 20 Mbit/s link check needs root and runs on its own:
+#   entgan tune benchmarks/edge-tuned.yaml --write benchmarks/tuned-edge.yaml), EntGAN with G_k steps at
+# the edge against FL-GAN tuned for it (edge-generator.yaml), and server memory at 2-16 workers (MLP and DCGAN).
+# About 170 minutes on 2 CPU cores. The real 20 Mbit/s link check needs root and runs on its own:
 #   entgan bench benchmarks/edge-20mbit.yaml
-EDGE_BENCH_CONFIGS ?= benchmarks/edge-mnist-2tasks-8workers.yaml benchmarks/edge-every-lever.yaml benchmarks/edge-tuned.yaml benchmarks/edge-server-memory.yaml
+EDGE_BENCH_CONFIGS ?= benchmarks/edge-mnist-2tasks-8workers.yaml benchmarks/edge-every-lever.yaml benchmarks/edge-tuned.yaml benchmarks/edge-generator.yaml benchmarks/edge-server-memory.yaml
 bench-edge: $(STAMP)
 	@status=0; for config in $(EDGE_BENCH_CONFIGS); do \
 	  $(BIN)/entgan bench $$config --out $(BENCH_OUT)/$$(basename $$config .yaml) --overwrite || status=1; \

@@ -41,6 +41,10 @@ def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
             {"control": {"compression": {"enabled": True}}, "aggregation": {"sync_every": 2}},
             "uploads: changes needs aggregation.sync_every: 1",
         ),
+        (
+            {"control": {"edge_generator": {"enabled": True}}, "privacy": {"enabled": True}},
+            "control.edge_generator needs privacy.enabled: false",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(change: dict, expected: str) -> None:

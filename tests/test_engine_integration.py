@@ -193,6 +193,29 @@ def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_tra
         assert digest["generator_sum"] == pytest.approx(compressed["generator_sum"], rel=2e-2, abs=2e-2)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", [False, True], ids=["float32", "int8"])
+def test_edge_generator_sends_each_participants_g_change_up_and_still_trains(
+    tmp_path: Path, cache_dir: Path, compression: bool
+) -> None:
+    config = tiny_config(control={"edge_generator": {"enabled": True}, "compression": {"enabled": compression}})
+    generator_values = sum(p.numel() for p in build_generator(config.model, config.image_shape, 2).state_dict().values())
+
+    summary = launch_local(config, tmp_path / "run", cache_dir=cache_dir, show_progress=False)
+
+    uploads = sum(len(due_ranks(config, r)) for r in range(config.rounds))
+    per_upload = summary["server/bytes_received/generator"] / uploads
+    full = 4 * generator_values  # float32, plus the envelope's header and MAC
+    assert full <= per_upload < 1.05 * full if not compression else 0.25 * full < per_upload < 0.27 * full
+    assert math.isfinite(summary["final_eval"]["fid/overall"])
+    rows = RunDirectory(tmp_path / "run").metrics()
+    assert all(row["refused_updates"] == 0 for row in rows if "refused_updates" in row)
+    tolerance = 2e-2 if compression else 1e-6  # the workers due next hold G as it was sent
+    for digest in worker_digests(tmp_path / "run"):
+        if digest["rank"] in due_ranks(config, config.rounds):
+            assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=tolerance, abs=tolerance)
+
+
 def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_long(
     tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -260,9 +260,13 @@ class GeneratorAverageConfig(_Strict):
 
 
 class EdgeGeneratorConfig(_Strict):
-    """Exploration (not in DESIGN.md): G_k takes a step at the worker after each D step, against
-    D_k, and G_k's change since the round's G goes up with D_k's; the server adds the weighted
-    mean change to G before its own G steps (FL-GAN's local game, inside EntGAN's round)."""
+    """G_k steps at the edge (off by default; a departure from DESIGN.md section 1, where G trains
+    only at the server). On: after each of its D steps a worker takes one step of G_k against D_k
+    on its task, and G_k's change since the round's G goes up beside D_k's (in the upload codec,
+    with error feedback); the server adds their weighted mean to G, then takes its own G steps
+    against the averaged D. Why: behind slow links a round's bytes set the time, and an EntGAN
+    round otherwise plays one exchange of the game where FL-GAN's local steps play many (README
+    Results, "Every method tuned for the edge"). It costs a G upload per participant a round."""
 
     enabled: bool = False
 
@@ -573,6 +577,15 @@ class RunConfig(_Strict):
                 "control.compression.uploads: changes needs aggregation.sync_every: 1 (a change is taken "
                 f"from the D the server holds, which workers have only right after a sync), found "
                 f"sync_every: {self.aggregation.sync_every}; use uploads: models"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _edge_generator_without_privacy(self) -> RunConfig:
+        if self.control.edge_generator.enabled and self.privacy.enabled:
+            raise ValueError(
+                "control.edge_generator needs privacy.enabled: false (DP-SGD trains D_k in its own step, "
+                "which the G_k steps do not interleave with); found both on"
             )
         return self
 

@@ -11,6 +11,9 @@ trunk + its task's head), D_k to a peer (gossip), G down to the next round's par
 by layer, and on sync rounds the averaged D down to them as well. With `control.compression` on
 (for edge links), models travel in a codec (int8 by default) and D_k goes up as its change since
 the sync, with error feedback; the server adds the participants' weighted mean change to its D.
+With `control.edge_generator` on (off by default; it departs from DESIGN.md, where G trains only at
+the server), each D step at a worker is followed by a G_k step against D_k, G_k's change goes up
+beside D_k's, and the server adds their weighted mean to G before its own G steps (marked [edge G]).
 
     init: G_k := G, D_k := D for every worker k
     each round r:
@@ -19,12 +22,14 @@ the sync, with error feedback; the server adds the participants' weighted mean c
                  1. plan := worker_task_scheduler.plan()            # when G_k runs, fake reuse
                  2. fakes := G_k(z, task_k)                          # streams in as G arrives
                     D_k := D_k - lr * grad L_D(real_k, fakes)        # edge discriminator update
+                    [edge G] G_k := G_k - lr * grad L_G(D_k(G_k(z, task_k)))   # after each D step
                     non-IID optimizer: swap D_k with a peer in P_r, mix, continual-learning update
-                    send (trunk_k, head_k) to the server
+                    send (trunk_k, head_k) to the server   [edge G] and G_k - G
       server:    3. D := sample-weighted running average of P_r's updates as they arrive
                     (trunk over all of them, head t over task t's; with compressed changes,
                     D := D + the weighted mean of the changes D_k - D);
                     every `aggregation.sync_every` rounds, send D down at once to P_{r+1} (D_k := D)
+                    [edge G] G := G + the sample-weighted mean of P_r's G_k - G
                  4. n := server_task_scheduler.next_steps(feedback)
                     n times: G := G - lr * grad L_G(D(G(z, t), t))
                     send G to P_{r+1} layer by layer, asynchronously (overlap controller)

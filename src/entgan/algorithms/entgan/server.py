@@ -78,7 +78,11 @@ class EntGANServer(EntGANRole, ServerRole):
                     "generator",
                     layout_of=lambda rank: self.generator_layout,
                     in_order=True,
+                    # Read after D's uploads and before G's steps, so they take the same turns in
+                    # G's gradient buffer; their coded bytes arrive after G's broadcast has left.
+                    values_storage=self.gradients.buffer,
                     codecs=() if self.upload_codec is None else (self.upload_codec,),
+                    wire_storage=None if self.generator_wire is None else self.generator_wire.storage,
                 )
             )
             self.generator_changes = RunningAverage(numel(model_tensors(self.G)), self.context.device)
@@ -100,14 +104,15 @@ class EntGANServer(EntGANRole, ServerRole):
 
         No buffer beyond D and one update: updates are read in rank order (they are all in flight
         by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
-        the sum the same on every run. Refused updates (`engine.updates`) never get here; a part
+        the sum the same on every run. With `control.edge_generator` on, the G_k changes that
+        follow are added to G the same way (weighted mean, in rank order). Refused updates (`engine.updates`) never get here; a part
         (trunk, a task's head) with no accepted update keeps its values. With compressed changes
         uploaded (`control.compression.uploads: changes`), each is added to D in place instead,
         scaled by its worker's share (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
         then goes down at once (D_k := D), before G trains, so the next round's participants can
         start the real-data half of their D step while the server trains G.
         """
-        if kind == "generator":
+        if kind == "generator":  # `control.edge_generator`: G := G + the weighted mean G_k change
             settle(self.generator_in_flight)  # G's last broadcast must be out before G changes
             self.generator_in_flight = None
             self.generator_changes.reset()

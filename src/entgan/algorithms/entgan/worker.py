@@ -101,7 +101,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
             self.synced_D.load_state_dict(self.D.state_dict())
         plan = self.worker_scheduler.plan(round_index)
-        if self.edge_generator:  # G_k changes after each D step: fresh fakes for every step
+        if self.edge_generator:  # G_k steps after each D step: all of G first, fresh fakes every step
             settle(self.incoming_generator)
             self.incoming_generator = None
             self.synced_G = flatten(model_tensors(self.G))
@@ -298,6 +298,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
             # The privacy spent so far: a resumed run keeps counting epsilon, never restarts at 0.
             "private": self.private.state_dict() if self.private is not None else None,
             "unsent_change": None if self.upload_feedback is None else self.upload_feedback.residual.clone(),
+            "generator_optimizer": None if self.g_optimizer is None else self.g_optimizer.state_dict(),
+            "unsent_generator_change": (
+                None if self.generator_feedback is None else self.generator_feedback.residual.clone()
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -309,6 +313,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.private.load_state_dict(state["private"])
         if self.upload_feedback is not None and state.get("unsent_change") is not None:  # absent before changes
             self.upload_feedback.residual.copy_(state["unsent_change"])
+        if self.g_optimizer is not None and state.get("generator_optimizer") is not None:
+            self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        if self.generator_feedback is not None and state.get("unsent_generator_change") is not None:
+            self.generator_feedback.residual.copy_(state["unsent_generator_change"])
 
     def digest(self) -> dict[str, float]:
         return model_digest(self.G, "generator")
