@@ -75,20 +75,22 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.synced_D = build_discriminator(self.config.model, self.config.image_shape, len(self.config.tasks))
             self.synced_D.to(self.context.device).requires_grad_(False)
             self.upload_feedback = ErrorFeedback(self.layout.update_size, self.context.device)
+        # With G_k steps at the edge (`control.edge_generator`): G_k's optimizer, the G this
+        # round started from, and what earlier G_k uploads' codec left out.
+        self.g_optimizer: torch.optim.Optimizer | None = None
+        self.synced_G: torch.Tensor | None = None
+        self.generator_feedback: ErrorFeedback | None = None
+        if self.edge_generator:
+            self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+            if self.upload_codec is not None:
+                self.generator_feedback = ErrorFeedback(numel(model_tensors(self.G)), self.context.device)
         send_hello(self.context, len(shard))
         codec = self.codecs.at_start(self.resumed_state is not None)  # as the server sends them
         self.transport.receive(model_tensors(self.G), SERVER_RANK, "generator", codec).wait()
         self.transport.receive(model_tensors(self.D), SERVER_RANK, "discriminator", codec).wait()
         if self.resumed_state is not None:  # G_k := G came from the server; D_k is this worker's own
             self.load_state_dict(self.resumed_state)
-        self.g_optimizer: torch.optim.Optimizer | None = None
-        self.synced_G: torch.Tensor | None = None
-        self.generator_feedback: ErrorFeedback | None = None
-        if self.edge_generator:  # G_k steps here too; its change goes up
-            self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
-            if self.upload_codec is not None:
-                self.generator_feedback = ErrorFeedback(numel(model_tensors(self.G)), self.context.device)
-        else:
+        if not self.edge_generator:
             self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
         self.incoming_discriminator: Transfer | None = None
