@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from entgan.algorithms.aggregation import DiscriminatorLayout, discriminator_update_layouts
-from entgan.control.overlap import OverlapController
 from entgan.algorithms.local_training import named_state
+from entgan.control.overlap import OverlapController
 from entgan.engine.compression import Codec, LinkCodecs
-from entgan.engine.updates import UpdateLayout
 from entgan.engine.method import Role
+from entgan.engine.updates import UpdateLayout
 from entgan.gan import build_models
 
 
@@ -28,6 +28,7 @@ class EntGANRole(Role):
         self.uploads_changes = codecs.changes
         self.edge_generator = self.config.control.edge_generator.enabled
         self.generator_layout = UpdateLayout.of(named_state(self.G))
+        """What G_k's change looks like on the wire (`control.edge_generator`)."""
 
     def is_sync_round(self, round_index: int) -> bool:
         """Whether the averaged D goes down after round `round_index` (`aggregation.sync_every`)."""

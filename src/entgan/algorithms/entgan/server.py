@@ -104,13 +104,14 @@ class EntGANServer(EntGANRole, ServerRole):
 
         No buffer beyond D and one update: updates are read in rank order (they are all in flight
         by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
-        the sum the same on every run. With `control.edge_generator` on, the G_k changes that
-        follow are added to G the same way (weighted mean, in rank order). Refused updates (`engine.updates`) never get here; a part
+        the sum the same on every run. Refused updates (`engine.updates`) never get here; a part
         (trunk, a task's head) with no accepted update keeps its values. With compressed changes
         uploaded (`control.compression.uploads: changes`), each is added to D in place instead,
         scaled by its worker's share (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
         then goes down at once (D_k := D), before G trains, so the next round's participants can
-        start the real-data half of their D step while the server trains G.
+        start the real-data half of their D step while the server trains G. With
+        `control.edge_generator` on, the G_k changes that follow D's uploads (kind `generator`)
+        are added to G as their weighted mean, in rank order.
         """
         if kind == "generator":  # `control.edge_generator`: G := G + the weighted mean G_k change
             settle(self.generator_in_flight)  # G's last broadcast must be out before G changes

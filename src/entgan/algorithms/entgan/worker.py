@@ -8,9 +8,9 @@ from typing import Any
 import torch
 
 from entgan.algorithms.entgan.common import EntGANRole
+from entgan.algorithms.local_training import generator_step
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
-from entgan.algorithms.local_training import generator_step
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
@@ -144,10 +144,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
             change = flatten(model_tensors(self.G)).sub_(self.synced_G)
             if self.generator_feedback is not None and self.upload_codec is not None:
                 change = self.generator_feedback.corrected(change, self.upload_codec)
-            uploads.append(
-                Upload("generator", change, self.generator_layout, codec=self.upload_codec,
-                       wait_at_once=not self.overlap.enabled)
-            )
+            wait = not self.overlap.enabled
+            uploads.append(Upload("generator", change, self.generator_layout, codec=self.upload_codec, wait_at_once=wait))
         return uploads
 
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
