@@ -12,6 +12,7 @@ from entgan.algorithms.aggregation import (
     DiscriminatorLayout,
     InPlaceDiscriminatorAverage,
     InPlaceDiscriminatorChange,
+    InPlaceModelChange,
     RunningAverage,
 )
 from entgan.config import ModelConfig
@@ -72,6 +73,39 @@ def test_running_average_equals_the_weighted_mean_in_any_order() -> None:
         running.add(vectors[index], weights[index])
 
     assert torch.allclose(running.mean(), expected.float(), atol=1e-6)
+
+
+def test_in_place_model_change_adds_the_weighted_mean_change_and_counts_a_refusal_as_none() -> None:
+    # EntGAN's G under control.edge_generator: G + sum_k (w_k / W) change_k, W over the round's
+    # participants; with every change accepted that is G plus their weighted mean.
+    generator = torch.Generator().manual_seed(0)
+    model = [torch.randn(3, 4, generator=generator), torch.randn(5, generator=generator)]
+    changes = [torch.randn(17, generator=generator) for _ in range(3)]
+    weights = [10.0, 30.0, 20.0]
+
+    everyone = [tensor.clone() for tensor in model]
+    change = InPlaceModelChange()
+    change.expect(weights)
+    for values, weight in zip(changes, weights):
+        change.add(everyone, values, weight)
+    expected = flatten(model) + sum(c * w for c, w in zip(changes, weights)) / sum(weights)
+    assert torch.allclose(flatten(everyone), expected, atol=1e-6)
+
+    refused_one = [tensor.clone() for tensor in model]
+    change.expect(weights)
+    for values, weight in list(zip(changes, weights))[1:]:  # the first participant's upload refused
+        change.add(refused_one, values, weight)
+    expected = flatten(model) + sum(c * w for c, w in list(zip(changes, weights))[1:]) / sum(weights)
+    assert torch.allclose(flatten(refused_one), expected, atol=1e-6)
+
+
+def test_in_place_model_change_rejects_wrong_size_and_unexpected_weight() -> None:
+    change = InPlaceModelChange()
+    change.expect([1.0, 2.0])
+    with pytest.raises(ValueError, match="4 values, expected 3"):
+        change.add([torch.zeros(3)], torch.zeros(4), 1.0)
+    with pytest.raises(ValueError, match="expected participants"):
+        change.add([torch.zeros(3)], torch.zeros(3), 5.0)
 
 
 def test_running_average_rejects_wrong_size_and_nonpositive_weight() -> None:

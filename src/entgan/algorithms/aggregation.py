@@ -249,6 +249,30 @@ class InPlaceDiscriminatorChange:
         _add_weighted([state[name].data for name in names], head, weight / self._head_totals[task])
 
 
+class InPlaceModelChange:
+    """A model plus the weighted mean of changes made from it, added to the model in place.
+
+    The single-part form of `InPlaceDiscriminatorChange` (EntGAN's G under
+    `control.edge_generator`): each accepted change is added as it arrives, scaled by its worker's
+    share of the round's expected total weight, so nothing but the model is held (no running sum).
+    A participant whose upload is refused counts as no change, as for D.
+    """
+
+    def __init__(self) -> None:
+        self._total = 0.0
+
+    def expect(self, weights: Sequence[float]) -> None:
+        """The round's participants' weights: the total each change's share is of."""
+        self._total = float(sum(weights))
+
+    def add(self, tensors: Sequence[torch.Tensor], change: torch.Tensor, weight: float) -> None:
+        if change.numel() != numel(tensors):
+            raise ValueError(f"change has {change.numel()} values, expected {numel(tensors)}")
+        if not 0 < weight <= self._total:
+            raise ValueError(f"weight {weight} is not part of the expected participants' total {self._total}")
+        _add_weighted(tensors, change.reshape(-1), weight / self._total)
+
+
 def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:
     """Per task t, what a task-t worker's discriminator upload is made of: the trunk and head t."""
     return [

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange, RunningAverage
+from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange, InPlaceModelChange
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
@@ -85,7 +85,7 @@ class EntGANServer(EntGANRole, ServerRole):
                     wire_storage=None if self.generator_wire is None else self.generator_wire.storage,
                 )
             )
-            self.generator_changes = RunningAverage(numel(model_tensors(self.G)), self.context.device)
+            self.generator_changes = InPlaceModelChange()
         self.feedback: GeneratorFeedback | None = None
         if self.resumed_state is not None:
             self.load_state_dict(self.resumed_state)
@@ -111,16 +111,15 @@ class EntGANServer(EntGANRole, ServerRole):
         then goes down at once (D_k := D), before G trains, so the next round's participants can
         start the real-data half of their D step while the server trains G. With
         `control.edge_generator` on, the G_k changes that follow D's uploads (kind `generator`)
-        are added to G as their weighted mean, in rank order.
+        are added to G in place, in rank order, each scaled by its worker's share of the round's
+        participants (`InPlaceModelChange`: no sum buffer; a refused one counts as no change).
         """
         if kind == "generator":  # `control.edge_generator`: G := G + the weighted mean G_k change
             settle(self.generator_in_flight)  # G's last broadcast must be out before G changes
             self.generator_in_flight = None
-            self.generator_changes.reset()
+            self.generator_changes.expect([self.sample_counts[rank] for rank in self.participants(round_index)])
             for update in accepted:
-                self.generator_changes.add(update.values, float(self.sample_counts[update.rank]))
-            if self.generator_changes.count:
-                self.generator_changes.mean_into(model_tensors(self.G), add=True)
+                self.generator_changes.add(model_tensors(self.G), update.values, self.sample_counts[update.rank])
             return
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
