@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
 import torch
 from torch import nn
 
+from entgan.gan.losses import mean_realness
 from entgan.gan.memory_layout import bind_gradients, linear_gradients_in_place
 from entgan.metrics.live_tensors import SavedActivations, role_tensor_bytes
 
@@ -76,3 +79,27 @@ def test_in_place_gradient_layout_works_under_the_meter() -> None:
 
     for ours, theirs in zip(model.parameters(), expected_model.parameters(), strict=True):
         torch.testing.assert_close(ours.grad, theirs.grad)
+
+
+def test_a_graph_dropped_without_backward_is_freed_under_the_meter() -> None:
+    # A sigmoid saves its own output; a figure computed from it with grad (and never
+    # back-propagated) must not stay alive through the meter: it once held the whole G-through-D
+    # graph of every server G step, a leak that the memory sweep then reported as the method's.
+    model = nn.Sequential(nn.Linear(10, 32), nn.Sigmoid())
+    meter = SavedActivations()
+
+    with meter.measure():
+        for _ in range(3):
+            figure = model(torch.randn(16, 10)).mean().item()
+    gc.collect()
+
+    assert 0 < figure < 1
+    assert meter.peak_bytes > 0 and meter.current_bytes == 0
+
+
+def test_figures_from_logits_build_no_graph() -> None:
+    logits = nn.Linear(4, 1)(torch.randn(8, 4))
+    meter = SavedActivations()
+    with meter.measure():
+        realness = mean_realness(logits)
+    assert 0 < realness < 1 and meter.peak_bytes == 0

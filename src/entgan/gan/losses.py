@@ -12,6 +12,12 @@ from torch import nn
 from entgan.models.discriminator import Discriminator
 
 
+def mean_realness(logits: torch.Tensor) -> float:
+    """The mean probability of being real that D's `logits` give, a figure: computed off the graph,
+    so no autograd node is built for it (one that is never back-propagated)."""
+    return torch.sigmoid(logits.detach()).mean().item()
+
+
 def discriminator_loss(
     discriminator: Discriminator, real: torch.Tensor, fake: torch.Tensor, task: torch.Tensor | int
 ) -> tuple[torch.Tensor, float, float]:
@@ -21,19 +27,19 @@ def discriminator_loss(
     loss = F.binary_cross_entropy_with_logits(
         real_logits, torch.ones_like(real_logits)
     ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-    return loss, torch.sigmoid(real_logits).mean().item(), torch.sigmoid(fake_logits).mean().item()
+    return loss, mean_realness(real_logits), mean_realness(fake_logits)
 
 
 def real_loss(discriminator: Discriminator, real: torch.Tensor, task: torch.Tensor | int) -> tuple[torch.Tensor, float]:
     """The real-data half of the D loss (computable before the generator has arrived)."""
     logits = discriminator(real, task)
-    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)), torch.sigmoid(logits).mean().item()
+    return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)), mean_realness(logits)
 
 
 def fake_loss(discriminator: Discriminator, fake: torch.Tensor, task: torch.Tensor | int) -> tuple[torch.Tensor, float]:
     """The fake-data half of the D loss."""
     logits = discriminator(fake.detach(), task)
-    return fake_loss_from_logits(logits), torch.sigmoid(logits).mean().item()
+    return fake_loss_from_logits(logits), mean_realness(logits)
 
 
 def fake_loss_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -47,5 +53,5 @@ def generator_loss(
     """Non-saturating G loss against `discriminator`; also the mean realness D gives the fakes."""
     logits = discriminator(fakes, tasks)
     loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-    return loss, torch.sigmoid(logits).mean().item()
+    return loss, mean_realness(logits)
 

@@ -120,7 +120,11 @@ class SavedActivations:
         base = tensor._base if tensor._base is not None else tensor
         if base.is_leaf and base.requires_grad:  # a parameter, or a view of one (a transposed weight)
             return tensor
-        holder = _Saved(tensor)
+        # A detached alias of the same storage: a saved output would otherwise hold its own
+        # grad_fn through this Python object, a cycle through autograd's C++ graph that Python's
+        # collector cannot see, so a graph that is never back-propagated (a figure computed from
+        # logits with grad) would never be freed. torch's own `save_on_cpu` keeps no graph either.
+        holder = _Saved(tensor.detach())
         key = _storage_key(tensor)
         nbytes = _storage_bytes(tensor)
         if key not in self._holders:
