@@ -99,6 +99,18 @@ def test_in_place_model_change_adds_the_weighted_mean_change_and_counts_a_refusa
     assert torch.allclose(flatten(refused_one), expected, atol=1e-6)
 
 
+def test_in_place_model_change_gives_an_integer_buffer_its_rounded_share() -> None:
+    # BatchNorm's num_batches_tracked travels in a G change as a float; G keeps it an integer.
+    model = [torch.zeros(2), torch.tensor(10, dtype=torch.long)]
+    change = InPlaceModelChange()
+    change.expect([1.0, 3.0])
+    change.add(model, torch.tensor([4.0, 4.0, 40.0]), 1.0)
+    change.add(model, torch.tensor([8.0, 8.0, 40.0]), 3.0)
+
+    assert torch.equal(model[0], torch.tensor([7.0, 7.0]))
+    assert model[1].dtype == torch.long and int(model[1]) == 10 + 10 + 30
+
+
 def test_in_place_model_change_rejects_wrong_size_and_unexpected_weight() -> None:
     change = InPlaceModelChange()
     change.expect([1.0, 2.0])

@@ -196,11 +196,17 @@ def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_tra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compression", [False, True], ids=["float32", "int8"])
+@pytest.mark.parametrize(
+    ("compression", "family"), [(False, "mlp"), (True, "mlp"), (True, "dcgan")], ids=["float32", "int8", "int8-dcgan"]
+)
 def test_edge_generator_sends_each_participants_g_change_up_and_still_trains(
-    tmp_path: Path, cache_dir: Path, compression: bool
+    tmp_path: Path, cache_dir: Path, compression: bool, family: str
 ) -> None:
-    config = tiny_config(control={"edge_generator": {"enabled": True}, "compression": {"enabled": compression}})
+    # DCGAN: G's BatchNorm buffers travel in its change too, its step count (an integer) among them.
+    config = tiny_config(
+        control={"edge_generator": {"enabled": True}, "compression": {"enabled": compression}},
+        model={"family": family, "hidden_dim": 16 if family == "mlp" else 8},
+    )
     generator_values = sum(p.numel() for p in build_generator(config.model, config.image_shape, 2).state_dict().values())
 
     summary = launch_local(config, tmp_path / "run", cache_dir=cache_dir, show_progress=False)

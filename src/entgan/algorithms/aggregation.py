@@ -201,16 +201,20 @@ class InPlaceDiscriminatorAverage:
 
 
 def _add_weighted(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float, overwrite: bool = False) -> None:
-    """tensors += weight * values (flat, in `tensors`' order), or with `overwrite` tensors := it."""
+    """tensors += weight * values (flat, in `tensors`' order), or with `overwrite` tensors := it.
+    An integer tensor (a count, such as BatchNorm's `num_batches_tracked`) takes its share rounded."""
     offset = 0
     with torch.no_grad():
         for tensor in tensors:
             part = values[offset : offset + tensor.numel()].view_as(tensor)
-            if overwrite:  # widened first: a half-precision upload times its weight can overflow
+            offset += tensor.numel()
+            if not tensor.is_floating_point():
+                share = torch.round(part.to(torch.float64) * weight).to(tensor.dtype)
+                tensor.copy_(share) if overwrite else tensor.add_(share)
+            elif overwrite:  # widened first: a half-precision upload times its weight can overflow
                 torch.mul(part.to(tensor.dtype), weight, out=tensor)
             else:
                 tensor.add_(part, alpha=weight)
-            offset += tensor.numel()
 
 
 class InPlaceDiscriminatorChange:

@@ -206,10 +206,20 @@ class EntGANWorker(EntGANRole, WorkerRole):
         return sum(losses) / steps, sum(real_scores) / steps, sum(fake_scores) / steps, fake_batches[-1]
 
     def _generator_step(self, batch_size: int) -> None:
-        """One G_k step against D_k on this worker's task (FL-GAN's local G step)."""
+        """One G_k step against D_k on this worker's task (FL-GAN's local G step).
+
+        A generator with batch statistics (BatchNorm) draws its batch as the server's G steps do,
+        every task alike (`fake_tasks(like_server=True)`), so that it is trained on the samples the
+        server's G produces; only this task's samples carry the loss, on D_k's own head."""
         assert self.g_optimizer is not None
         task = self.context.task
         z = self.G.sample_latent(batch_size, generator=self.latent_stream)
+        if self.G.normalises_over_batch:
+            tasks = self.worker_scheduler.fake_tasks(
+                batch_size, task, len(self.config.tasks), self.latent_stream, like_server=True
+            ).to(self.context.device)
+            generator_step(self.g_optimizer, self.D, self.G(z, tasks)[tasks == task], task)
+            return
         tasks = torch.full((batch_size,), task, dtype=torch.long, device=self.context.device)
         generator_step(self.g_optimizer, self.D, self.G(z, tasks), task)
 
