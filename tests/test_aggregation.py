@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from entgan.algorithms.aggregation import (
     DiscriminatorAverager,
@@ -16,7 +18,7 @@ from entgan.algorithms.aggregation import (
     RunningAverage,
 )
 from entgan.config import ModelConfig
-from entgan.engine.parameters import flatten
+from entgan.engine.parameters import change_since, flatten, keep_statistics_valid, model_tensors
 from entgan.models import build_discriminator
 
 
@@ -253,3 +255,24 @@ def test_a_refused_change_counts_as_no_change_and_foreign_weights_are_refused() 
         assert torch.equal(state[name], before[name])
     with pytest.raises(ValueError, match="task-1"):
         changes.add(server, torch.zeros(layout.update_size), 1, 1.0)
+
+
+def test_a_coded_change_leaves_counters_out_and_variances_stay_valid() -> None:
+    # BatchNorm's step counter jumps by one a forward; in a change it is left at 0, so it cannot
+    # set an int8 chunk's scale. A variance a change takes below 0 is brought back to 0.
+    norm = nn.BatchNorm1d(3)
+    tensors = model_tensors(norm)
+    since = flatten(tensors)
+    norm(torch.randn(8, 3))
+    norm(torch.randn(8, 3))
+
+    change = change_since(tensors, since)
+
+    counter = list(norm.state_dict()).index("num_batches_tracked")
+    offsets = [0, *itertools.accumulate(t.numel() for t in tensors)]
+    assert int(norm.num_batches_tracked) == 2 and not change[offsets[counter] : offsets[counter + 1]].any()
+    assert torch.equal(change[: offsets[counter]], (flatten(tensors) - since)[: offsets[counter]])
+
+    norm.running_var[0] = -0.01
+    keep_statistics_valid(norm)
+    assert float(norm.running_var.min()) == 0.0

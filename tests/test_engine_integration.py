@@ -202,9 +202,12 @@ def test_int8_models_and_int8_changes_cut_the_traffic_to_a_quarter_and_still_tra
 def test_edge_generator_sends_each_participants_g_change_up_and_still_trains(
     tmp_path: Path, cache_dir: Path, compression: bool, family: str
 ) -> None:
-    # DCGAN: G's BatchNorm buffers travel in its change too, its step count (an integer) among them.
+    # DCGAN: G's BatchNorm buffers travel in its change too, its step counter (an integer) among
+    # them; with many steps a round that counter once set its int8 chunk's scale and sent a
+    # BatchNorm variance below 0 (`parameters.change_since`).
+    steps = {"worker_scheduler": {"d_steps": 40}} if family == "dcgan" else {}
     config = tiny_config(
-        control={"edge_generator": {"enabled": True}, "compression": {"enabled": compression}},
+        control={"edge_generator": {"enabled": True}, "compression": {"enabled": compression}, **steps},
         model={"family": family, "hidden_dim": 16 if family == "mlp" else 8},
     )
     generator_values = sum(p.numel() for p in build_generator(config.model, config.image_shape, 2).state_dict().values())

@@ -277,14 +277,18 @@ def test_flgan_with_entgans_coded_transfers_moves_a_quarter_and_keeps_workers_at
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["mdgan", "flgan"])
-def test_dcgan_models_run(tmp_path: Path, cache_dir: Path, algorithm: str) -> None:
-    """Convolutional nets with BatchNorm in G (running statistics generated / averaged)."""
+@pytest.mark.parametrize(
+    ("algorithm", "coded"), [("mdgan", False), ("flgan", False), ("flgan", True)], ids=["mdgan", "flgan", "flgan-coded"]
+)
+def test_dcgan_models_run(tmp_path: Path, cache_dir: Path, algorithm: str, coded: bool) -> None:
+    """Convolutional nets with BatchNorm in G (running statistics generated / averaged). Coded, with
+    many local steps: G's change carries BatchNorm's step counter, an integer that once set its
+    int8 chunk's scale, sent a variance below 0 and G's samples to NaN."""
     config = tiny_config(
         algorithm=algorithm,
         rounds=2,
         model={"family": "dcgan", "hidden_dim": 8},
-        baselines={"flgan": {"local_steps": 1}},
+        baselines={"flgan": {"local_steps": 40 if coded else 1, "compression": {"enabled": coded}}},
         eval={"every": 2},
         checkpoint={"every": 0},
     )

@@ -27,6 +27,7 @@ from entgan.metrics import (
     train_domain_classifier,
 )
 from entgan.metrics.probes import release_free_memory
+from entgan.metrics.quality import NonFiniteSamplesError
 
 torch.set_num_threads(2)
 
@@ -209,6 +210,14 @@ def test_evaluate_unknown_task_raises_keyerror_naming_it(evaluator: QualityEvalu
 def test_evaluate_rejects_wrong_shape(evaluator: QualityEvaluator) -> None:
     with pytest.raises(ValueError, match="low"):
         evaluator.evaluate({"low": torch.zeros(4, 3, 32, 32)})
+
+
+def test_evaluate_refuses_non_finite_samples_by_name(evaluator: QualityEvaluator) -> None:
+    # A diverged G's NaN once reached LAPACK's eigensolver, which killed the server process.
+    fakes = torch.zeros(4, 1, 28, 28)
+    fakes[1, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteSamplesError, match=r"task 'low'.*1 of 4 images"):
+        evaluator.evaluate({"low": fakes})
 
 
 def test_quality_report_to_dict() -> None:

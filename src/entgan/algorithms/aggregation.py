@@ -64,11 +64,12 @@ class RunningAverage:
         offset = 0
         with torch.no_grad():
             for tensor in tensors:
-                part = (self._sum[offset : offset + tensor.numel()] / self.total_weight).to(torch.float32)
-                if add:
-                    tensor.add_(part.view_as(tensor))
+                part = self._sum[offset : offset + tensor.numel()] / self.total_weight
+                part = (part.to(torch.float32) if tensor.is_floating_point() else part.round()).view_as(tensor)
+                if add:  # an integer tensor (a counter) takes its mean rounded
+                    tensor.add_(part.to(tensor.dtype))
                 else:
-                    tensor.copy_(part.view_as(tensor))
+                    tensor.copy_(part)
                 offset += tensor.numel()
 
     def reset(self) -> None:

@@ -54,7 +54,7 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.compression import Codec, ErrorFeedback, LinkCodecs
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import Capabilities, LocalFigures, Method, ServerRole, Upload, UploadKind, WorkerRole
-from entgan.engine.parameters import flatten, model_tensors, numel
+from entgan.engine.parameters import change_since, flatten, keep_statistics_valid, model_tensors, numel
 from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import Transfer, WireBuffers
 from entgan.engine.updates import Update, UpdateLayout
@@ -133,6 +133,7 @@ class FLGANServer(_FLGANModels, ServerRole):
         changes = self.codecs.changes
         if self.generator_average.count:
             self.generator_average.mean_into(model_tensors(self.G), add=changes)
+            keep_statistics_valid(self.G)
         if self.discriminator_average.count:
             self.discriminator_average.write_into(self.D, add=changes)
         return {"g_steps": float(self.config.baselines.flgan.local_steps)}
@@ -208,12 +209,14 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         """G_k, then (trunk_k, head_k) with the round's G figures. Both are copies, so the averaged
         models can be received into G_k and D_k while these are still in flight."""
         task = self.context.task
-        values = [flatten(model_tensors(self.G)), flatten(self.layout.update_tensors(self.D, task))]
+        states = [model_tensors(self.G), self.layout.update_tensors(self.D, task)]
         if self.feedback is not None and self.synced is not None and self.codecs.change is not None:
             values = [
-                feedback.corrected(now.sub_(then), self.codecs.change)
-                for now, then, feedback in zip(values, self.synced, self.feedback)
+                feedback.corrected(change_since(tensors, then), self.codecs.change)
+                for tensors, then, feedback in zip(states, self.synced, self.feedback)
             ]
+        else:
+            values = [flatten(tensors) for tensors in states]
         return [
             Upload("generator", values[0], self.generator_layout, codec=self.codecs.upload),
             Upload(

@@ -42,6 +42,31 @@ def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
             offset += count
 
 
+def change_since(tensors: Sequence[torch.Tensor], since: torch.Tensor) -> torch.Tensor:
+    """The flat change of a model's state `tensors` since `since` (both in `flatten` order), with
+    the entries of integer tensors left at 0.
+
+    Integer state is a counter (BatchNorm's `num_batches_tracked`), no average's business; in a
+    coded change it would share an int8 chunk with float values, and its jump (one per forward)
+    would set that chunk's scale and swamp them: a BatchNorm variance then went negative."""
+    change = flatten(tensors).sub_(since)
+    offset = 0
+    for tensor in tensors:
+        if not tensor.is_floating_point():
+            change[offset : offset + tensor.numel()] = 0
+        offset += tensor.numel()
+    return change
+
+
+def keep_statistics_valid(module: nn.Module) -> None:
+    """After changes were added to `module`'s state: BatchNorm variances back to >= 0 (a coded
+    change's rounding can take a small variance below, and its square root is then NaN)."""
+    with torch.no_grad():
+        for submodule in module.modules():
+            if isinstance(submodule, nn.modules.batchnorm._BatchNorm) and submodule.running_var is not None:
+                submodule.running_var.clamp_(min=0)
+
+
 def numel(tensors: Sequence[torch.Tensor]) -> int:
     return sum(tensor.numel() for tensor in tensors)
 

@@ -76,6 +76,10 @@ class QualityReport:
         return flat
 
 
+class NonFiniteSamplesError(ValueError):
+    """The generator's samples hold NaN or inf: FID is undefined and training has diverged."""
+
+
 def _batches(images: Tensor, batch_size: int) -> Sequence[Tensor]:
     return [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
 
@@ -174,6 +178,12 @@ class QualityEvaluator:
             self._check_images(task, fakes)
             if fakes.shape[0] < 2:
                 raise ValueError(f"task {task!r} needs at least 2 generated images, got {fakes.shape[0]}")
+            if not bool(torch.isfinite(fakes).all()):  # LAPACK's eigensolver would crash the process on them
+                raise NonFiniteSamplesError(
+                    f"task {task!r}: the generator produced non-finite values (NaN or inf) in "
+                    f"{int((~torch.isfinite(fakes)).flatten(1).any(dim=1).sum())} of {fakes.shape[0]} images; "
+                    "training diverged"
+                )
 
         report = QualityReport()
         self._fid_overall.reset()  # keeps the real statistics (reset_real_features=False)

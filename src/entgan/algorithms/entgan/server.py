@@ -17,7 +17,7 @@ from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
 from entgan.control.schedulers import GeneratorFeedback, ServerTaskScheduler
 from entgan.engine.method import ServerRole, UploadKind
-from entgan.engine.parameters import model_tensors, numel
+from entgan.engine.parameters import keep_statistics_valid, model_tensors
 from entgan.engine.transport import Transfer, WireBuffers
 from entgan.engine.updates import Update
 from entgan.engine.uploads import receive_hellos
@@ -120,6 +120,7 @@ class EntGANServer(EntGANRole, ServerRole):
             self.generator_changes.expect([self.sample_counts[rank] for rank in self.participants(round_index)])
             for update in accepted:
                 self.generator_changes.add(model_tensors(self.G), update.values, self.sample_counts[update.rank])
+            keep_statistics_valid(self.G)
             return
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None

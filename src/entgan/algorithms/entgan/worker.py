@@ -16,7 +16,7 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, Upload, WorkerRole
-from entgan.engine.parameters import LayerStream, flatten, model_tensors, numel, unflatten_into
+from entgan.engine.parameters import LayerStream, change_since, flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import update_problem
 from entgan.engine.uploads import send_hello
@@ -141,7 +141,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
         ]
         if self.edge_generator:
             assert self.synced_G is not None
-            change = flatten(model_tensors(self.G)).sub_(self.synced_G)
+            change = change_since(model_tensors(self.G), self.synced_G)
             if self.generator_feedback is not None and self.upload_codec is not None:
                 change = self.generator_feedback.corrected(change, self.upload_codec)
             wait = not self.overlap.enabled
