@@ -211,7 +211,10 @@ def _add_weighted(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight:
             offset += tensor.numel()
             if not tensor.is_floating_point():
                 share = torch.round(part.to(torch.float64) * weight).to(tensor.dtype)
-                tensor.copy_(share) if overwrite else tensor.add_(share)
+                if overwrite:
+                    tensor.copy_(share)
+                else:
+                    tensor.add_(share)
             elif overwrite:  # widened first: a half-precision upload times its weight can overflow
                 torch.mul(part.to(tensor.dtype), weight, out=tensor)
             else:
