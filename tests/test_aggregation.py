@@ -276,3 +276,24 @@ def test_a_coded_change_leaves_counters_out_and_variances_stay_valid() -> None:
     norm.running_var[0] = -0.01
     keep_statistics_valid(norm)
     assert float(norm.running_var.min()) == 0.0
+
+
+def test_in_place_average_keeps_a_counter_an_integer() -> None:
+    # A trunk holding a counter (as BatchNorm's num_batches_tracked would) takes the weighted mean
+    # rounded; an int64 tensor refuses the float division the other tensors get.
+    (server,) = _discriminators(1)
+    server.trunk.register_buffer("steps", torch.tensor(0, dtype=torch.long))
+    layout = DiscriminatorLayout(server)
+    counter = layout.trunk_names.index("trunk.steps")
+    offset = sum(server.state_dict()[name].numel() for name in layout.trunk_names[:counter])
+    average = InPlaceDiscriminatorAverage(layout, num_tasks=2)
+    for steps, weight in ((10.0, 1.0), (21.0, 1.0)):
+        update = torch.ones(layout.update_size)
+        update[offset] = steps
+        average.add(server, update, 0, weight)
+
+    average.finish(server)
+
+    assert server.trunk.steps.dtype == torch.long and int(server.trunk.steps) == 16
+    state = server.state_dict()
+    assert all(torch.equal(state[name], torch.ones_like(state[name])) for name in layout.trunk_names if name != "trunk.steps")

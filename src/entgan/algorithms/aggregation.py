@@ -193,11 +193,19 @@ class InPlaceDiscriminatorAverage:
         with torch.no_grad():
             if self._trunk_weight:
                 for name in self.layout.trunk_names:
-                    state[name].data.div_(self._trunk_weight)
+                    _divide(state[name].data, self._trunk_weight)
             for task, total in enumerate(self._head_weights):
                 if total:
                     for name in self.layout.head_names[task]:
-                        state[name].data.div_(total)
+                        _divide(state[name].data, total)
+
+
+def _divide(tensor: torch.Tensor, total: float) -> None:
+    """tensor /= total in place; an integer tensor (a counter) rounded."""
+    if tensor.is_floating_point():
+        tensor.div_(total)
+    else:
+        tensor.copy_(torch.round(tensor.to(torch.float64) / total))
 
 
 
