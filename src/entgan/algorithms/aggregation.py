@@ -64,13 +64,16 @@ class RunningAverage:
         offset = 0
         with torch.no_grad():
             for tensor in tensors:
-                part = self._sum[offset : offset + tensor.numel()] / self.total_weight
-                part = (part.to(torch.float32) if tensor.is_floating_point() else part.round()).view_as(tensor)
-                if add:  # an integer tensor (a counter) takes its mean rounded
-                    tensor.add_(part.to(tensor.dtype))
+                total = self._sum[offset : offset + tensor.numel()].view_as(tensor)
+                offset += tensor.numel()
+                if tensor.is_floating_point():
+                    part = (total / self.total_weight).to(torch.float32)
+                else:
+                    part = _counter_share(total, 1 / self.total_weight, tensor.dtype)
+                if add:
+                    tensor.add_(part)
                 else:
                     tensor.copy_(part)
-                offset += tensor.numel()
 
     def reset(self) -> None:
         self._sum.zero_()
@@ -205,20 +208,27 @@ def _divide(tensor: torch.Tensor, total: float) -> None:
     if tensor.is_floating_point():
         tensor.div_(total)
     else:
-        tensor.copy_(torch.round(tensor.to(torch.float64) / total))
+        tensor.copy_(_counter_share(tensor, 1 / total, tensor.dtype))
+
+
+def _counter_share(values: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """round(values * scale) in an integer `dtype`: how a counter among a model's tensors (BatchNorm's
+    `num_batches_tracked`) takes its part of a weighted sum or mean, which an integer tensor cannot
+    hold as a fraction."""
+    return torch.round(values.to(torch.float64) * scale).to(dtype)
 
 
 
 def _add_weighted(tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float, overwrite: bool = False) -> None:
     """tensors += weight * values (flat, in `tensors`' order), or with `overwrite` tensors := it.
-    An integer tensor (a count, such as BatchNorm's `num_batches_tracked`) takes its share rounded."""
+    An integer tensor (a counter) takes its share rounded (`_counter_share`)."""
     offset = 0
     with torch.no_grad():
         for tensor in tensors:
             part = values[offset : offset + tensor.numel()].view_as(tensor)
             offset += tensor.numel()
             if not tensor.is_floating_point():
-                share = torch.round(part.to(torch.float64) * weight).to(tensor.dtype)
+                share = _counter_share(part, weight, tensor.dtype)
                 if overwrite:
                     tensor.copy_(share)
                 else:
