@@ -339,6 +339,12 @@ class EngineConfig(_Strict):
     """With partial participation: take each round the workers expected to be fastest (a round
     policy of the engine, for every method that follows `participation`). None: in turn."""
     memory_layout: MemoryLayoutConfig = MemoryLayoutConfig()
+    upload_window: PositiveInt = 1
+    """Uploads of one kind the server receives at once (`engine.updates.UpdateReceiver`), for every
+    method whose uploads go through the engine's round loop. Each worker's upload crosses its own
+    link, so on edge links a window as wide as a round's participants lets them cross together
+    instead of one after another; each extra slot holds one more coded upload (float32: one more
+    model) at the server, whatever K is. 1: one at a time, the least memory."""
     live_tensors: bool = False
     """Count what each role's memory is made of (`metrics.live_tensors`): parameters, gradients,
     buffers, optimizer state and other held tensors at the end, and the peak of the activations

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -192,8 +193,38 @@ def _in_storage(storage: torch.Tensor | None, count: int, dtype: torch.dtype, de
     return torch.empty(count, dtype=dtype, device=device)
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One upload in flight at the server: its header, and its body's buffers once posted."""
+
+    header: torch.Tensor
+    body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    float_values: torch.Tensor | None = None
+    """Where a float32 body lands (slots other than the first, or with a window of one the
+    receiver's values buffer); kept while updates keep their size."""
+
+
+@dataclass
+class _Posted:
+    """An upload whose header has arrived and whose body is being received into `slot`."""
+
+    slot_index: int
+    slot: _Slot
+    rank: int
+    codec: Codec
+    count: int
+    transfer: Transfer
+
+
 class UpdateReceiver:
-    """The server's side: receive updates in arrival order and accept or refuse each."""
+    """The server's side: receive updates in arrival order and accept or refuse each.
+
+    Up to `window` bodies are received at once: each worker's upload crosses its own link, so a
+    server that took one body at a time would make a round's uploads cross the edge one after
+    another, the slowest link's included (gloo moves a message only once its receive is posted).
+    Bodies are checked, decoded and handed over one at a time, in the order their headers came,
+    so at most `window` coded payloads (plus one decoded update) are in memory whatever K is.
+    """
 
     def __init__(
         self,
@@ -205,14 +236,17 @@ class UpdateReceiver:
         values_storage: torch.Tensor | None = None,
         codecs: Sequence[Codec] = (),
         wire_storage: torch.Tensor | None = None,
+        window: int = 1,
     ) -> None:
         """`values_storage`: memory the decoded float32 values may occupy when they fit, e.g. a
         buffer the caller uses for something else between receives; without it the receiver
-        allocates its own. `wire_storage`: the same for a coded upload's bytes. `codecs`: the ones
-        beyond `CAST_CODECS` that workers may announce."""
+        allocates its own. `wire_storage`: the same for the first slot's coded bytes. `codecs`: the
+        ones beyond `CAST_CODECS` that workers may announce. `window`: bodies received at once."""
         for name, storage in (("values_storage", values_storage), ("wire_storage", wire_storage)):
             if storage is not None and (storage.dim() != 1 or not storage.is_contiguous()):
                 raise ValueError(f"{name} must be one contiguous flat tensor")
+        if window < 1:
+            raise ValueError(f"the upload window must be at least 1, found {window}")
         self.transport = transport
         self.keys = keys
         self.extras_size = extras_size
@@ -221,43 +255,86 @@ class UpdateReceiver:
         self.values_storage = values_storage
         self.wire_storage = wire_storage
         self.codecs = [*CAST_CODECS, *codecs]
-        self._header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)
-        self._body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.window = window
+        self._slots = [
+            _Slot(torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)) for _ in range(window)
+        ]
         self._values: torch.Tensor | None = None
 
-    def _buffers(self, wire_bytes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Receive buffers, reused while updates keep their size: one update in memory at a time.
-        (An accepted update's values are consumed before the next receive overwrites them.)"""
-        if self._body is None or self._body[1].numel() != wire_bytes:
+    def _body_buffers(self, slot: _Slot, wire_bytes: int, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A slot's receive buffers, reused while updates keep their size. (An accepted update's
+        values are consumed before the next one is decoded over them.)"""
+        if slot.body is None or slot.body[1].numel() != wire_bytes:
             device = self.transport.device
-            self._body = (
+            slot.body = (
                 torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                _in_storage(self.wire_storage, wire_bytes, torch.uint8, device),
+                _in_storage(self.wire_storage if first else None, wire_bytes, torch.uint8, device),
                 torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
-        return self._body
+        return slot.body
 
     def _values_buffer(self, count: int) -> torch.Tensor:
         if self._values is None or self._values.numel() != count:
             self._values = _in_storage(self.values_storage, count, torch.float32, self.transport.device)
         return self._values
 
+    def _float_landing(self, slot: _Slot, count: int) -> torch.Tensor:
+        """Where a float32 body lands: straight in the values buffer with a window of one; with a
+        wider window in the slot's own buffer (the values buffer is being decoded into meanwhile)."""
+        if self.window == 1:
+            return self._values_buffer(count)
+        if slot.float_values is None or slot.float_values.numel() != count:
+            slot.float_values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
+        return slot.float_values
+
     def release(self) -> None:
-        """Drop the values buffer until the next update: between rounds the memory is the model's
+        """Drop the values buffers until the next update: between rounds the memory is the model's
         to use (e.g. for gradients), not held for an update that is not coming yet. (The wire
         buffers, a compressed fraction of it, are kept: allocated anew each round they would
         fragment the heap. `values_storage` stays the caller's.)"""
         self._values = None
+        for slot in self._slots:
+            slot.float_values = None
 
     def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
         """The next update from one of `expected`: whichever arrives first, or with `in_order` the
-        first rank listed (a fixed order, for reproducible float32 accumulation)."""
+        first rank listed (a fixed order, for reproducible float32 accumulation). One body in
+        flight, whatever the window."""
+        posted = self._post_body(kind, expected, in_order, 0)
+        posted.transfer.wait()
+        return self._checked(posted, round_index)
+
+    def receive_all(
+        self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False
+    ) -> Iterator[Update | Refusal]:
+        """One update from each of `expected`, accepted or refused, in the order their headers
+        arrive (with `in_order`, in the order listed), with up to `window` bodies in flight.
+
+        Each yielded update's values are valid until the next one is asked for."""
+        waiting = list(expected)
+        posted: deque[_Posted] = deque()
+        free = list(range(self.window))
+        while waiting or posted:
+            while waiting and free:
+                slot_index = free.pop(0)
+                posted.append(self._post_body(kind, waiting, in_order, slot_index))
+                waiting.remove(posted[-1].rank)
+            oldest = posted.popleft()
+            oldest.transfer.wait()
+            free.append(oldest.slot_index)
+            free.sort()
+            yield self._checked(oldest, round_index)
+
+    def _post_body(self, kind: str, waiting: Sequence[int], in_order: bool, slot_index: int) -> _Posted:
+        """Take the next header (from `waiting[0]` with `in_order`, else whichever comes first)
+        and post its body's receive into slot `slot_index`."""
+        slot = self._slots[slot_index]
         if in_order:
-            rank = expected[0]
-            self.transport.receive([self._header], rank, kind).wait()
+            rank = waiting[0]
+            self.transport.receive([slot.header], rank, kind).wait()
         else:
-            rank = self.transport.receive_from_any(self._header, kind, expected)
-        header = [int(v) for v in self._header.tolist()]
+            rank = self.transport.receive_from_any(slot.header, kind, waiting)
+        header = [int(v) for v in slot.header.tolist()]
         magic, version, count, announced = header[0], header[1], header[5], header[6]
         if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= announced < len(CODEC_NAMES):
             raise ProtocolError(
@@ -268,19 +345,29 @@ class UpdateReceiver:
             codec = codec_named(announced, self.codecs)
         except ValueError as error:
             raise ProtocolError(f"rank {rank}'s '{kind}' update: {error}") from None
-        if isinstance(codec, NoCompression):  # float32 as is: received straight into the values buffer
-            values = self._values_buffer(count)
-            extras, _, mac = self._buffers(0)
-            wire = values
+        first = slot_index == 0
+        if isinstance(codec, NoCompression):  # float32 as is: received straight into a values buffer
+            extras, _, mac = self._body_buffers(slot, 0, first)
+            wire = self._float_landing(slot, count)
         else:
-            extras, wire, mac = self._buffers(codec.payload_bytes(count))
-        self.transport.receive([extras, wire, mac], rank, kind + BODY_SUFFIX).wait()
+            extras, wire, mac = self._body_buffers(slot, codec.payload_bytes(count), first)
+        transfer = self.transport.receive([extras, wire, mac], rank, kind + BODY_SUFFIX)
+        return _Posted(slot_index, slot, rank, codec, count, transfer)
 
-        reason = envelope_problem(self.keys[rank], self._header, extras, wire, mac, rank, round_index, self.layout_of(rank))
+    def _checked(self, posted: _Posted, round_index: int) -> Update | Refusal:
+        """A received upload, refused with the reason or accepted with its decoded values."""
+        slot, rank, codec = posted.slot, posted.rank, posted.codec
+        assert slot.body is not None
+        extras, wire, mac = slot.body
+        if isinstance(codec, NoCompression):
+            wire = self._float_landing(slot, posted.count)
+        reason = envelope_problem(self.keys[rank], slot.header, extras, wire, mac, rank, round_index, self.layout_of(rank))
         if reason is not None:
             return Refusal(rank, round_index, reason)
-        if not isinstance(codec, NoCompression):
-            values = self._values_buffer(count)
+        if isinstance(codec, NoCompression):
+            values = wire
+        else:
+            values = self._values_buffer(posted.count)
             codec.decode_packed_into(wire, values)
         problem = update_problem(values, self.max_norm)
         if problem is not None:

@@ -46,7 +46,7 @@ def update_receiver(
     """Server: the engine's checking receiver for uploads whose values follow `layout_of(rank)` and
     carry `extras_size` extra floats, bounded by `security.max_update_norm`; the values land in
     `values_storage` (decoded) and `wire_storage` (coded) where given, and workers may send them in
-    `codecs` (`UpdateReceiver`)."""
+    `codecs`; `engine.upload_window` of them are received at once (`UpdateReceiver`)."""
     return UpdateReceiver(
         context.transport,
         context.session_keys,
@@ -56,6 +56,7 @@ def update_receiver(
         values_storage=values_storage,
         codecs=codecs,
         wire_storage=wire_storage,
+        window=context.config.engine.upload_window,
     )
 
 
@@ -64,7 +65,8 @@ class ArrivingUpdates:
 
     Each upload is checked by `receiver` (`engine.updates`); a refused one is logged to the run's
     events and skipped, so what the method averages or back-propagates comes from accepted uploads
-    only. Uploads are consumed one at a time: never K of them held at once, and none between rounds.
+    only. Uploads are consumed one at a time: at most `engine.upload_window` of them held at once
+    (however many workers there are), and none between rounds.
     """
 
     def __init__(self, context: RunContext, kind: str, receiver: UpdateReceiver) -> None:
@@ -86,10 +88,8 @@ class ArrivingUpdates:
         """This round's accepted uploads, as they arrive (or by rank with `in_order`), from `ranks`
         (default: every worker)."""
         self.refused = 0
-        waiting = list(self.context.worker_ranks if ranks is None else ranks)
-        while waiting:
-            received = self.receiver.receive(self.kind, waiting, round_index, in_order=in_order)
-            waiting.remove(received.rank)
+        expected = list(self.context.worker_ranks if ranks is None else ranks)
+        for received in self.receiver.receive_all(self.kind, expected, round_index, in_order=in_order):
             if isinstance(received, Refusal):
                 self.context.log_event(received.as_event())
                 self.refused += 1

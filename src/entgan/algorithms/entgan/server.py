@@ -102,9 +102,9 @@ class EntGANServer(EntGANRole, ServerRole):
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         """Step 3: D := weighted average of the D_k, accumulated straight into D as they are received.
 
-        No buffer beyond D and one update: updates are read in rank order (they are all in flight
-        by then, so order costs no waiting) and summed into D's own float32 tensors, which makes
-        the sum the same on every run. Refused updates (`engine.updates`) never get here; a part
+        No buffer beyond D and the upload window's coded bodies (`engine.upload_window`): updates
+        are read in rank order and summed into D's own float32 tensors, which makes the sum the
+        same on every run, whatever order the bodies crossed their links in. Refused updates (`engine.updates`) never get here; a part
         (trunk, a task's head) with no accepted update keeps its values. With compressed changes
         uploaded (`control.compression.uploads: changes`), each is added to D in place instead,
         scaled by its worker's share (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
