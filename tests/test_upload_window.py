@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from entgan.engine.compression import build_codec
 from entgan.engine.timeline import Timeline
 from entgan.engine.transport import BODY_SUFFIX, Transport
-from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
+from entgan.engine.updates import SharedWindow, UpdateLayout, UpdateReceiver, send_update
 
 from conftest import tiny_config
 
@@ -48,10 +48,12 @@ def _worker(rank: int, transport: Transport) -> None:
 
 def _server(transport: Transport, store_dir: str) -> None:
     passes = []
+    shared = SharedWindow(torch.device("cpu"))  # one for every pass, as for a round's kinds
     for number, (window, in_order) in enumerate(WINDOWS):
         timeline = transport.timeline = Timeline(0, 4, Path(store_dir, f"timeline-{number}.jsonl"))
         receiver = UpdateReceiver(transport, KEYS, 3, layout_of=lambda _: LAYOUT, max_norm=None,
-                                  values_storage=torch.zeros(22), codecs=[INT8, TOPK], window=window)
+                                  values_storage=torch.zeros(22), codecs=[INT8, TOPK], window=window,
+                                  shared_window=shared)
         rounds = []
         for round_index in (2 * number, 2 * number + 1):
             seen = []
@@ -125,24 +127,33 @@ def test_a_wider_window_receives_bodies_together_and_accepts_and_refuses_the_sam
                 assert entry["extras"] == [float(rank)] * 3
 
 
+def test_a_shared_window_slot_serves_every_kind_in_the_same_bytes() -> None:
+    shared = SharedWindow(torch.device("cpu"))
+    discriminator_change = shared.wire(1, 100)
+    generator_change = shared.wire(1, 80)
+    assert generator_change.data_ptr() == discriminator_change.data_ptr()
+    assert shared.wire(2, 80).data_ptr() != generator_change.data_ptr()  # each slot its own bytes
+    grown = shared.wire(1, 120)
+    assert grown.numel() == 120 and shared.wire(1, 100).data_ptr() == grown.data_ptr()
+
+
 def test_the_window_must_hold_at_least_one_upload() -> None:
     with pytest.raises(ValueError, match="at least 1, found 0"):
         UpdateReceiver(Transport.__new__(Transport), {}, 0, layout_of=lambda _: LAYOUT, max_norm=None, window=0)
 
 
 @pytest.mark.slow
-def test_entgan_trains_the_same_models_whatever_the_window(tmp_path: Path, cache_dir: Path) -> None:
+@pytest.mark.parametrize("coded", [True, False], ids=["coded", "float32"])
+def test_entgan_trains_the_same_models_whatever_the_window(coded: bool, tmp_path: Path, cache_dir: Path) -> None:
     """EntGAN reads its uploads (D_k's and, with edge G, G_k's changes) in rank order, so the window
-    may change when bodies cross, never what is summed: the runs end with the same G, to the bit."""
+    may change when bodies cross, never what is summed: the runs end with the same G, to the bit.
+    (float32: D_k's models, landing in the window's own buffers instead of the lent one.)"""
     from entgan.engine.launch import launch_local
 
+    control = {"compression": {"enabled": True}, "edge_generator": {"enabled": True}} if coded else {}
     sums = []
     for window in (1, 3):
-        config = tiny_config(
-            rounds=3,
-            control={"compression": {"enabled": True}, "edge_generator": {"enabled": True}},
-            engine={"upload_window": window},
-        )
+        config = tiny_config(rounds=3, control=control, engine={"upload_window": window})
         summary = launch_local(config, tmp_path / f"window-{window}", cache_dir=cache_dir, show_progress=False)
         assert summary["rounds"] == 3
         sums.append(summary["generator_sum"])

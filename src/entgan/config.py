@@ -343,8 +343,10 @@ class EngineConfig(_Strict):
     """Uploads of one kind the server receives at once (`engine.updates.UpdateReceiver`), for every
     method whose uploads go through the engine's round loop. Each worker's upload crosses its own
     link, so on edge links a window as wide as a round's participants lets them cross together
-    instead of one after another; each extra slot holds one more coded upload (float32: one more
-    model) at the server, whatever K is. 1: one at a time, the least memory."""
+    instead of one after another. The cost is at the server and does not grow with K: each slot
+    beyond the first holds one more coded upload (shared by the kinds of upload); float32 uploads,
+    with a window wider than one, land in a model-sized buffer per slot. 1: one at a time, the
+    least memory."""
     live_tensors: bool = False
     """Count what each role's memory is made of (`metrics.live_tensors`): parameters, gradients,
     buffers, optimizer state and other held tensors at the end, and the peak of the activations

@@ -23,7 +23,7 @@ from entgan.engine.method import ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.reports import FigureMeans, TrafficMeter, WorkerReport, summarise_reports
 from entgan.engine.timeline import Timeline
 from entgan.engine.transport import Transfer
-from entgan.engine.updates import Update, send_update
+from entgan.engine.updates import SharedWindow, Update, send_update
 from entgan.engine.uploads import ArrivingUpdates, update_receiver
 
 
@@ -34,6 +34,7 @@ class ServerRounds:
         self.context = context
         self.server = server
         kinds = list(server.upload_kinds)
+        window = SharedWindow(context.device)  # the kinds are received one after another
         self.arrivals = [
             ArrivingUpdates(
                 context,
@@ -45,6 +46,7 @@ class ServerRounds:
                     kind.values_storage,
                     kind.codecs,
                     kind.wire_storage,
+                    window,
                 ),
             )
             for position, kind in enumerate(kinds)

@@ -193,26 +193,50 @@ def _in_storage(storage: torch.Tensor | None, count: int, dtype: torch.dtype, de
     return torch.empty(count, dtype=dtype, device=device)
 
 
+class SharedWindow:
+    """Coded bytes of the upload window's slots beyond the first, shared by the receivers of a
+    round's upload kinds (`engine.rounds`). The server receives one kind after the other, so each
+    slot's bytes serve every kind in turn: the window costs (window - 1) of the largest coded
+    upload, not that for each kind."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._storage: dict[int, torch.Tensor] = {}
+
+    def wire(self, slot_index: int, nbytes: int) -> torch.Tensor:
+        """`nbytes` of slot `slot_index`'s bytes (grown, never shrunk, as kinds ask)."""
+        storage = self._storage.get(slot_index)
+        if storage is None or storage.numel() < nbytes:
+            storage = self._storage[slot_index] = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return storage[:nbytes]
+
+
 @dataclass(eq=False)
 class _Slot:
-    """One upload in flight at the server: its header, and its body's buffers once posted."""
+    """One place for an upload in flight at the server: its header and body buffers."""
 
     header: torch.Tensor
-    body: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    extras: torch.Tensor
+    mac: torch.Tensor
+    wire: torch.Tensor | None = None
+    """Its own coded bytes (not with a shared window beyond the first slot); kept while updates
+    keep their size."""
     float_values: torch.Tensor | None = None
-    """Where a float32 body lands (slots other than the first, or with a window of one the
-    receiver's values buffer); kept while updates keep their size."""
+    """Where a float32 body lands when the window is wider than one (with one, it lands in the
+    receiver's values buffer); dropped between rounds, as that buffer is."""
 
 
 @dataclass
 class _Posted:
-    """An upload whose header has arrived and whose body is being received into `slot`."""
+    """An upload whose header has arrived and whose body is being received."""
 
     slot_index: int
-    slot: _Slot
     rank: int
     codec: Codec
     count: int
+    extras: torch.Tensor
+    wire: torch.Tensor
+    mac: torch.Tensor
     transfer: Transfer
 
 
@@ -237,11 +261,13 @@ class UpdateReceiver:
         codecs: Sequence[Codec] = (),
         wire_storage: torch.Tensor | None = None,
         window: int = 1,
+        shared_window: SharedWindow | None = None,
     ) -> None:
         """`values_storage`: memory the decoded float32 values may occupy when they fit, e.g. a
         buffer the caller uses for something else between receives; without it the receiver
         allocates its own. `wire_storage`: the same for the first slot's coded bytes. `codecs`: the
-        ones beyond `CAST_CODECS` that workers may announce. `window`: bodies received at once."""
+        ones beyond `CAST_CODECS` that workers may announce. `window`: bodies received at once;
+        `shared_window`: where the other slots' coded bytes live (else each slot's own)."""
         for name, storage in (("values_storage", values_storage), ("wire_storage", wire_storage)):
             if storage is not None and (storage.dim() != 1 or not storage.is_contiguous()):
                 raise ValueError(f"{name} must be one contiguous flat tensor")
@@ -256,33 +282,41 @@ class UpdateReceiver:
         self.wire_storage = wire_storage
         self.codecs = [*CAST_CODECS, *codecs]
         self.window = window
+        self.shared_window = shared_window
+        device = transport.device
         self._slots = [
-            _Slot(torch.zeros(HEADER_SIZE, dtype=torch.int64, device=transport.device)) for _ in range(window)
+            _Slot(
+                header=torch.zeros(HEADER_SIZE, dtype=torch.int64, device=device),
+                extras=torch.empty(extras_size, dtype=torch.float32, device=device),
+                mac=torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
+            )
+            for _ in range(window)
         ]
         self._values: torch.Tensor | None = None
 
-    def _body_buffers(self, slot: _Slot, wire_bytes: int, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A slot's receive buffers, reused while updates keep their size. (An accepted update's
-        values are consumed before the next one is decoded over them.)"""
-        if slot.body is None or slot.body[1].numel() != wire_bytes:
-            device = self.transport.device
-            slot.body = (
-                torch.empty(self.extras_size, dtype=torch.float32, device=device),
-                _in_storage(self.wire_storage if first else None, wire_bytes, torch.uint8, device),
-                torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
-            )
-        return slot.body
+    def _wire(self, slot_index: int, nbytes: int) -> torch.Tensor:
+        """Where slot `slot_index` receives a coded body of `nbytes`: the first slot in the lent
+        `wire_storage` where it fits, the others in the shared window where there is one; else the
+        slot's own bytes, grown as sizes ask."""
+        if slot_index > 0 and self.shared_window is not None:
+            return self.shared_window.wire(slot_index, nbytes)
+        slot = self._slots[slot_index]
+        if slot.wire is None or slot.wire.numel() < nbytes:
+            storage = self.wire_storage if slot_index == 0 else None
+            slot.wire = _in_storage(storage, nbytes, torch.uint8, self.transport.device)
+        return slot.wire[:nbytes]
 
     def _values_buffer(self, count: int) -> torch.Tensor:
         if self._values is None or self._values.numel() != count:
             self._values = _in_storage(self.values_storage, count, torch.float32, self.transport.device)
         return self._values
 
-    def _float_landing(self, slot: _Slot, count: int) -> torch.Tensor:
+    def _float_landing(self, slot_index: int, count: int) -> torch.Tensor:
         """Where a float32 body lands: straight in the values buffer with a window of one; with a
         wider window in the slot's own buffer (the values buffer is being decoded into meanwhile)."""
         if self.window == 1:
             return self._values_buffer(count)
+        slot = self._slots[slot_index]
         if slot.float_values is None or slot.float_values.numel() != count:
             slot.float_values = torch.empty(count, dtype=torch.float32, device=self.transport.device)
         return slot.float_values
@@ -310,7 +344,11 @@ class UpdateReceiver:
         """One update from each of `expected`, accepted or refused, in the order their headers
         arrive (with `in_order`, in the order listed), with up to `window` bodies in flight.
 
-        Each yielded update's values are valid until the next one is asked for."""
+        Each yielded update's values are valid until the next one is asked for. With `in_order`,
+        a body is posted once the headers of the ranks listed before it have arrived: a worker
+        that computes slowly holds back the bodies of those listed after it (on the edge their
+        links then cross together once it has sent; in arrival order they would have crossed
+        during its compute)."""
         waiting = list(expected)
         posted: deque[_Posted] = deque()
         free = list(range(self.window))
@@ -345,23 +383,18 @@ class UpdateReceiver:
             codec = codec_named(announced, self.codecs)
         except ValueError as error:
             raise ProtocolError(f"rank {rank}'s '{kind}' update: {error}") from None
-        first = slot_index == 0
         if isinstance(codec, NoCompression):  # float32 as is: received straight into a values buffer
-            extras, _, mac = self._body_buffers(slot, 0, first)
-            wire = self._float_landing(slot, count)
+            wire = self._float_landing(slot_index, count)
         else:
-            extras, wire, mac = self._body_buffers(slot, codec.payload_bytes(count), first)
-        transfer = self.transport.receive([extras, wire, mac], rank, kind + BODY_SUFFIX)
-        return _Posted(slot_index, slot, rank, codec, count, transfer)
+            wire = self._wire(slot_index, codec.payload_bytes(count))
+        transfer = self.transport.receive([slot.extras, wire, slot.mac], rank, kind + BODY_SUFFIX)
+        return _Posted(slot_index, rank, codec, count, slot.extras, wire, slot.mac, transfer)
 
     def _checked(self, posted: _Posted, round_index: int) -> Update | Refusal:
         """A received upload, refused with the reason or accepted with its decoded values."""
-        slot, rank, codec = posted.slot, posted.rank, posted.codec
-        assert slot.body is not None
-        extras, wire, mac = slot.body
-        if isinstance(codec, NoCompression):
-            wire = self._float_landing(slot, posted.count)
-        reason = envelope_problem(self.keys[rank], slot.header, extras, wire, mac, rank, round_index, self.layout_of(rank))
+        rank, codec, extras, wire, mac = posted.rank, posted.codec, posted.extras, posted.wire, posted.mac
+        header = self._slots[posted.slot_index].header
+        reason = envelope_problem(self.keys[rank], header, extras, wire, mac, rank, round_index, self.layout_of(rank))
         if reason is not None:
             return Refusal(rank, round_index, reason)
         if isinstance(codec, NoCompression):

@@ -13,7 +13,7 @@ import torch
 
 from entgan.engine.compression import Codec
 from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.updates import Refusal, Update, UpdateLayout, UpdateReceiver
+from entgan.engine.updates import Refusal, SharedWindow, Update, UpdateLayout, UpdateReceiver
 
 
 def send_hello(context: RunContext, num_samples: int) -> None:
@@ -42,11 +42,13 @@ def update_receiver(
     values_storage: torch.Tensor | None = None,
     codecs: Sequence[Codec] = (),
     wire_storage: torch.Tensor | None = None,
+    shared_window: SharedWindow | None = None,
 ) -> UpdateReceiver:
     """Server: the engine's checking receiver for uploads whose values follow `layout_of(rank)` and
     carry `extras_size` extra floats, bounded by `security.max_update_norm`; the values land in
     `values_storage` (decoded) and `wire_storage` (coded) where given, and workers may send them in
-    `codecs`; `engine.upload_window` of them are received at once (`UpdateReceiver`)."""
+    `codecs`; `engine.upload_window` of them are received at once, the window's other slots in
+    `shared_window` where given (`UpdateReceiver`)."""
     return UpdateReceiver(
         context.transport,
         context.session_keys,
@@ -57,6 +59,7 @@ def update_receiver(
         codecs=codecs,
         wire_storage=wire_storage,
         window=context.config.engine.upload_window,
+        shared_window=shared_window,
     )
 
 
