@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from pydantic import ValidationError
 
 from entgan.config import ModelConfig, NonIIDConfig, ServerSchedulerConfig, StragglerAwareConfig, WorkerSchedulerConfig
 from entgan.control.noniid import NonIIDOptimizer
@@ -11,6 +13,7 @@ from entgan.control.schedulers import (
     RoundParticipation,
     ServerTaskScheduler,
     WorkerTaskScheduler,
+    local_steps,
 )
 from entgan.models import build_discriminator
 from conftest import tiny_config
@@ -235,3 +238,19 @@ def test_straggler_aware_participation_with_equal_times_gives_everyone_equal_tur
     for rounds in (6, 12):
         expected = [sum(w in in_turn.workers(r) for r in range(rounds)) for w in range(6)]
         assert [sum(w in aware.workers(r) for r in range(rounds)) for w in range(6)] == expected  # 3,3,4,4,4,6 per 6
+
+
+def test_local_steps_follow_the_declared_speeds_and_never_drop_to_zero() -> None:
+    speeds = StragglerAwareConfig(round_s=[1.0], speed=[0.25, 0.25, 0.5, 1.0])
+    assert [local_steps(40, worker, speeds) for worker in range(8)] == [10, 10, 20, 40] * 2  # cycled
+    assert local_steps(2, 0, speeds) == 1
+    assert local_steps(40, 0, StragglerAwareConfig(round_s=[1.0])) == 40  # no speeds declared
+    assert local_steps(40, 0, None) == 40
+    plan = WorkerTaskScheduler(WorkerSchedulerConfig(d_steps=40, fake_reuse=2), d_steps=10).plan(0)
+    assert (plan.d_steps, plan.fake_batches) == (10, 5)
+
+
+def test_declared_speeds_must_be_positive() -> None:
+    with pytest.raises(ValidationError, match="speed"):
+        StragglerAwareConfig(round_s=[1.0], speed=[1.0, 0.0])
+

@@ -242,6 +242,28 @@ def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_lo
     assert reporting == [due_ranks(config, r) for r in range(config.rounds)]
 
 
+@pytest.mark.parametrize("algorithm", ["entgan", "flgan"])
+def test_declared_speeds_change_the_local_work_and_equal_speeds_change_nothing(
+    algorithm: str, tmp_path: Path, cache_dir: Path
+) -> None:
+    """`engine.straggler_aware.speed` scales each worker's local steps (EntGAN's D steps, FL-GAN's
+    E): with every speed equal the run trains the same G to the bit as without speeds; with worker
+    1 at half speed it takes fewer steps, and G differs."""
+    sums = {}
+    for name, speed in (("none", None), ("equal", [2.0]), ("uneven", [0.5, 1.0, 1.0])):
+        aware = {"round_s": [1.0], "max_rounds_out": 2, **({"speed": speed} if speed else {})}
+        config = tiny_config(
+            algorithm=algorithm,
+            rounds=3,
+            control={"worker_scheduler": {"d_steps": 4}},
+            baselines={"flgan": {"local_steps": 4}},
+            engine={"straggler_aware": aware},
+        )
+        sums[name] = launch_local(config, tmp_path / name, cache_dir=cache_dir, show_progress=False)["generator_sum"]
+    assert sums["equal"] == sums["none"]
+    assert sums["uneven"] != sums["none"]
+
+
 def test_partial_participation_trains_the_scheduled_workers_and_keeps_them_in_step(
     tmp_path: Path, cache_dir: Path
 ) -> None:

@@ -310,6 +310,13 @@ class StragglerAwareConfig(_Strict):
     without messages."""
     max_rounds_out: PositiveInt = 8
     """A worker left out this many rounds in a row takes part in the next one, however slow."""
+    speed: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] | None = None
+    """Each worker's relative compute speed, cycled in rank order as `round_s` is (declared, the
+    same on every rank). With it, a worker's local steps each round are scaled by its speed over
+    the fastest's, at least one (`control.schedulers.local_steps`): EntGAN's D steps (and with edge
+    G its G_k steps), FL-GAN's E. A slow participant then ends its compute about when a fast one
+    does instead of setting the round's end, and sends a smaller change (heterogeneous local work,
+    as in FedNova; a lever for every method with local steps). None: every worker the same steps."""
 
 
 class EngineConfig(_Strict):

@@ -50,6 +50,7 @@ from entgan.algorithms.aggregation import (
 )
 from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
 from entgan.control.overlap import settle
+from entgan.control.schedulers import local_steps
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import Codec, ErrorFeedback, LinkCodecs
 from entgan.engine.context import SERVER_RANK, SeedPurpose
@@ -174,6 +175,10 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         self.latent_stream = self.context.generator_seed(SeedPurpose.LATENTS)
         self.g_optimizer = adam(self.G.parameters(), config.optimizer.lr_generator, config.optimizer)
         self.d_optimizer = adam(self.D.parameters(), config.optimizer.lr_discriminator, config.optimizer)
+        # E, or this worker's share of it where device speeds are declared (`engine.straggler_aware`).
+        self.local_steps = local_steps(
+            config.baselines.flgan.local_steps, self.context.worker_index, config.engine.straggler_aware
+        )
         # Uploading changes: G_k's and (trunk_k, head_k)'s values at the sync, and what the codec
         # left out of earlier uploads (error feedback).
         self.synced: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -198,7 +203,7 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         if self.feedback is not None:  # the changes uploaded are from here
             self.synced = (flatten(model_tensors(self.G)), flatten(self.layout.update_tensors(self.D, task)))
         d_figures, self.g_figures = FigureMeans(3), FigureMeans(len(GENERATOR_FIGURES))
-        for _ in range(self.config.baselines.flgan.local_steps):
+        for _ in range(self.local_steps):
             real = self.real.next()
             fakes = self.G(self.G.sample_latent(self.real.batch_size, generator=self.latent_stream), task)
             d_figures.add(*discriminator_step(self.D, self.d_optimizer, real, fakes, task))

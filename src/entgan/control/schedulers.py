@@ -39,8 +39,11 @@ class WorkerTaskScheduler:
     batch per D step, generated just before it (the textbook GAN loop).
     """
 
-    def __init__(self, config: WorkerSchedulerConfig) -> None:
+    def __init__(self, config: WorkerSchedulerConfig, d_steps: int | None = None) -> None:
+        """`d_steps`: this worker's D steps a round, where they differ from `config.d_steps`
+        (`local_steps`)."""
         self.config = config
+        self.d_steps = config.d_steps if d_steps is None else d_steps
 
     def fake_tasks(
         self, n: int, own_task: int, num_tasks: int, generator: torch.Generator, like_server: bool = False
@@ -68,11 +71,22 @@ class WorkerTaskScheduler:
         return tasks
 
     def plan(self, round_index: int) -> WorkerPlan:
-        steps = self.config.d_steps
+        steps = self.d_steps
         if not self.config.enabled:
             return WorkerPlan(d_steps=steps, fake_batches=steps, generate_upfront=False)
         batches = max(1, -(-steps // self.config.fake_reuse))
         return WorkerPlan(d_steps=steps, fake_batches=batches, generate_upfront=True)
+
+
+def local_steps(steps: int, worker_index: int, straggler_aware: StragglerAwareConfig | None) -> int:
+    """Worker `worker_index`'s local steps a round, for a method configured with `steps`: scaled by
+    its declared speed over the fastest worker's (`engine.straggler_aware.speed`), at least one;
+    `steps` when no speeds are declared."""
+    speeds = None if straggler_aware is None else straggler_aware.speed
+    if not speeds:
+        return steps
+    share = speeds[worker_index % len(speeds)] / max(speeds)
+    return max(1, round(steps * share))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.local_training import generator_step
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
-from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler
+from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler, local_steps
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
 from entgan.engine.context import SERVER_RANK, SeedPurpose
@@ -63,7 +63,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.d_optimizer = self.private.optimizer  # the only optimizer allowed to step D_k
         else:
             self.d_optimizer = adam(self.D.parameters(), self.config.optimizer.lr_discriminator, self.config.optimizer)
-        self.worker_scheduler = WorkerTaskScheduler(self.config.control.worker_scheduler)
+        scheduler = self.config.control.worker_scheduler
+        self.worker_scheduler = WorkerTaskScheduler(
+            scheduler, local_steps(scheduler.d_steps, self.context.worker_index, self.config.engine.straggler_aware)
+        )
         self.noniid = NonIIDOptimizer(
             self.config.control.noniid, self.context.worker_index, self.config.num_workers, self.config.seed
         )
