@@ -219,8 +219,8 @@ class _Slot:
     extras: torch.Tensor
     mac: torch.Tensor
     wire: torch.Tensor | None = None
-    """Its own coded bytes (not with a shared window beyond the first slot); kept while updates
-    keep their size."""
+    """Its own coded bytes (not with a shared window beyond the first slot); grown, never shrunk,
+    as updates' sizes ask."""
     float_values: torch.Tensor | None = None
     """Where a float32 body lands when the window is wider than one (with one, it lands in the
     receiver's values buffer); dropped between rounds, as that buffer is."""
