@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from entgan.config import RunConfig, parse_config
+from entgan.engine.transport import Transport
 
 torch.set_num_threads(1)
 
@@ -73,3 +78,18 @@ def trained_tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.getbasetemp() / "classifier-cache"
     launch_local(tiny_config(), run_dir, cache_dir=cache, show_progress=False)
     return run_dir
+
+
+@contextmanager
+def gloo_transport(rank: int, store_dir: str, world_size: int) -> Iterator[Transport]:
+    """In a process spawned by a test: join a gloo group of `world_size` on a file store in
+    `store_dir` and yield this rank's transport; on leaving, wait for every rank and leave the group."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(f"{store_dir}/store", world_size), rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    yield Transport(rank, world_size, torch.device("cpu"))
+    dist.barrier()
+    dist.destroy_process_group()
+

@@ -4,13 +4,11 @@ uploads received into the gradients' buffer (that part on a real two-process glo
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -20,10 +18,9 @@ from entgan.gan.feedback import FakesAwaitingFeedback
 from entgan.gan.memory_layout import GeneratorGradients, bind_gradients, linear_gradients_in_place
 from entgan.engine.compression import build_codec
 from entgan.engine.parameters import numel
-from entgan.engine.transport import Transport
 from entgan.engine.updates import UpdateLayout, UpdateReceiver, send_update
 
-from conftest import tiny_config
+from conftest import gloo_transport, tiny_config
 
 
 def _models() -> tuple[nn.Module, nn.Module]:
@@ -157,33 +154,26 @@ CODECS = [None, build_codec("fp16"), build_codec("int8", int8_chunk_size=8), bui
 
 
 def _exchange(rank: int, store_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(f"{store_dir}/store", 2), rank=rank, world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    transport = Transport(rank, 2, torch.device("cpu"))
-    values = torch.arange(22, dtype=torch.float32)
-    if rank == 1:
-        for round_index, codec in enumerate(CODECS):
-            send_update(transport, KEY, values, torch.ones(3), LAYOUT, round_index, 0, "discriminator-update",
-                        codec=codec).wait()
-    else:
-        storage = torch.full((22,), -1.0)
-        receiver = UpdateReceiver(transport, {1: KEY}, 3, layout_of=lambda _: LAYOUT, max_norm=None,
-                                  values_storage=storage, codecs=CODECS[2:])
-        result = []
-        for round_index in range(len(CODECS)):
-            update = receiver.receive("discriminator-update", [1], round_index)
-            result.append({
-                "accepted": type(update).__name__ == "Update",
-                "in_storage": update.values.data_ptr() == storage.data_ptr(),
-                "values": update.values.float().tolist(),
-            })
-            receiver.release()
-        Path(store_dir, "result.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_transport(rank, store_dir, 2) as transport:
+        values = torch.arange(22, dtype=torch.float32)
+        if rank == 1:
+            for round_index, codec in enumerate(CODECS):
+                send_update(transport, KEY, values, torch.ones(3), LAYOUT, round_index, 0, "discriminator-update",
+                            codec=codec).wait()
+        else:
+            storage = torch.full((22,), -1.0)
+            receiver = UpdateReceiver(transport, {1: KEY}, 3, layout_of=lambda _: LAYOUT, max_norm=None,
+                                      values_storage=storage, codecs=CODECS[2:])
+            result = []
+            for round_index in range(len(CODECS)):
+                [update] = receiver.receive_all("discriminator-update", [1], round_index)
+                result.append({
+                    "accepted": type(update).__name__ == "Update",
+                    "in_storage": update.values.data_ptr() == storage.data_ptr(),
+                    "values": update.values.float().tolist(),
+                })
+                receiver.release()
+            Path(store_dir, "result.json").write_text(json.dumps(result))
 
 
 @pytest.mark.slow

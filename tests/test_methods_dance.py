@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from pathlib import Path
@@ -10,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from entgan.algorithms.dance import CompressedGossip
@@ -19,11 +17,10 @@ from entgan.config import DanceConfig, RunConfig
 from entgan.engine.compression import build_codec
 from entgan.engine.launch import launch_local
 from entgan.engine.parameters import flatten, model_tensors
-from entgan.engine.transport import Transport
 from entgan.models import build_discriminator
 from entgan.rundir import RunDirectory
 
-from conftest import tiny_config
+from conftest import gloo_transport, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -121,25 +118,18 @@ def _start(rank: int) -> torch.Tensor:
 
 def _gossip_node(rank: int, tmp: str) -> None:
     """A D-node without a GAN: ring gossip of a fixed vector, x := (1 - m) x + m * peer estimate."""
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(f"{tmp}/store", GOSSIP_NODES), rank=rank, world_size=GOSSIP_NODES,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    transport = Transport(rank, GOSSIP_NODES, torch.device("cpu"))
-    results = {}
-    for codec in ("none", "int8", "topk"):
-        config = DanceConfig(codec=codec, topk_ratio=0.1, topology="ring", mixing=0.5)
-        gossip = CompressedGossip(config, transport, initial=torch.zeros(GOSSIP_SIZE))
-        vector = _start(rank)
-        for _ in range(GOSSIP_ROUNDS):
-            estimate = gossip.exchange(vector, (rank + 1) % GOSSIP_NODES, (rank - 1) % GOSSIP_NODES)
-            vector = (1 - config.mixing) * vector + config.mixing * estimate
-        results[codec] = {"vector": vector.tolist(), "digest": gossip.digest()}
-    results["bytes_sent/gossip"] = transport.counters.sent["gossip"]
-    Path(tmp, f"node{rank}.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_transport(rank, tmp, GOSSIP_NODES) as transport:
+        results = {}
+        for codec in ("none", "int8", "topk"):
+            config = DanceConfig(codec=codec, topk_ratio=0.1, topology="ring", mixing=0.5)
+            gossip = CompressedGossip(config, transport, initial=torch.zeros(GOSSIP_SIZE))
+            vector = _start(rank)
+            for _ in range(GOSSIP_ROUNDS):
+                estimate = gossip.exchange(vector, (rank + 1) % GOSSIP_NODES, (rank - 1) % GOSSIP_NODES)
+                vector = (1 - config.mixing) * vector + config.mixing * estimate
+            results[codec] = {"vector": vector.tolist(), "digest": gossip.digest()}
+        results["bytes_sent/gossip"] = transport.counters.sent["gossip"]
+        Path(tmp, f"node{rank}.json").write_text(json.dumps(results))
 
 
 def test_compressed_gossip_reaches_consensus(tmp_path: Path) -> None:

@@ -4,14 +4,12 @@ order as one at a time; and a tiny EntGAN run whose models do not depend on the 
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from entgan.engine.compression import build_codec
@@ -19,7 +17,7 @@ from entgan.engine.timeline import Timeline
 from entgan.engine.transport import BODY_SUFFIX, Transport
 from entgan.engine.updates import SharedWindow, UpdateLayout, UpdateReceiver, send_update
 
-from conftest import tiny_config
+from conftest import gloo_transport, tiny_config
 
 LAYOUT = UpdateLayout.of([("trunk.weight", torch.zeros(4, 5)), ("heads.0.bias", torch.zeros(2))])
 KEYS = {1: b"a" * 32, 2: b"b" * 32, 3: b"c" * 32}
@@ -87,18 +85,11 @@ def _most_bodies_in_flight(timeline: Timeline) -> int:
 
 
 def _exchange(rank: int, store_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", store=dist.FileStore(f"{store_dir}/store", 4), rank=rank, world_size=4,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    transport = Transport(rank, 4, torch.device("cpu"))
-    if rank == 0:
-        _server(transport, store_dir)
-    else:
-        _worker(rank, transport)
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_transport(rank, store_dir, 4) as transport:
+        if rank == 0:
+            _server(transport, store_dir)
+        else:
+            _worker(rank, transport)
 
 
 @pytest.mark.slow
