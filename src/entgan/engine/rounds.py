@@ -34,7 +34,7 @@ class ServerRounds:
         self.context = context
         self.server = server
         kinds = list(server.upload_kinds)
-        window = SharedWindow(context.device)  # the kinds are received one after another
+        shared_window = SharedWindow(context.device)  # the kinds are received one after another
         self.arrivals = [
             ArrivingUpdates(
                 context,
@@ -46,7 +46,7 @@ class ServerRounds:
                     kind.values_storage,
                     kind.codecs,
                     kind.wire_storage,
-                    window,
+                    shared_window,
                 ),
             )
             for position, kind in enumerate(kinds)

@@ -330,14 +330,6 @@ class UpdateReceiver:
         for slot in self._slots:
             slot.float_values = None
 
-    def receive(self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False) -> Update | Refusal:
-        """The next update from one of `expected`: whichever arrives first, or with `in_order` the
-        first rank listed (a fixed order, for reproducible float32 accumulation). One body in
-        flight, whatever the window."""
-        posted = self._post_body(kind, expected, in_order, 0)
-        posted.transfer.wait()
-        return self._checked(posted, round_index)
-
     def receive_all(
         self, kind: str, expected: Sequence[int], round_index: int, in_order: bool = False
     ) -> Iterator[Update | Refusal]:
@@ -351,16 +343,14 @@ class UpdateReceiver:
         during its compute)."""
         waiting = list(expected)
         posted: deque[_Posted] = deque()
-        free = list(range(self.window))
         while waiting or posted:
-            while waiting and free:
-                slot_index = free.pop(0)
+            while waiting and len(posted) < self.window:
+                busy = {upload.slot_index for upload in posted}
+                slot_index = min(index for index in range(self.window) if index not in busy)
                 posted.append(self._post_body(kind, waiting, in_order, slot_index))
                 waiting.remove(posted[-1].rank)
             oldest = posted.popleft()
             oldest.transfer.wait()
-            free.append(oldest.slot_index)
-            free.sort()
             yield self._checked(oldest, round_index)
 
     def _post_body(self, kind: str, waiting: Sequence[int], in_order: bool, slot_index: int) -> _Posted:

@@ -104,10 +104,11 @@ class EntGANServer(EntGANRole, ServerRole):
 
         No buffer beyond D and the upload window's coded bodies (`engine.upload_window`): updates
         are read in rank order and summed into D's own float32 tensors, which makes the sum the
-        same on every run, whatever order the bodies crossed their links in. Refused updates (`engine.updates`) never get here; a part
-        (trunk, a task's head) with no accepted update keeps its values. With compressed changes
-        uploaded (`control.compression.uploads: changes`), each is added to D in place instead,
-        scaled by its worker's share (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
+        same on every run, whatever order the bodies crossed their links in. Refused updates
+        (`engine.updates`) never get here; a part (trunk, a task's head) with no accepted update
+        keeps its values. With compressed changes uploaded (`control.compression.uploads:
+        changes`), each is added to D in place instead, scaled by its worker's share
+        (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
         then goes down at once (D_k := D), before G trains, so the next round's participants can
         start the real-data half of their D step while the server trains G. With
         `control.edge_generator` on, the G_k changes that follow D's uploads (kind `generator`)
