@@ -316,7 +316,8 @@ class StragglerAwareConfig(_Strict):
     the fastest's, at least one (`control.schedulers.local_steps`): EntGAN's D steps (and with edge
     G its G_k steps), FL-GAN's E. A slow participant then ends its compute about when a fast one
     does instead of setting the round's end, and sends a smaller change (heterogeneous local work,
-    as in FedNova; a lever for every method with local steps). None: every worker the same steps."""
+    as in FedNova). Not yet taken by Ren's and DGAN's workers; MD-GAN's and DANCE's D steps pair
+    with batches the server generates. None: every worker the same steps."""
 
 
 class EngineConfig(_Strict):
