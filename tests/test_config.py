@@ -45,6 +45,14 @@ def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
             {"control": {"edge_generator": {"enabled": True}}, "privacy": {"enabled": True}},
             "control.edge_generator needs privacy.enabled: false",
         ),
+        ({"control": {"edge_generator": {"server_g_steps": False}}}, "server_g_steps: false needs enabled: true"),
+        (
+            {
+                "control": {"edge_generator": {"enabled": True, "server_g_steps": False}},
+                "warm_start": {"checkpoint": "parent.pt"},
+            },
+            "warm_start needs control.edge_generator.server_g_steps: true",
+        ),
     ],
 )
 def test_bad_config_is_rejected_with_the_field_named(change: dict, expected: str) -> None:

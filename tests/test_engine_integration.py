@@ -227,6 +227,31 @@ def test_edge_generator_sends_each_participants_g_change_up_and_still_trains(
             assert digest["generator_sum"] == pytest.approx(summary["generator_sum"], rel=tolerance, abs=tolerance)
 
 
+def test_edge_generator_without_server_g_steps_makes_g_the_mean_of_the_edge_steps(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    """`control.edge_generator.server_g_steps: false`: the server only averages. It holds no G
+    optimizer state and saves no activations, every round reports no G step, and G still
+    reaches the workers due next exactly; the server's G steps, on, give a different G."""
+    summaries = {}
+    for server_g_steps in (True, False):
+        edge = {"enabled": True, "server_g_steps": server_g_steps}
+        config = tiny_config(control={"edge_generator": edge}, engine={"live_tensors": True})
+        run_dir = tmp_path / f"server-g-steps-{server_g_steps}"
+        summaries[server_g_steps] = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
+
+    averaging_only = summaries[False]
+    assert averaging_only["server_live_tensors"]["optimizer_state"] == 0
+    assert averaging_only["server_live_tensors"]["peak_saved_activations"] == 0
+    assert summaries[True]["server_live_tensors"]["optimizer_state"] > 0
+    assert all(row["g_steps"] == 0 for row in RunDirectory(run_dir).metrics() if "g_steps" in row)
+    assert averaging_only["generator_sum"] != summaries[True]["generator_sum"]
+    assert math.isfinite(averaging_only["final_eval"]["fid/overall"])
+    for digest in worker_digests(run_dir):
+        if digest["rank"] in due_ranks(config, config.rounds):
+            assert digest["generator_sum"] == pytest.approx(averaging_only["generator_sum"], rel=1e-6, abs=1e-6)
+
+
 def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_long(
     tmp_path: Path, cache_dir: Path
 ) -> None:

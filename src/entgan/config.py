@@ -269,6 +269,21 @@ class EdgeGeneratorConfig(_Strict):
     Results, "Every method tuned for the edge"). It costs a G upload per participant a round."""
 
     enabled: bool = False
+    server_g_steps: bool = True
+    """On (default): the server also takes its own G steps against the averaged D each round (the
+    server task scheduler's, DESIGN.md step 4). Off: G is the weighted mean of the G_k steps alone and
+    the server only averages, so it holds no G optimizer state, no G gradients and no G-step
+    activations, and its round has no G steps on the path from the uploads to G's broadcast. Both
+    are measured in benchmarks/edge-aggregating-server.yaml."""
+
+    @model_validator(mode="after")
+    def _someone_trains_g(self) -> EdgeGeneratorConfig:
+        if not self.enabled and not self.server_g_steps:
+            raise ValueError(
+                "server_g_steps: false needs enabled: true (with neither the server's G steps nor the "
+                "G_k steps at the edge, nothing trains G); found enabled: false"
+            )
+        return self
 
 
 class ControlConfig(_Strict):
@@ -602,6 +617,15 @@ class RunConfig(_Strict):
             raise ValueError(
                 "control.edge_generator needs privacy.enabled: false (DP-SGD trains D_k in its own step, "
                 "which the G_k steps do not interleave with); found both on"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replay_needs_server_g_steps(self) -> RunConfig:
+        if self.warm_start is not None and not self.control.edge_generator.server_g_steps:
+            raise ValueError(
+                "warm_start needs control.edge_generator.server_g_steps: true (old tasks are replayed "
+                "in the server's G steps, so without them a new version would forget them); found false"
             )
         return self
 

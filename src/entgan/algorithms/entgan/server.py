@@ -45,7 +45,14 @@ class EntGANServer(EntGANRole, ServerRole):
             self.warm_start = WarmStart.from_config(self.config, self.context.device)
             self.warm_start.initialise(self.G, self.D)
         self.D.requires_grad_(False)  # the server never trains D; it only averages it
-        self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        # With `control.edge_generator.server_g_steps` off, G is only the mean of the G_k steps: no
+        # optimizer, and G needs no gradients (its buffer below still receives the uploads).
+        self.trains_generator = not self.edge_generator or self.config.control.edge_generator.server_g_steps
+        self.g_optimizer: torch.optim.Optimizer | None = None
+        if self.trains_generator:
+            self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
+        else:
+            self.G.requires_grad_(False)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
         self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
         self.changes = InPlaceDiscriminatorChange(self.layout, len(self.config.tasks))
@@ -144,14 +151,18 @@ class EntGANServer(EntGANRole, ServerRole):
 
     def train_global(self, round_index: int) -> dict[str, float]:
         """Step 4: the server task scheduler picks the number of G steps from how well G fooled D
-        last round; G trains against the averaged D."""
-        steps = self.server_scheduler.next_steps(self.feedback)
-        settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
-        g_loss, realness = self.train_generator(steps)
-        self.feedback = GeneratorFeedback(fake_realness=realness)
+        last round; G trains against the averaged D. With the server's G steps off
+        (`control.edge_generator.server_g_steps`), G already is the round's G (`aggregate`)."""
+        row = {"g_steps": 0.0}
+        if self.trains_generator:
+            steps = self.server_scheduler.next_steps(self.feedback)
+            settle(self.generator_in_flight)  # G's previous broadcast must leave before G changes
+            g_loss, realness = self.train_generator(steps)
+            self.feedback = GeneratorFeedback(fake_realness=realness)
+            row = {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness}
         if self.generator_average is not None:  # the run's generator, evaluated before G goes down
             self.generator_average.update(self.G)
-        return {"g_loss": g_loss, "g_steps": float(steps), "g_fake_realness": realness}
+        return row
 
     def send_down(self, round_index: int, participants: list[int]) -> None:
         """G goes to the next round's participants layer by layer; the overlap controller decides
@@ -166,6 +177,7 @@ class EntGANServer(EntGANRole, ServerRole):
         """`steps` G updates against the averaged D, every task in every batch, in the engine's
         memory layout (`GeneratorGradients`: micro-batches whose gradients are added into G's
         buffer in place, so the server holds one micro-batch's activations at a time)."""
+        assert self.g_optimizer is not None
         batch_size = self.server_scheduler.generator_batch(self.config.optimizer.batch_size, len(self.config.tasks))
         micro = self.gradients.microbatch(batch_size, self.config.optimizer.batch_size)
         losses, realness = [], []
@@ -197,7 +209,7 @@ class EntGANServer(EntGANRole, ServerRole):
             "generator": self.generator.state_dict(),
             **trained,
             "discriminator": self.D.state_dict(),
-            "generator_optimizer": self.g_optimizer.state_dict(),
+            "generator_optimizer": None if self.g_optimizer is None else self.g_optimizer.state_dict(),
             "server_scheduler": self.server_scheduler.state_dict(),
             "feedback": None if self.feedback is None else self.feedback.fake_realness,
         }
@@ -208,7 +220,8 @@ class EntGANServer(EntGANRole, ServerRole):
         if self.generator_average is not None:
             self.generator_average.model.load_state_dict(state["generator"])
         self.D.load_state_dict(state["discriminator"])
-        self.g_optimizer.load_state_dict(state["generator_optimizer"])
+        if self.g_optimizer is not None and state["generator_optimizer"] is not None:
+            self.g_optimizer.load_state_dict(state["generator_optimizer"])
         self.server_scheduler.load_state_dict(state["server_scheduler"])
         if state["feedback"] is not None:
             self.feedback = GeneratorFeedback(fake_realness=state["feedback"])
