@@ -274,7 +274,7 @@ class EdgeGeneratorConfig(_Strict):
     server task scheduler's, DESIGN.md step 4). Off: G is the weighted mean of the G_k steps alone and
     the server only averages, so it holds no G optimizer state, no G gradients and no G-step
     activations, and its round has no G steps on the path from the uploads to G's broadcast. Both
-    are measured in benchmarks/edge-aggregating-server.yaml."""
+    are measured in benchmarks/edge-averaging-server.yaml."""
 
     @model_validator(mode="after")
     def _someone_trains_g(self) -> EdgeGeneratorConfig:
