@@ -22,6 +22,7 @@ import torch
 
 from entgan.bench.cluster import (
     TRAFFIC_MARKER,
+    bench_links,
     EmulatedCluster,
     TorchrunJob,
     leftovers_of,
@@ -344,3 +345,23 @@ def test_a_link_down_past_the_timeouts_times_out_restarts_and_loses_nothing(tmp_
     _checkpoints_load(run_dir)  # no checkpoint torn by the cut
     _final_g_everywhere(run_dir, config, json.loads((run_dir / "summary.json").read_text()))
     assert leftovers_of(owner) == {"namespaces": [], "host_devices": []}
+
+
+def test_the_per_node_table_replays_each_run_on_the_links_its_bench_gave_it(tmp_path: Path) -> None:
+    import yaml
+
+    from entgan.bench.config import load_bench_config
+    from entgan.bench.runner import BENCH_MARKER
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    for name in ("per-node-edge-generator", "edge-generator"):
+        out = tmp_path / name
+        out.mkdir()
+        bench = load_bench_config(benchmarks / f"{name}.yaml")
+        (out / BENCH_MARKER).write_text(yaml.safe_dump(bench.model_dump(mode="json"), sort_keys=False))
+    links = bench_links(tmp_path / "per-node-edge-generator")
+    assert links is not None
+    assert [link.uplink_mbit for link in links] == [5, 10, 20, 50] * 2
+    assert [link.downlink_mbit for link in links] == [20, 40, 80, 200] * 2
+    assert bench_links(tmp_path / "edge-generator") is None  # no per-node network section
+    assert bench_links(tmp_path / "missing") is None

@@ -267,13 +267,13 @@ def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_lo
     assert reporting == [due_ranks(config, r) for r in range(config.rounds)]
 
 
-@pytest.mark.parametrize("algorithm", ["entgan", "flgan"])
+@pytest.mark.parametrize("algorithm", ["entgan", "flgan", "ren-parallel", "dgan-3"])
 def test_declared_speeds_change_the_local_work_and_equal_speeds_change_nothing(
     algorithm: str, tmp_path: Path, cache_dir: Path
 ) -> None:
-    """`engine.straggler_aware.speed` scales each worker's local steps (EntGAN's D steps, FL-GAN's
-    E): with every speed equal the run trains the same G to the bit as without speeds; with worker
-    1 at half speed it takes fewer steps, and G differs."""
+    """`engine.straggler_aware.speed` scales each worker's local steps (EntGAN's, Ren's and
+    Distributed-GAN's D steps, FL-GAN's E): with every speed equal the run trains the same G to the
+    bit as without speeds; with worker 1 at half speed it takes fewer steps, and G differs."""
     sums = {}
     for name, speed in (("none", None), ("equal", [2.0]), ("uneven", [0.5, 1.0, 1.0])):
         aware = {"round_s": [1.0], "max_rounds_out": 2, **({"speed": speed} if speed else {})}

@@ -329,10 +329,10 @@ class StragglerAwareConfig(_Strict):
     """Each worker's relative compute speed, cycled in rank order as `round_s` is (declared, the
     same on every rank). With it, a worker's local steps each round are scaled by its speed over
     the fastest's, at least one (`control.schedulers.local_steps`): EntGAN's D steps (and with edge
-    G its G_k steps), FL-GAN's E. A slow participant then ends its compute about when a fast one
-    does instead of setting the round's end, and sends a smaller change (heterogeneous local work,
-    as in FedNova). Not yet taken by Ren's and DGAN's workers; MD-GAN's and DANCE's D steps pair
-    with batches the server generates. None: every worker the same steps."""
+    G its G_k steps), FL-GAN's E, Ren's and Distributed-GAN's D steps. A slow participant then ends
+    its compute about when a fast one does instead of setting the round's end, and sends a smaller
+    change (heterogeneous local work, as in FedNova). MD-GAN's and DANCE's D steps pair with
+    batches the server generates, so they do not take it. None: every worker the same steps."""
 
 
 class EngineConfig(_Strict):

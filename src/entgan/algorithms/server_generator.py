@@ -38,6 +38,7 @@ from torch import nn
 from entgan.algorithms.aggregation import DiscriminatorLayout, discriminator_update_layouts
 from entgan.config import RunConfig
 from entgan.control.overlap import settle
+from entgan.control.schedulers import local_steps
 from entgan.data.sources import ImageDataset
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, ServerRole, Upload, UploadKind, WorkerRole
@@ -255,6 +256,8 @@ class DiscriminatorWorker(_ServerGeneratorModels, WorkerRole):
     def setup(self, shard: ImageDataset) -> None:
         torch.manual_seed(self.config.seed + self.context.rank)
         self.steps = StepsPerRound.from_config(self.config)
+        # Scaled by this worker's declared speed where the run declares speeds (`local_steps`).
+        self.d_steps = local_steps(self.steps.d_steps, self.context.worker_index, self.config.engine.straggler_aware)
         self.build_models(self.context.device)
         self.real = RealBatches(
             shard, self.config.optimizer.batch_size, self.context.generator_seed(SeedPurpose.REAL_BATCHES), self.context.device
@@ -281,7 +284,7 @@ class DiscriminatorWorker(_ServerGeneratorModels, WorkerRole):
         return train_discriminator(
             self.D,
             self.d_optimizer,
-            self.steps.d_steps,
+            self.d_steps,
             lambda: (self.real.next(), task),
             self.G,
             self.latent_stream,

@@ -631,9 +631,29 @@ def edge_seconds_per_round(run_dir: Path, links: list[LinkProfile]) -> float | N
     return sum(entry.duration_s for entry in steady) / len(steady) if steady and clock.complete else None
 
 
+def bench_links(out_dir: Path) -> list[LinkProfile] | None:
+    """The per-node links a bench output folder's runs sat behind (its resolved `bench-config.yaml`),
+    or None for a bench without a per-node network section."""
+    import yaml
+
+    from entgan.bench.runner import BENCH_MARKER
+
+    marker = out_dir / BENCH_MARKER
+    if not marker.is_file():
+        return None
+    network = (yaml.safe_load(marker.read_text()) or {}).get("network") or {}
+    if network.get("mode") != "per-node":
+        return None
+    return PerNodeNetworkConfig.model_validate(network).links
+
+
 def results_table(out_dir: Path, profile: str) -> str:
-    """The README's per-node-link table for a bench output folder (the edge clock where the runs
-    recorded timelines and `profile` is `edge-uneven`)."""
+    """The README's per-node-link table for a bench output folder. The edge clock replays each run
+    on the links the bench gave its workers (`bench_links`), where the runs recorded timelines; a
+    folder without them (an older bench) is replayed on `edge_uneven` when `profile` is that."""
+    from entgan.rundir import RunDirectory
+
+    links = bench_links(out_dir)
     lines = [
         "| method | link profile | measured s/round (mean; median) | edge-clock s/round | server sent + received, "
         "MB/round | all ranks sent, MB/round | through the links, MB/round |",
@@ -642,11 +662,10 @@ def results_table(out_dir: Path, profile: str) -> str:
     for run_dir in sorted(path for path in (out_dir / "runs").iterdir() if (path / "summary.json").is_file()):
         figures = round_figures(run_dir, out_dir / "logs" / f"{run_dir.name}.log")
         wire = figures.get("wire_bytes_per_round")
-        edge = None
-        if profile == "edge-uneven":
-            from entgan.rundir import RunDirectory
-
-            edge = edge_seconds_per_round(run_dir, edge_uneven(RunDirectory(run_dir).config().num_workers))
+        run_links = links
+        if run_links is None and profile == "edge-uneven":
+            run_links = edge_uneven(RunDirectory(run_dir).config().num_workers)
+        edge = None if run_links is None else edge_seconds_per_round(run_dir, run_links)
         edge_cell = "pending" if edge is None else f"{edge:.2f}"
         lines.append(
             f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} | {edge_cell} | "
