@@ -1,4 +1,5 @@
-"""The server's averaging: running sums equal the textbook weighted mean; trunk vs. heads."""
+"""The server's averaging: sums taken in the models' own tensors equal the textbook weighted mean;
+trunk vs. heads; changes vs. models."""
 
 from __future__ import annotations
 
@@ -10,27 +11,32 @@ import torch
 from torch import nn
 
 from entgan.algorithms.aggregation import (
-    DiscriminatorAverager,
     DiscriminatorLayout,
     InPlaceDiscriminatorAverage,
     InPlaceDiscriminatorChange,
+    InPlaceModelAverage,
     InPlaceModelChange,
-    RunningAverage,
 )
 from entgan.config import ModelConfig
 from entgan.engine.parameters import change_since, flatten, keep_statistics_valid, model_tensors
 from entgan.models import build_discriminator
 
 
-def test_running_average_weights_by_sample_count() -> None:
-    running = RunningAverage(2)
-    running.add(torch.tensor([0.0, 2.0]), 1.0)
-    running.add(torch.tensor([4.0, 6.0]), 3.0)
+def test_in_place_model_average_weights_by_sample_count_and_keeps_a_model_without_uploads() -> None:
+    # FL-GAN's G when whole models are uploaded: the first one overwrites, later ones add.
+    model = [torch.full((2,), 100.0), torch.tensor(0, dtype=torch.long)]
+    average = InPlaceModelAverage()
+    average.reset()
+    average.add(model, torch.tensor([0.0, 2.0, 4.0]), 1.0)
+    average.add(model, torch.tensor([4.0, 6.0, 8.0]), 3.0)
+    average.finish(model)
 
-    assert torch.equal(running.mean(), torch.tensor([3.0, 5.0]))
-    written = torch.zeros(2)
-    running.write_mean_into([written])
-    assert torch.equal(written, running.mean())
+    assert torch.equal(model[0], torch.tensor([3.0, 5.0]))
+    assert model[1].dtype == torch.long and int(model[1]) == 7  # a counter takes its rounded mean
+
+    average.reset()
+    average.finish(model)  # nothing accepted this round: the model keeps its values
+    assert torch.equal(model[0], torch.tensor([3.0, 5.0]))
 
 
 def test_in_place_average_weights_by_sample_count() -> None:
@@ -64,17 +70,19 @@ def test_in_place_average_of_half_precision_uploads_does_not_overflow() -> None:
     assert all(torch.equal(state[name], torch.full_like(state[name], 4000.0)) for name in layout.trunk_names)
 
 
-def test_running_average_equals_the_weighted_mean_in_any_order() -> None:
+def test_in_place_model_average_equals_the_weighted_mean() -> None:
     generator = torch.Generator().manual_seed(0)
     vectors = [torch.randn(50, generator=generator) for _ in range(5)]
     weights = [3.0, 1.0, 7.0, 2.0, 5.0]
     expected = sum(v.double() * w for v, w in zip(vectors, weights)) / sum(weights)
 
-    running = RunningAverage(50)
-    for index in [4, 0, 3, 1, 2]:  # arrival order must not matter
-        running.add(vectors[index], weights[index])
+    model = [torch.zeros(20), torch.zeros(30)]
+    average = InPlaceModelAverage()
+    for vector, weight in zip(vectors, weights):
+        average.add(model, vector, weight)
+    average.finish(model)
 
-    assert torch.allclose(running.mean(), expected.float(), atol=1e-6)
+    assert torch.allclose(flatten(model), expected.float(), atol=1e-6)
 
 
 def test_in_place_model_change_adds_the_weighted_mean_change_and_counts_a_refusal_as_none() -> None:
@@ -122,12 +130,12 @@ def test_in_place_model_change_rejects_wrong_size_and_unexpected_weight() -> Non
         change.add([torch.zeros(3)], torch.zeros(3), 5.0)
 
 
-def test_running_average_rejects_wrong_size_and_nonpositive_weight() -> None:
-    running = RunningAverage(3)
-    with pytest.raises(ValueError, match="3"):
-        running.add(torch.zeros(4), 1.0)
+def test_in_place_model_average_rejects_wrong_size_and_nonpositive_weight() -> None:
+    average = InPlaceModelAverage()
+    with pytest.raises(ValueError, match="4 values, expected 3"):
+        average.add([torch.zeros(3)], torch.zeros(4), 1.0)
     with pytest.raises(ValueError, match="positive"):
-        running.add(torch.zeros(3), 0.0)
+        average.add([torch.zeros(3)], torch.zeros(3), 0.0)
 
 
 def _discriminators(count: int, num_tasks: int = 2) -> list:
@@ -142,12 +150,12 @@ def test_trunk_averaged_over_all_workers_heads_over_their_task_only() -> None:
     workers = _discriminators(3)
     tasks, samples = [0, 0, 1], [10.0, 30.0, 20.0]
     layout = DiscriminatorLayout(workers[0])
-    averager = DiscriminatorAverager(layout, num_tasks=2)
-    for model, task, count in zip(workers, tasks, samples):
-        averager.add(flatten(layout.update_tensors(model, task)), task, count)
+    averager = InPlaceDiscriminatorAverage(layout, num_tasks=2)
     server = _discriminators(1)[0]
+    for model, task, count in zip(workers, tasks, samples):
+        averager.add(server, flatten(layout.update_tensors(model, task)), task, count)
 
-    averager.write_into(server)
+    averager.finish(server)
 
     state = server.state_dict()
     for name in layout.trunk_names:
@@ -164,12 +172,11 @@ def test_head_without_updates_is_left_unchanged() -> None:
     worker, server = _discriminators(2, num_tasks=3)
     before = {k: v.clone() for k, v in server.state_dict().items()}
     layout = DiscriminatorLayout(worker)
-    averager = DiscriminatorAverager(layout, num_tasks=3)
-    averager.add(flatten(layout.update_tensors(worker, 1)), 1, 5.0)
+    averager = InPlaceDiscriminatorAverage(layout, num_tasks=3)
+    averager.add(server, flatten(layout.update_tensors(worker, 1)), 1, 5.0)
 
-    averager.write_into(server)
+    averager.finish(server)
 
-    assert averager.tasks_with_updates() == [1]
     for name in layout.head_names[0] + layout.head_names[2]:
         assert torch.equal(server.state_dict()[name], before[name])
     assert not torch.equal(server.state_dict()[layout.head_names[1][0]], before[layout.head_names[1][0]])
@@ -183,34 +190,6 @@ def test_update_is_trunk_plus_one_head() -> None:
 
     total = sum(t.numel() for t in model.state_dict().values())
     assert update.numel() == layout.update_size == total - layout.head_size
-
-
-def test_in_place_average_equals_the_running_average_and_keeps_parts_without_updates() -> None:
-    from entgan.algorithms.aggregation import DiscriminatorAverager, InPlaceDiscriminatorAverage
-    from entgan.config import ModelConfig
-    from entgan.engine.parameters import flatten, model_tensors
-    from entgan.models import build_discriminator
-
-    torch.manual_seed(0)
-    config = ModelConfig(family="mlp", hidden_dim=8)
-    reference, in_place = (build_discriminator(config, (1, 28, 28), 3) for _ in range(2))
-    in_place.load_state_dict(reference.state_dict())
-    untouched_head = [t.clone() for t in model_tensors(in_place.heads[2])]
-    layout = DiscriminatorLayout(reference)
-    updates = [(torch.randn(layout.update_size), task, weight) for task, weight in [(0, 3.0), (1, 1.0), (0, 5.0)]]
-
-    running = DiscriminatorAverager(layout, 3)
-    accumulate = InPlaceDiscriminatorAverage(layout, 3)
-    accumulate.reset()
-    for update, task, weight in updates:
-        running.add(update, task, weight)
-        accumulate.add(in_place, update, task, weight)
-    running.write_into(reference)
-    accumulate.finish(in_place)
-
-    assert torch.allclose(flatten(model_tensors(in_place)), flatten(model_tensors(reference)), atol=1e-6)
-    for before, after in zip(untouched_head, model_tensors(in_place.heads[2]), strict=True):
-        assert torch.equal(before, after)  # task 2 had no update this round
 
 
 def test_adding_the_changes_equals_averaging_the_models_they_came_from() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from entgan.algorithms.aggregation import DiscriminatorAverager, DiscriminatorLayout
+from entgan.algorithms.aggregation import DiscriminatorLayout, InPlaceDiscriminatorAverage
 from entgan.algorithms.central import PooledBatches
 from entgan.algorithms.dgan import (
     AveragedOutputs,
@@ -79,16 +79,16 @@ def test_selecting_everything_gives_the_same_discriminator_as_averaging() -> Non
     layout = DiscriminatorLayout(start)
     workers = [_discriminator(seed) for seed in (1, 2, 3)]
     tasks, samples = [0, 0, 1], [10.0, 30.0, 20.0]
-    averager = DiscriminatorAverager(layout, num_tasks=2)
+    averager = InPlaceDiscriminatorAverage(layout, num_tasks=2)
     selected = SelectedUpdateAverager(layout)
+    expected, got = _discriminator(0), _discriminator(0)
     for worker, task, count in zip(workers, tasks, samples):
         update = flatten(layout.update_tensors(worker, task))
-        averager.add(update, task, count)
+        averager.add(expected, update, task, count)
         delta = update - flatten(layout.update_tensors(start, task))
         selected.add(*select_largest(delta, 1.0), task, count)
-    expected, got = _discriminator(0), _discriminator(0)
 
-    averager.write_into(expected)
+    averager.finish(expected)
     selected.apply_to(got)
 
     for want, have in zip(model_tensors(expected), model_tensors(got)):

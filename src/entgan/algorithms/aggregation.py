@@ -1,14 +1,15 @@
 """Aggregation helpers shared by the methods with a server: weighted averages of parameter sets.
 
 The multi-task rule of EntGAN: the shared trunk is averaged over all workers, each task's head
-over that task's workers only, both weighted by sample counts. Two implementations of it:
+over that task's workers only, both weighted by sample counts. Every server that averages does it
+in the engine's memory layout: updates are summed in float32 straight into the model's own
+tensors, in a fixed (rank) order so the sum is the same every run, with no buffer beyond the model
+(never K copies, no running sum):
 
-- `InPlaceDiscriminatorAverage`, EntGAN's server: updates are summed in float32 straight into D's
-  own tensors, in a fixed (rank) order so the sum is the same every run; no buffer beyond D.
-- `DiscriminatorAverager` (Ren, FL-GAN): one `RunningAverage` for the trunk and one per head.
-
-`RunningAverage` accumulates flat vectors as they arrive into one float64 running sum, never K
-copies (also FL-GAN's average of the workers' G).
+- `InPlaceDiscriminatorAverage` (EntGAN, Ren, FL-GAN) and `InPlaceModelAverage` (FL-GAN's G):
+  the weighted mean of uploaded models;
+- `InPlaceDiscriminatorChange` and `InPlaceModelChange` (EntGAN and FL-GAN with coded transfers,
+  EntGAN's G under `control.edge_generator`): the model plus the weighted mean of uploaded changes.
 """
 
 from __future__ import annotations
@@ -20,70 +21,6 @@ import torch
 from entgan.engine.parameters import numel
 from entgan.engine.updates import UpdateLayout
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
-
-
-class RunningAverage:
-    """Weighted mean of flat vectors accumulated one at a time (memory: one vector).
-
-    The sum is kept in float64 so that the float32 result practically never depends on the order
-    in which updates arrive (float64 rounding could still differ in the last float32 bit in rare
-    cases), so the same seed gives the same model whichever worker answers first.
-    """
-
-    CHUNK = 1 << 16
-    """Values widened to float64 at a time: the server never holds a float64 copy of an update."""
-
-    def __init__(self, size: int, device: torch.device | None = None) -> None:
-        self._sum = torch.zeros(size, dtype=torch.float64, device=device)
-        self.total_weight = 0.0
-        self.count = 0
-
-    def add(self, vector: torch.Tensor, weight: float) -> None:
-        if vector.numel() != self._sum.numel():
-            raise ValueError(f"update has {vector.numel()} values, expected {self._sum.numel()}")
-        if weight <= 0:
-            raise ValueError(f"update weight must be positive, found {weight}")
-        flat = vector.reshape(-1)
-        for start in range(0, flat.numel(), self.CHUNK):
-            self._sum[start : start + self.CHUNK].add_(flat[start : start + self.CHUNK].to(torch.float64), alpha=weight)
-        self.total_weight += weight
-        self.count += 1
-
-    def write_mean_into(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Copy the mean into `tensors` (in `flatten` order) tensor by tensor, with no full-size
-        temporary: the same values as `unflatten_into(self.mean(), tensors)`."""
-        self.mean_into(tensors, add=False)
-
-    def mean_into(self, tensors: Sequence[torch.Tensor], add: bool) -> None:
-        """Copy the mean into `tensors`, or with `add` add it to them (a model plus the mean of
-        changes made from it), tensor by tensor."""
-        if self.count == 0:
-            raise ValueError("no update was added")
-        if numel(tensors) != self._sum.numel():
-            raise ValueError(f"tensors hold {numel(tensors)} values, the average has {self._sum.numel()}")
-        offset = 0
-        with torch.no_grad():
-            for tensor in tensors:
-                total = self._sum[offset : offset + tensor.numel()].view_as(tensor)
-                offset += tensor.numel()
-                if tensor.is_floating_point():
-                    part = (total / self.total_weight).to(torch.float32)
-                else:
-                    part = _counter_share(total, 1 / self.total_weight, tensor.dtype)
-                if add:
-                    tensor.add_(part)
-                else:
-                    tensor.copy_(part)
-
-    def reset(self) -> None:
-        self._sum.zero_()
-        self.total_weight = 0.0
-        self.count = 0
-
-    def mean(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError("no update was added")
-        return (self._sum / self.total_weight).to(torch.float32)
 
 
 class DiscriminatorLayout:
@@ -115,41 +52,6 @@ class DiscriminatorLayout:
     def named_update_tensors(self, discriminator: Discriminator, task: int) -> list[tuple[str, torch.Tensor]]:
         state = discriminator.state_dict(keep_vars=True)
         return [(name, state[name].data) for name in self.trunk_names + self.head_names[task]]
-
-
-class DiscriminatorAverager:
-    """Running multi-task average: trunk over all updates, head t over task-t updates only."""
-
-    def __init__(self, layout: DiscriminatorLayout, num_tasks: int, device: torch.device | None = None) -> None:
-        self.layout = layout
-        self._trunk = RunningAverage(layout.trunk_size, device)
-        self._heads = [RunningAverage(layout.head_size, device) for _ in range(num_tasks)]
-
-    def add(self, update: torch.Tensor, task: int, num_samples: float) -> None:
-        trunk, head = update.split([self.layout.trunk_size, self.layout.head_size])
-        self._trunk.add(trunk, num_samples)
-        self._heads[task].add(head, num_samples)
-
-    @property
-    def count(self) -> int:
-        return self._trunk.count
-
-    def tasks_with_updates(self) -> list[int]:
-        return [task for task, head in enumerate(self._heads) if head.count > 0]
-
-    def write_into(self, discriminator: Discriminator, add: bool = False) -> None:
-        """Load the averages into `discriminator` (with `add`, add them: the averages are of changes
-        made from it); heads of tasks with no update are left as they are."""
-        state = discriminator.state_dict(keep_vars=True)
-        self._trunk.mean_into([state[name].data for name in self.layout.trunk_names], add)
-        for task in self.tasks_with_updates():
-            self._heads[task].mean_into([state[name].data for name in self.layout.head_names[task]], add)
-
-    def reset(self) -> None:
-        self._trunk.reset()
-        for head in self._heads:
-            head.reset()
-
 
 
 class InPlaceDiscriminatorAverage:
@@ -297,6 +199,44 @@ class InPlaceModelChange:
         if not 0 < weight <= self._total:
             raise ValueError(f"weight {weight} is not part of the expected participants' total {self._total}")
         _add_weighted(tensors, change.reshape(-1), weight / self._total)
+
+
+class InPlaceModelAverage:
+    """A weighted mean of whole models accumulated straight into the model's own tensors.
+
+    The single-part form of `InPlaceDiscriminatorAverage` (FL-GAN's G when whole models are
+    uploaded): the first accepted model overwrites the tensors scaled by its weight, later ones are
+    added, and `finish` divides by the weight total; with none, the model keeps its values. Models
+    must be added in a fixed order (e.g. by rank) for float32 sums to be reproducible run to run.
+    """
+
+    def __init__(self) -> None:
+        self._total = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def reset(self) -> None:
+        self._total = 0.0
+        self._count = 0
+
+    def add(self, tensors: Sequence[torch.Tensor], values: torch.Tensor, weight: float) -> None:
+        if weight <= 0:
+            raise ValueError(f"update weight must be positive, found {weight}")
+        if values.numel() != numel(tensors):
+            raise ValueError(f"update has {values.numel()} values, expected {numel(tensors)}")
+        _add_weighted(tensors, values.reshape(-1), weight, overwrite=self._count == 0)
+        self._total += weight
+        self._count += 1
+
+    def finish(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Turn the weighted sum into the mean (nothing to do when no model was added)."""
+        if self._count:
+            with torch.no_grad():
+                for tensor in tensors:
+                    _divide(tensor, self._total)
 
 
 def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:

@@ -7,10 +7,11 @@ the server (FedGAN's intermediary) holds the averages G and D and trains nothing
 round: G_k (whole) and D_k (shared trunk + its task's head) up to the server ("generator",
 "discriminator-update"), the averaged G and D down to every worker ("generator", "discriminator").
 On the engine's hooks (`engine.method`): a worker's `local_round` is its E local steps, `uploads`
-G_k then D_k; the server's `aggregate` keeps running sums of each kind, `train_global` writes the
-averages into G and D, `send_down` sends both. With `baselines.flgan.compression` on (EntGAN's
-coded transfers, for the edge bench's level field; not in the paper) the averages go down coded and
-the workers upload their changes since the sync, whose weighted means the server adds to G and D.
+G_k then D_k; the server's `aggregate` averages each kind into G's and D's own tensors (the
+engine's memory layout, as EntGAN's and Ren's servers do), `send_down` sends both. With
+`baselines.flgan.compression` on (EntGAN's coded transfers, for the edge bench's level field; not
+in the paper) the averages go down coded and the workers upload their changes since the sync,
+whose weighted means the server adds to G and D.
 
 One engine round is one synchronisation period: E = `baselines.flgan.local_steps` local steps on
 every worker, then one averaging. Per round, a worker therefore runs E D steps and E G steps.
@@ -21,7 +22,7 @@ every worker, then one averaging. Per round, a worker therefore runs E D steps a
                           D_k := D_k - lr_D * grad L_D(X(r), X(g))          (task t_k's head)
                           G_k := G_k - lr_G * grad L_G(D_k(X(g)))           (the same X(g))
                 send G_k and (trunk_k, head_k) to the server
-      server:   G := sum_k m_k G_k / sum_k m_k                     (running sums, in arrival order)
+      server:   G := sum_k m_k G_k / sum_k m_k                     (in place, in rank order)
                 D.trunk := the same weighted mean of trunk_k;  D.head_t := over task t's workers
                 send G and D to every worker:  G_k := G, D_k := D
 
@@ -29,8 +30,8 @@ The evaluated generator is the server's G, the average. Notes on the multi-task 
 generates and discriminates only its own task t_k, so G's embedding row for another task is left
 unchanged by k's steps and is pulled back towards its previous value by k's weight in the average
 (FedAvg of the whole G, as the paper averages whole models); D's heads follow EntGAN's rule
-(`DiscriminatorAverager`), so a head is never diluted by workers that never train it. Optimizer
-states stay on the workers and are not averaged: FedGAN averages parameters only. With the engine's
+(`aggregation`), so a head is never diluted by workers that never train it. Optimizer states stay
+on the workers and are not averaged: FedGAN averages parameters only. With the engine's
 participation below 1 (`engine.participation`, FedAvg's client fraction C) a round averages the
 models of its workers, and a worker that sat out receives the averages when it is next due.
 """
@@ -43,9 +44,11 @@ from typing import Any
 import torch
 
 from entgan.algorithms.aggregation import (
-    DiscriminatorAverager,
     DiscriminatorLayout,
-    RunningAverage,
+    InPlaceDiscriminatorAverage,
+    InPlaceDiscriminatorChange,
+    InPlaceModelAverage,
+    InPlaceModelChange,
     discriminator_update_layouts,
 )
 from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
@@ -90,16 +93,24 @@ class FLGANServer(_FLGANModels, ServerRole):
         self.build_models(self.config, self.context.device)
         self.G.requires_grad_(False)  # the server only averages
         self.D.requires_grad_(False)
-        device = self.context.device
-        self.generator_average = RunningAverage(numel(model_tensors(self.G)), device)
-        self.discriminator_average = DiscriminatorAverager(self.layout, len(self.config.tasks), device)
+        # The averages are accumulated straight into G's and D's own tensors (the engine's memory
+        # layout, as EntGAN's server does): models are averaged, changes added, each scaled by its
+        # worker's share, in rank order so that the float32 sums are the same on every run.
+        num_tasks = len(self.config.tasks)
+        self.generator_average = InPlaceModelChange() if self.codecs.changes else InPlaceModelAverage()
+        self.discriminator_average = (
+            InPlaceDiscriminatorChange(self.layout, num_tasks)
+            if self.codecs.changes
+            else InPlaceDiscriminatorAverage(self.layout, num_tasks)
+        )
         # Each worker sends its G_k first, then (trunk_k, head_k) with its figures and report.
         upload_codecs = () if self.codecs.upload is None else (self.codecs.upload,)
         self.upload_kinds = [
-            UploadKind("generator", layout_of=lambda rank: self.generator_layout, codecs=upload_codecs),
+            UploadKind("generator", layout_of=lambda rank: self.generator_layout, in_order=True, codecs=upload_codecs),
             UploadKind(
                 "discriminator-update",
                 layout_of=lambda rank: self.update_layouts[self.context.task_of(rank)],
+                in_order=True,
                 figures=GENERATOR_FIGURES,
                 codecs=upload_codecs,
             ),
@@ -115,28 +126,39 @@ class FLGANServer(_FLGANModels, ServerRole):
         settle(*self.downloads_in_flight)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
-        """Running, sample-weighted sums of the G_k and of the D_k as they land; a refused upload
-        is left out of its average."""
+        """G := the sample-weighted mean of the G_k, D := that of the D_k (trunk over every
+        participant, a head over its task's), added into G and D as the uploads are read, in rank
+        order. From changes, G := G + their weighted mean, and so for D; a refused upload counts
+        as no change. From models, a refused one is left out of its average."""
+        settle(*self.downloads_in_flight)  # the last round's models must be out before they change
+        self.downloads_in_flight = []
+        weight_of, task_of = self.sample_counts, self.context.task_of
+        participants = self.participants(round_index)
         if kind == "generator":
-            self.generator_average.reset()
-            for update in accepted:
-                self.generator_average.add(update.values, float(self.sample_counts[update.rank]))
+            tensors = model_tensors(self.G)
+            if isinstance(self.generator_average, InPlaceModelChange):
+                self.generator_average.expect([weight_of[rank] for rank in participants])
+                for update in accepted:
+                    self.generator_average.add(tensors, update.values, weight_of[update.rank])
+            else:
+                self.generator_average.reset()
+                for update in accepted:
+                    self.generator_average.add(tensors, update.values, weight_of[update.rank])
+                self.generator_average.finish(tensors)
+            keep_statistics_valid(self.G)
             return
-        self.discriminator_average.reset()
-        for update in accepted:
-            weight = float(self.sample_counts[update.rank])
-            self.discriminator_average.add(update.values, self.context.task_of(update.rank), weight)
+        if isinstance(self.discriminator_average, InPlaceDiscriminatorChange):
+            self.discriminator_average.expect([(task_of(rank), weight_of[rank]) for rank in participants])
+            for update in accepted:
+                self.discriminator_average.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
+        else:
+            self.discriminator_average.reset()
+            for update in accepted:
+                self.discriminator_average.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
+            self.discriminator_average.finish(self.D)
 
     def train_global(self, round_index: int) -> dict[str, float]:
-        """G := the averaged G_k, D := the averaged D_k (the workers trained; the server averages);
-        from changes, G := G + their average, and so for D."""
-        settle(*self.downloads_in_flight)  # the last round's models must be out before they change
-        changes = self.codecs.changes
-        if self.generator_average.count:
-            self.generator_average.mean_into(model_tensors(self.G), add=changes)
-            keep_statistics_valid(self.G)
-        if self.discriminator_average.count:
-            self.discriminator_average.write_into(self.D, add=changes)
+        """Nothing to train: the workers trained, and `aggregate` has made G and D the averages."""
         return {"g_steps": float(self.config.baselines.flgan.local_steps)}
 
     def send_down(self, round_index: int, participants: list[int]) -> None:

@@ -617,16 +617,19 @@ def round_figures(run_dir: Path, log_path: Path | None = None) -> dict[str, floa
     return figures
 
 
-def edge_seconds_per_round(run_dir: Path, links: list[LinkProfile]) -> float | None:
+def edge_seconds_per_round(run_dir: Path, links: list[LinkProfile], worker_speed: float = 1.0) -> float | None:
     """Mean seconds per round over rounds 2..N on the edge clock with these links (the run's
-    workers behind them, as in the per-node runs), or None without timelines."""
+    workers behind them, as in the per-node runs), each worker's device at `worker_speed` cores,
+    or None without timelines."""
     from entgan.bench.edge_clock import load_programs, profile_for_network, replay
 
     if not (run_dir / "timeline").is_dir():
         return None
     network = PerNodeNetworkConfig(mode="per-node", links=links)
     programs = load_programs(run_dir)
-    clock = replay(programs, profile_for_network(network, len(programs) - 1))
+    profile = profile_for_network(network, len(programs) - 1)
+    devices = [device.model_copy(update={"speed": worker_speed}) for device in profile.workers]
+    clock = replay(programs, profile.model_copy(update={"workers": devices}))
     steady = clock.rounds[1:]
     return sum(entry.duration_s for entry in steady) / len(steady) if steady and clock.complete else None
 
@@ -647,17 +650,20 @@ def bench_links(out_dir: Path) -> list[LinkProfile] | None:
     return PerNodeNetworkConfig.model_validate(network).links
 
 
-def results_table(out_dir: Path, profile: str) -> str:
+def results_table(out_dir: Path, profile: str, worker_speeds: Sequence[float] = (1.0,)) -> str:
     """The README's per-node-link table for a bench output folder. The edge clock replays each run
     on the links the bench gave its workers (`bench_links`), where the runs recorded timelines; a
-    folder without them (an older bench) is replayed on `edge_uneven` when `profile` is that."""
+    folder without them (an older bench) is replayed on `edge_uneven` when `profile` is that. One
+    edge-clock column per worker device speed: the emulated nodes share this machine's cores, so
+    with n workers computing at once on c cores, speed c / n is the one to compare with."""
     from entgan.rundir import RunDirectory
 
     links = bench_links(out_dir)
+    edge_columns = "".join(f" edge-clock s/round, devices at {speed:g} core |" for speed in worker_speeds)
     lines = [
-        "| method | link profile | measured s/round (mean; median) | edge-clock s/round | server sent + received, "
+        f"| method | link profile | measured s/round (mean; median) |{edge_columns} server sent + received, "
         "MB/round | all ranks sent, MB/round | through the links, MB/round |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|" + "---|" * len(worker_speeds) + "---|---|---|",
     ]
     for run_dir in sorted(path for path in (out_dir / "runs").iterdir() if (path / "summary.json").is_file()):
         figures = round_figures(run_dir, out_dir / "logs" / f"{run_dir.name}.log")
@@ -665,10 +671,12 @@ def results_table(out_dir: Path, profile: str) -> str:
         run_links = links
         if run_links is None and profile == "edge-uneven":
             run_links = edge_uneven(RunDirectory(run_dir).config().num_workers)
-        edge = None if run_links is None else edge_seconds_per_round(run_dir, run_links)
-        edge_cell = "pending" if edge is None else f"{edge:.2f}"
+        edge_cells = ""
+        for speed in worker_speeds:
+            edge = None if run_links is None else edge_seconds_per_round(run_dir, run_links, speed)
+            edge_cells += " pending |" if edge is None else f" {edge:.2f} |"
         lines.append(
-            f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} | {edge_cell} | "
+            f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} |{edge_cells} "
             f"{figures['server_bytes_per_round'] / 1e6:.2f} | {figures['sent_bytes_per_round'] / 1e6:.2f} | "
             f"{'–' if wire is None else f'{wire / 1e6:.2f}'} |"
         )
@@ -711,6 +719,8 @@ def _parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="time and bytes per round of a per-node bench's runs (markdown)")
     table.add_argument("out", help="the bench output folder")
     table.add_argument("--profile", default="edge-uneven", help="link profile name for the table")
+    table.add_argument("--worker-speed", type=float, action="append", dest="worker_speeds",
+                       help="an edge-clock column with every worker's device at this many cores (repeatable; default 1)")
     return parser
 
 
@@ -731,7 +741,7 @@ def _raise_on_signal(signal_number: int, _frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "table":
-        print(results_table(Path(args.out), args.profile))
+        print(results_table(Path(args.out), args.profile, args.worker_speeds or (1.0,)))
         return 0
     if args.command == "clean":
         reason = unavailable_reason()
