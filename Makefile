@@ -48,8 +48,9 @@ bench: $(STAMP)
 # every method tuned for the edge (edge-tuned.yaml, whose choices tuned-edge.yaml holds:
 #   entgan tune benchmarks/edge-tuned.yaml --write benchmarks/tuned-edge.yaml), EntGAN with G_k steps at
 # the edge against FL-GAN tuned for it (edge-generator.yaml), and server memory at 2-16 workers (MLP and DCGAN).
-# About 170 minutes on 2 CPU cores. The real 20 Mbit/s link check needs root and runs on its own:
+# About 180 minutes on 2 CPU cores. The real-link checks need root and run on their own:
 #   entgan bench benchmarks/edge-20mbit.yaml
+#   entgan bench benchmarks/per-node-edge-generator.yaml
 EDGE_BENCH_CONFIGS ?= benchmarks/edge-mnist-2tasks-8workers.yaml benchmarks/edge-every-lever.yaml benchmarks/edge-tuned.yaml benchmarks/edge-generator.yaml benchmarks/edge-server-memory.yaml
 bench-edge: $(STAMP)
 	@status=0; for config in $(EDGE_BENCH_CONFIGS); do \
