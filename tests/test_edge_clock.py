@@ -105,6 +105,31 @@ def test_a_straggler_ends_the_round_when_its_upload_lands_whatever_order_was_rec
     assert replay(programs, UNLIMITED).total_s == pytest.approx(1.0 + 3 * 0.1)
 
 
+def test_only_the_upload_taken_follows_the_worker_an_any_source_receive_chose() -> None:
+    # The recording took worker 2's header first; on the edge worker 2 is 4x slower, so worker 1's
+    # comes first and its body is received in the slot recorded for worker 2. In the same phase
+    # the server then sends worker 2 the averaged D (as EntGAN's server syncs D to the next
+    # round's participants): it goes to worker 2, however the uploads were swapped.
+    head = server()
+    for logged, expected in ((2, (1, 2)), (1, (1,))):
+        head.wait(head.post("discriminator-update", logged, RECEIVE, 56, expected=expected))
+        head.wait(head.receive("discriminator-update/body", logged, 4000))
+    round_end(head.wait(head.send("discriminator", 2, MB)))
+    programs = {0: head}
+    for rank in (1, 2):
+        worker = Program(rank).compute(1.0)
+        programs[rank] = worker.wait(
+            worker.send("discriminator-update", 0, 56), worker.send("discriminator-update/body", 0, 4000)
+        )
+    programs[2].wait(programs[2].receive("discriminator", 0, MB))
+    profile = workers(DeviceProfile(), DeviceProfile(speed=0.25))
+
+    clock = replay(programs, profile)
+
+    assert clock.complete  # sent to worker 1 instead, D would never be received
+    assert clock.finished_s[2] == pytest.approx(4.0)
+
+
 def test_uploads_received_by_rank_move_one_at_a_time() -> None:
     # gloo moves data only once the receive is posted: a server that receives by rank, waiting for
     # each, has the second upload cross the link after the first.

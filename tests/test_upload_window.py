@@ -64,7 +64,11 @@ def _server(transport: Transport, store_dir: str) -> None:
             receiver.release()
             rounds.append(seen)
             transport.send_to_many([torch.zeros(1)], [1, 2, 3], "control").wait()
-        passes.append({"rounds": rounds, "most_bodies_in_flight": _most_bodies_in_flight(timeline)})
+        passes.append({
+            "rounds": rounds,
+            "most_bodies_in_flight": _most_bodies_in_flight(timeline),
+            "bodies_posted_for": _bodies_posted_for(timeline),
+        })
     Path(store_dir, "result.json").write_text(json.dumps(passes))
 
 
@@ -84,6 +88,11 @@ def _most_bodies_in_flight(timeline: Timeline) -> int:
     return most
 
 
+def _bodies_posted_for(timeline: Timeline) -> list[int]:
+    """The ranks whose upload bodies the server posted receives for, in the order it posted them."""
+    return [record[5][0][0] for record in timeline.records if record[0] == "post" and record[4] == KIND + BODY_SUFFIX]
+
+
 def _exchange(rank: int, store_dir: str) -> None:
     with gloo_transport(rank, store_dir, 4) as transport:
         if rank == 0:
@@ -98,6 +107,10 @@ def test_a_wider_window_receives_bodies_together_and_accepts_and_refuses_the_sam
     passes = json.loads((tmp_path / "result.json").read_text())
 
     assert [p["most_bodies_in_flight"] for p in passes] == [1, 3, 3, 2]
+    # Handed over in rank order, but posted as the headers came: the slow rank 1's body last
+    # with room for all three, first (strictly in turn) with one slot.
+    assert passes[0]["bodies_posted_for"] == [1, 2, 3] * 2
+    assert [passes[1]["bodies_posted_for"][index] for index in (2, 5)] == [1, 1]
     for number, ((_, in_order), result) in enumerate(zip(WINDOWS, passes, strict=True)):
         for offset, seen in enumerate(result["rounds"]):
             round_index = 2 * number + offset

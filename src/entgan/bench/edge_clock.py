@@ -20,8 +20,8 @@ Timing model
   max(send posted, receive posted + latency). An any-source receive takes whichever candidate's
   send notice lands first (start = max(send posted + latency, receive posted) + latency); the
   server then takes that worker's upload, so a straggler that the recorded run happened to serve
-  first is served last on the edge (the rest of that upload's exchange, up to the next any-source
-  receive or phase, is redirected to the worker chosen).
+  first is served last on the edge (that upload's body, the same kind's `/body` message, is
+  redirected to the worker chosen, until the next phase).
 - Transmission: a tensor puts its bytes times the profile's `wire_overhead` (headers) on the
   links. One connection per ordered pair of ranks carries its tensors one after another
   (layer-by-layer streams arrive layer by layer). Concurrent transmissions share bandwidth
@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from entgan.bench.profiles import EdgeProfile
-from entgan.engine.timeline import CLOCK_START, HARNESS, RECEIVE, ROUND_END, SEND, read_timeline
+from entgan.engine.timeline import CLOCK_START, HARNESS, RECEIVE, ROUND_END, SEND, base_kind, read_timeline
 
 BYTES_PER_MBIT = 1e6 / 8
 _EPSILON_S = 1e-12
@@ -335,8 +335,10 @@ class _RankState:
     pc: int = 0
     waiting: set[int] | None = None
     finished: bool = False
-    alias: dict[int, int] = field(default_factory=dict)
-    """Peer the recording used -> peer the replay uses (after an any-source receive chose another)."""
+    alias: dict[tuple[str, int], int] = field(default_factory=dict)
+    """(base kind, peer the recording used) -> peer the replay uses, after an any-source receive of
+    that kind chose another: only that upload's own messages follow it, not what the phase sends
+    next (EntGAN's server sends the averaged D in the phase it receives the uploads in)."""
     any_groups: dict[str, tuple[set[int], set[int]]] = field(default_factory=dict)
     """Kind -> (candidates not yet taken in the replay, expected set of the last recorded receive)."""
 
@@ -440,7 +442,7 @@ class _Replay:
         if work.expected is not None and work.direction == RECEIVE:
             self._post_any(state, work, posted)
             return
-        peer = state.alias.get(work.peer, work.peer)
+        peer = state.alias.get((base_kind(work.kind), work.peer), work.peer)
         if work.direction == SEND:
             key = (rank, peer, work.kind)
             if self.receives[key]:
@@ -483,7 +485,7 @@ class _Replay:
         del self.any_receives[(receiver, kind)]
         waiting.candidates.discard(source)
         state = self.ranks[receiver]
-        state.alias[waiting.logged_src] = source
+        state.alias[(base_kind(kind), waiting.logged_src)] = source
         send = self.sends[key].popleft()
         nbytes = self.ranks[source].program.works[send.work].nbytes
         # The receive is taken now; its ready notice goes back to the sender.

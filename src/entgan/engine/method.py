@@ -66,7 +66,8 @@ class UploadKind:
     """The method's own per-upload figures, carried before the report; their mean over a round's
     accepted uploads goes into the round's row under these names."""
     in_order: bool = False
-    """Receive by rank instead of by arrival (a fixed summation order, reproducible to the bit)."""
+    """Hand the uploads over by rank instead of by arrival (a fixed summation order, reproducible to
+    the bit); their bodies still cross as their headers come, up to the upload window."""
     values_storage: torch.Tensor | None = None
     """Memory the received values may occupy (`engine.updates.UpdateReceiver`)."""
     codecs: tuple[Codec, ...] = ()

@@ -41,6 +41,17 @@ from typing import Any
 SEND = 1
 RECEIVE = -1
 
+BODY_SUFFIX = "/body"
+"""`<kind>/body` is the body of an enveloped `<kind>` message (see `engine.updates`): its own tag,
+so an any-source receive of the next header can never match a body still in flight."""
+
+
+def base_kind(kind: str) -> str:
+    """The kind an envelope's header and body share: bytes are booked under it, and the edge clock
+    redirects a body to the worker whose header an any-source receive took."""
+    return kind.removesuffix(BODY_SUFFIX)
+
+
 HARNESS = "harness"
 """Phase of evaluation, checkpoints and the timeline's own writing: outside the training clock,
 and outside the edge clock unless asked for."""

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from entgan.engine.compression import Codec
-from entgan.engine.timeline import RECEIVE, SEND, Timeline, stamp
+from entgan.engine.timeline import BODY_SUFFIX, RECEIVE, SEND, Timeline, base_kind, stamp
 
 # Stable tags per message kind (gloo honours tags; NCCL ignores them, and our send/receive order
 # between any pair of ranks is symmetric, so it needs none).
@@ -41,15 +41,7 @@ MESSAGE_TAGS: dict[str, int] = {
     "auth": 9,
 }
 
-BODY_SUFFIX = "/body"
-"""`<kind>/body` is the body of an enveloped `<kind>` message (see `engine.updates`): its own tag,
-so an any-source receive of the next header can never match a body still in flight."""
 _BODY_TAG_OFFSET = 64
-
-
-def base_kind(kind: str) -> str:
-    """The kind bytes are booked under: an envelope's header and body count as one message kind."""
-    return kind.removesuffix(BODY_SUFFIX)
 
 
 def _encoded(tensor: torch.Tensor, codec: Codec | None) -> torch.Tensor:

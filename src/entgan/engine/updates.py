@@ -292,6 +292,7 @@ class UpdateReceiver:
             )
             for _ in range(window)
         ]
+        self._arriving_header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=device)
         self._values: torch.Tensor | None = None
 
     def _wire(self, slot_index: int, nbytes: int) -> torch.Tensor:
@@ -336,32 +337,47 @@ class UpdateReceiver:
         """One update from each of `expected`, accepted or refused, in the order their headers
         arrive (with `in_order`, in the order listed), with up to `window` bodies in flight.
 
-        Each yielded update's values are valid until the next one is asked for. With `in_order`,
-        a body is posted once the headers of the ranks listed before it have arrived: a worker
-        that computes slowly holds back the bodies of those listed after it (on the edge their
-        links then cross together once it has sent; in arrival order they would have crossed
-        during its compute)."""
-        waiting = list(expected)
-        posted: deque[_Posted] = deque()
-        while waiting or posted:
-            while waiting and len(posted) < self.window:
-                busy = {upload.slot_index for upload in posted}
-                slot_index = min(index for index in range(self.window) if index not in busy)
-                posted.append(self._post_body(kind, waiting, in_order, slot_index))
-                waiting.remove(posted[-1].rank)
-            oldest = posted.popleft()
-            oldest.transfer.wait()
-            yield self._checked(oldest, round_index)
+        Headers are taken as they arrive and bodies posted for them while there is room, whatever
+        the order the updates are handed over in, so a worker that computes slowly does not hold
+        back the links of those listed after it. With `in_order` the last free slot is kept for
+        the next rank due: a header that comes before it with no other slot free waits, tiny, until
+        a body leaves (with a window of one, the bodies are posted strictly in turn). Each yielded
+        update's values are valid until the next one is asked for."""
+        waiting = list(expected)  # ranks whose header has not arrived
+        held: dict[int, torch.Tensor] = {}  # headers in hand whose bodies have no slot yet
+        posted: dict[int, _Posted] = {}  # bodies in flight by rank, in the order they were posted
+        due = deque(expected)
+        while waiting or held or posted:
+            while True:
+                free = self.window - len(posted)
+                next_due = due[0] if in_order and due[0] not in posted else None
+                room = free - (next_due is not None)  # slots for a rank other than the next due
+                ready = next(
+                    (rank for rank in held if (rank == next_due and free > 0) or (rank != next_due and room > 0)),
+                    None,
+                )
+                if ready is not None:
+                    posted[ready] = self._post_body(kind, ready, held.pop(ready), self._free_slot(posted))
+                elif waiting and (room > 0 or (next_due is not None and next_due not in held and free > 0)):
+                    rank = self.transport.receive_from_any(self._arriving_header, kind, waiting)
+                    waiting.remove(rank)
+                    held[rank] = self._arriving_header.clone()
+                else:
+                    break
+            rank = due[0] if in_order else next(iter(posted))
+            due.remove(rank)
+            upload = posted.pop(rank)
+            upload.transfer.wait()
+            yield self._checked(upload, round_index)
 
-    def _post_body(self, kind: str, waiting: Sequence[int], in_order: bool, slot_index: int) -> _Posted:
-        """Take the next header (from `waiting[0]` with `in_order`, else whichever comes first)
-        and post its body's receive into slot `slot_index`."""
+    def _free_slot(self, posted: dict[int, _Posted]) -> int:
+        busy = {upload.slot_index for upload in posted.values()}
+        return min(index for index in range(self.window) if index not in busy)
+
+    def _post_body(self, kind: str, rank: int, header_values: torch.Tensor, slot_index: int) -> _Posted:
+        """Post the receive of `rank`'s body, whose header has arrived, into slot `slot_index`."""
         slot = self._slots[slot_index]
-        if in_order:
-            rank = waiting[0]
-            self.transport.receive([slot.header], rank, kind).wait()
-        else:
-            rank = self.transport.receive_from_any(slot.header, kind, waiting)
+        slot.header.copy_(header_values)
         header = [int(v) for v in slot.header.tolist()]
         magic, version, count, announced = header[0], header[1], header[5], header[6]
         if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= announced < len(CODEC_NAMES):
