@@ -16,9 +16,11 @@ from entgan.algorithms.aggregation import (
     InPlaceDiscriminatorChange,
     InPlaceModelAverage,
     InPlaceModelChange,
+    ModelUploads,
 )
 from entgan.config import ModelConfig
 from entgan.engine.parameters import change_since, flatten, keep_statistics_valid, model_tensors
+from entgan.engine.updates import Update
 from entgan.models import build_discriminator
 
 
@@ -276,3 +278,23 @@ def test_in_place_average_keeps_a_counter_an_integer() -> None:
     assert server.trunk.steps.dtype == torch.long and int(server.trunk.steps) == 16
     state = server.state_dict()
     assert all(torch.equal(state[name], torch.ones_like(state[name])) for name in layout.trunk_names if name != "trunk.steps")
+
+
+def test_a_rounds_model_uploads_fold_to_the_same_model_as_models_or_as_changes() -> None:
+    # FL-GAN's G: whole models averaged, or changes from the round's G added; a refused change
+    # (rank 3 due but not accepted) counts as none, a refused model is left out of the mean.
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(6, generator=generator), torch.randn(4, generator=generator)]
+    uploaded = {rank: flatten(start) + torch.randn(10, generator=generator) for rank in (1, 2, 3)}
+    weights = {1: 10.0, 2: 30.0, 3: 20.0}
+    extras = torch.zeros(0)
+
+    averaged = [tensor.clone() for tensor in start]
+    ModelUploads(changes=False).fold(averaged, [Update(r, uploaded[r], extras) for r in (1, 2)], [1, 2, 3], weights)
+    changed = [tensor.clone() for tensor in start]
+    changes = [Update(r, uploaded[r] - flatten(start), extras) for r in (1, 2)]
+    ModelUploads(changes=True).fold(changed, changes, [1, 2, 3], weights)
+
+    assert torch.allclose(flatten(averaged), (uploaded[1] * 10 + uploaded[2] * 30) / 40, atol=1e-6)
+    expected_change = ((uploaded[1] - flatten(start)) * 10 + (uploaded[2] - flatten(start)) * 30) / 60
+    assert torch.allclose(flatten(changed), flatten(start) + expected_change, atol=1e-6)

@@ -10,16 +10,18 @@ tensors, in a fixed (rank) order so the sum is the same every run, with no buffe
   the weighted mean of uploaded models;
 - `InPlaceDiscriminatorChange` and `InPlaceModelChange` (EntGAN and FL-GAN with coded transfers,
   EntGAN's G under `control.edge_generator`): the model plus the weighted mean of uploaded changes.
+
+`DiscriminatorUploads` and `ModelUploads` fold a round's accepted uploads with one or the other.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from entgan.engine.parameters import numel
-from entgan.engine.updates import UpdateLayout
+from entgan.engine.updates import Update, UpdateLayout
 from entgan.models.discriminator import Discriminator, head_prefix, is_shared
 
 
@@ -237,6 +239,67 @@ class InPlaceModelAverage:
             with torch.no_grad():
                 for tensor in tensors:
                     _divide(tensor, self._total)
+
+
+class DiscriminatorUploads:
+    """A round's D uploads folded into D in place, in the order they are read: the weighted
+    multi-task mean of the D_k from whole models (`InPlaceDiscriminatorAverage`), or D plus the
+    weighted mean of their changes since the sync (`InPlaceDiscriminatorChange`). What EntGAN's,
+    FL-GAN's and Ren's servers do with the D_k they receive."""
+
+    def __init__(self, layout: DiscriminatorLayout, num_tasks: int, changes: bool) -> None:
+        self.average = None if changes else InPlaceDiscriminatorAverage(layout, num_tasks)
+        self.change = InPlaceDiscriminatorChange(layout, num_tasks) if changes else None
+
+    def fold(
+        self,
+        discriminator: Discriminator,
+        accepted: Iterable[Update],
+        participants: Sequence[int],
+        task_of: Callable[[int], int],
+        weight_of: Mapping[int, float],
+    ) -> None:
+        """Fold the round's accepted uploads into `discriminator`; `participants` (every rank due
+        this round) set each change's share, so a refused change counts as none."""
+        if self.change is not None:
+            self.change.expect([(task_of(rank), weight_of[rank]) for rank in participants])
+            for update in accepted:
+                self.change.add(discriminator, update.values, task_of(update.rank), weight_of[update.rank])
+            return
+        assert self.average is not None
+        self.average.reset()
+        for update in accepted:
+            self.average.add(discriminator, update.values, task_of(update.rank), weight_of[update.rank])
+        self.average.finish(discriminator)
+
+
+class ModelUploads:
+    """The same for a whole model (a G): the weighted mean of the uploaded models
+    (`InPlaceModelAverage`), or the model plus the weighted mean of their changes
+    (`InPlaceModelChange`). FL-GAN's G, and EntGAN's under `control.edge_generator` (changes)."""
+
+    def __init__(self, changes: bool) -> None:
+        self.average = None if changes else InPlaceModelAverage()
+        self.change = InPlaceModelChange() if changes else None
+
+    def fold(
+        self,
+        tensors: Sequence[torch.Tensor],
+        accepted: Iterable[Update],
+        participants: Sequence[int],
+        weight_of: Mapping[int, float],
+    ) -> None:
+        """Fold the round's accepted uploads into `tensors` (a model's, in `flatten` order)."""
+        if self.change is not None:
+            self.change.expect([weight_of[rank] for rank in participants])
+            for update in accepted:
+                self.change.add(tensors, update.values, weight_of[update.rank])
+            return
+        assert self.average is not None
+        self.average.reset()
+        for update in accepted:
+            self.average.add(tensors, update.values, weight_of[update.rank])
+        self.average.finish(tensors)
 
 
 def discriminator_update_layouts(layout: DiscriminatorLayout, discriminator: Discriminator) -> list[UpdateLayout]:

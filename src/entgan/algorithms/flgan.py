@@ -45,10 +45,8 @@ import torch
 
 from entgan.algorithms.aggregation import (
     DiscriminatorLayout,
-    InPlaceDiscriminatorAverage,
-    InPlaceDiscriminatorChange,
-    InPlaceModelAverage,
-    InPlaceModelChange,
+    DiscriminatorUploads,
+    ModelUploads,
     discriminator_update_layouts,
 )
 from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
@@ -96,13 +94,8 @@ class FLGANServer(_FLGANModels, ServerRole):
         # The averages are accumulated straight into G's and D's own tensors (the engine's memory
         # layout, as EntGAN's server does): models are averaged, changes added, each scaled by its
         # worker's share, in rank order so that the float32 sums are the same on every run.
-        num_tasks = len(self.config.tasks)
-        self.generator_average = InPlaceModelChange() if self.codecs.changes else InPlaceModelAverage()
-        self.discriminator_average = (
-            InPlaceDiscriminatorChange(self.layout, num_tasks)
-            if self.codecs.changes
-            else InPlaceDiscriminatorAverage(self.layout, num_tasks)
-        )
+        self.generator_uploads = ModelUploads(changes=self.codecs.changes)
+        self.discriminator_uploads = DiscriminatorUploads(self.layout, len(self.config.tasks), self.codecs.changes)
         # Each worker sends its G_k first, then (trunk_k, head_k) with its figures and report.
         upload_codecs = () if self.codecs.upload is None else (self.codecs.upload,)
         self.upload_kinds = [
@@ -132,30 +125,12 @@ class FLGANServer(_FLGANModels, ServerRole):
         as no change. From models, a refused one is left out of its average."""
         settle(*self.downloads_in_flight)  # the last round's models must be out before they change
         self.downloads_in_flight = []
-        weight_of, task_of = self.sample_counts, self.context.task_of
         participants = self.participants(round_index)
         if kind == "generator":
-            tensors = model_tensors(self.G)
-            if isinstance(self.generator_average, InPlaceModelChange):
-                self.generator_average.expect([weight_of[rank] for rank in participants])
-                for update in accepted:
-                    self.generator_average.add(tensors, update.values, weight_of[update.rank])
-            else:
-                self.generator_average.reset()
-                for update in accepted:
-                    self.generator_average.add(tensors, update.values, weight_of[update.rank])
-                self.generator_average.finish(tensors)
+            self.generator_uploads.fold(model_tensors(self.G), accepted, participants, self.sample_counts)
             keep_statistics_valid(self.G)
             return
-        if isinstance(self.discriminator_average, InPlaceDiscriminatorChange):
-            self.discriminator_average.expect([(task_of(rank), weight_of[rank]) for rank in participants])
-            for update in accepted:
-                self.discriminator_average.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
-        else:
-            self.discriminator_average.reset()
-            for update in accepted:
-                self.discriminator_average.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
-            self.discriminator_average.finish(self.D)
+        self.discriminator_uploads.fold(self.D, accepted, participants, self.context.task_of, self.sample_counts)
 
     def train_global(self, round_index: int) -> dict[str, float]:
         """Nothing to train: the workers trained, and `aggregate` has made G and D the averages."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage
+from entgan.algorithms.aggregation import DiscriminatorUploads
 from entgan.algorithms.server_generator import DiscriminatorWorker, GeneratorServer
 from entgan.engine.method import Capabilities, Method
 from entgan.engine.updates import Update
@@ -62,16 +62,14 @@ class _RenServer(GeneratorServer):
 
     def setup(self) -> None:
         super().setup()
-        self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
+        self.discriminator_uploads = DiscriminatorUploads(self.layout, len(self.config.tasks), changes=False)
 
     def aggregate(self, round_index: int, kind: str, accepted: Iterator[Update]) -> None:
         """D := weighted average of this round's accepted D_k, summed into D as each is read (a
         part with no accepted update keeps its values)."""
         self.settle_discriminator_send()
-        self.averager.reset()
-        for update in accepted:
-            self.averager.add(self.D, update.values, self.context.task_of(update.rank), self.sample_counts[update.rank])
-        self.averager.finish(self.D)
+        participants = self.participants(round_index)
+        self.discriminator_uploads.fold(self.D, accepted, participants, self.context.task_of, self.sample_counts)
 
     def update_generator(self) -> dict[str, float]:
         """g_steps G updates against the server's current D."""

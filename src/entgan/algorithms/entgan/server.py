@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from entgan.algorithms.aggregation import InPlaceDiscriminatorAverage, InPlaceDiscriminatorChange, InPlaceModelChange
+from entgan.algorithms.aggregation import DiscriminatorUploads, ModelUploads
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.entgan.model_average import ModelAverage
 from entgan.control.overlap import settle
@@ -54,8 +54,7 @@ class EntGANServer(EntGANRole, ServerRole):
         else:
             self.G.requires_grad_(False)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
-        self.averager = InPlaceDiscriminatorAverage(self.layout, len(self.config.tasks))
-        self.changes = InPlaceDiscriminatorChange(self.layout, len(self.config.tasks))
+        self.discriminator_uploads = DiscriminatorUploads(self.layout, len(self.config.tasks), self.uploads_changes)
         average = self.config.control.generator_average
         # Copied before G's gradients are bound to the shared buffer, so the copy takes none of it.
         self.generator_average = ModelAverage(self.G, average.half_life_rounds) if average.enabled else None
@@ -92,7 +91,7 @@ class EntGANServer(EntGANRole, ServerRole):
                     wire_storage=None if self.generator_wire is None else self.generator_wire.storage,
                 )
             )
-            self.generator_changes = InPlaceModelChange()
+            self.generator_uploads = ModelUploads(changes=True)
         self.feedback: GeneratorFeedback | None = None
         if self.resumed_state is not None:
             self.load_state_dict(self.resumed_state)
@@ -115,33 +114,23 @@ class EntGANServer(EntGANRole, ServerRole):
         (`engine.updates`) never get here; a part (trunk, a task's head) with no accepted update
         keeps its values. With compressed changes uploaded (`control.compression.uploads:
         changes`), each is added to D in place instead, scaled by its worker's share
-        (`InPlaceDiscriminatorChange`). On sync rounds the averaged D
-        then goes down at once (D_k := D), before G trains, so the next round's participants can
-        start the real-data half of their D step while the server trains G. With
+        (`aggregation.DiscriminatorUploads`). On sync rounds the averaged D then goes down at once
+        (D_k := D), before G trains, so the next round's participants can start the real-data half
+        of their D step while the server trains G. With
         `control.edge_generator` on, the G_k changes that follow D's uploads (kind `generator`)
         are added to G in place, in rank order, each scaled by its worker's share of the round's
         participants (`InPlaceModelChange`: no sum buffer; a refused one counts as no change).
         """
+        participants = self.participants(round_index)
         if kind == "generator":  # `control.edge_generator`: G := G + the weighted mean G_k change
             settle(self.generator_in_flight)  # G's last broadcast must be out before G changes
             self.generator_in_flight = None
-            self.generator_changes.expect([self.sample_counts[rank] for rank in self.participants(round_index)])
-            for update in accepted:
-                self.generator_changes.add(model_tensors(self.G), update.values, self.sample_counts[update.rank])
+            self.generator_uploads.fold(model_tensors(self.G), accepted, participants, self.sample_counts)
             keep_statistics_valid(self.G)
             return
         settle(self.discriminator_in_flight)  # the last sync's D must be out before D changes
         self.discriminator_in_flight = None
-        task_of, weight_of = self.context.task_of, self.sample_counts
-        if self.uploads_changes:
-            self.changes.expect([(task_of(rank), weight_of[rank]) for rank in self.participants(round_index)])
-            for update in accepted:
-                self.changes.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
-        else:
-            self.averager.reset()
-            for update in accepted:
-                self.averager.add(self.D, update.values, task_of(update.rank), weight_of[update.rank])
-            self.averager.finish(self.D)
+        self.discriminator_uploads.fold(self.D, accepted, participants, self.context.task_of, self.sample_counts)
         if self.is_sync_round(round_index):
             next_workers = self.participants(round_index + 1)
             transfer = self.transport.send_to_many(
