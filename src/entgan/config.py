@@ -271,11 +271,11 @@ class EdgeGeneratorConfig(_Strict):
     enabled: bool = False
     server_g_steps: bool = True
     """On (default): the server also takes its own G steps against the averaged D each round (the
-    server task scheduler's, DESIGN.md step 4). Off: G is the weighted mean of the G_k steps alone and
-    the server only averages, so it holds no G optimizer state and no G-step activations (the buffer
-    G's gradients would use still receives the uploads), and its round has no G steps on the path
-    from the uploads to G's broadcast. Both are compared in benchmarks/edge-averaging-server-candidates.yaml (time) and
-    edge-server-memory.yaml (memory)."""
+    server task scheduler's, DESIGN.md step 4). Off: G is the weighted mean of the G_k steps alone
+    and the server only averages, so it holds no G optimizer state and no G-step activations (the
+    buffer G's gradients would use still receives the uploads), and its round has no G steps on the
+    path from the uploads to G's broadcast: less server memory, but slower to a target FID
+    (benchmarks/edge-averaging-server-candidates.yaml, edge-server-memory.yaml; README Results)."""
 
     @model_validator(mode="after")
     def _someone_trains_g(self) -> EdgeGeneratorConfig:
