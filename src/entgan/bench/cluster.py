@@ -617,21 +617,26 @@ def round_figures(run_dir: Path, log_path: Path | None = None) -> dict[str, floa
     return figures
 
 
-def edge_seconds_per_round(run_dir: Path, links: list[LinkProfile], worker_speed: float = 1.0) -> float | None:
+def edge_seconds_per_round(
+    run_dir: Path, links: list[LinkProfile], worker_speeds: Sequence[float] = (1.0,)
+) -> list[float | None]:
     """Mean seconds per round over rounds 2..N on the edge clock with these links (the run's
-    workers behind them, as in the per-node runs), each worker's device at `worker_speed` cores,
-    or None without timelines."""
+    workers behind them, as in the per-node runs), one figure per device speed (every worker's
+    device at that many cores); None where the run has no timelines or its replay is incomplete."""
     from entgan.bench.edge_clock import load_programs, profile_for_network, replay
 
     if not (run_dir / "timeline").is_dir():
-        return None
+        return [None] * len(worker_speeds)
     network = PerNodeNetworkConfig(mode="per-node", links=links)
     programs = load_programs(run_dir)
     profile = profile_for_network(network, len(programs) - 1)
-    devices = [device.model_copy(update={"speed": worker_speed}) for device in profile.workers]
-    clock = replay(programs, profile.model_copy(update={"workers": devices}))
-    steady = clock.rounds[1:]
-    return sum(entry.duration_s for entry in steady) / len(steady) if steady and clock.complete else None
+    figures: list[float | None] = []
+    for speed in worker_speeds:
+        devices = [device.model_copy(update={"speed": speed}) for device in profile.workers]
+        clock = replay(programs, profile.model_copy(update={"workers": devices}))
+        steady = clock.rounds[1:]
+        figures.append(sum(entry.duration_s for entry in steady) / len(steady) if steady and clock.complete else None)
+    return figures
 
 
 def bench_links(out_dir: Path) -> list[LinkProfile] | None:
@@ -671,10 +676,10 @@ def results_table(out_dir: Path, profile: str, worker_speeds: Sequence[float] = 
         run_links = links
         if run_links is None and profile == "edge-uneven":
             run_links = edge_uneven(RunDirectory(run_dir).config().num_workers)
-        edge_cells = ""
-        for speed in worker_speeds:
-            edge = None if run_links is None else edge_seconds_per_round(run_dir, run_links, speed)
-            edge_cells += " pending |" if edge is None else f" {edge:.2f} |"
+        edges: list[float | None] = [None] * len(worker_speeds)
+        if run_links is not None:
+            edges = edge_seconds_per_round(run_dir, run_links, worker_speeds)
+        edge_cells = "".join(" pending |" if edge is None else f" {edge:.2f} |" for edge in edges)
         lines.append(
             f"| {run_dir.name} | {profile} | {figures['s_per_round']:.2f}; {figures['median_s_per_round']:.2f} |{edge_cells} "
             f"{figures['server_bytes_per_round'] / 1e6:.2f} | {figures['sent_bytes_per_round'] / 1e6:.2f} | "
@@ -720,7 +725,8 @@ def _parser() -> argparse.ArgumentParser:
     table.add_argument("out", help="the bench output folder")
     table.add_argument("--profile", default="edge-uneven", help="link profile name for the table")
     table.add_argument("--worker-speed", type=float, action="append", dest="worker_speeds",
-                       help="an edge-clock column with every worker's device at this many cores (repeatable; default 1)")
+                       help="an edge-clock column with every worker's device at this many cores "
+                       "(repeatable; default 1)")
     return parser
 
 

@@ -213,9 +213,8 @@ class SharedWindow:
 
 @dataclass(eq=False)
 class _Slot:
-    """One place for an upload in flight at the server: its header and body buffers."""
+    """One place for an upload body in flight at the server: its buffers."""
 
-    header: torch.Tensor
     extras: torch.Tensor
     mac: torch.Tensor
     wire: torch.Tensor | None = None
@@ -228,15 +227,15 @@ class _Slot:
 
 @dataclass
 class _Posted:
-    """An upload whose header has arrived and whose body is being received."""
+    """An upload whose header has arrived and whose body is being received into slot `slot_index`
+    (its extras and MAC there, its values in `wire`)."""
 
     slot_index: int
     rank: int
+    header: torch.Tensor
     codec: Codec
     count: int
-    extras: torch.Tensor
     wire: torch.Tensor
-    mac: torch.Tensor
     transfer: Transfer
 
 
@@ -286,13 +285,11 @@ class UpdateReceiver:
         device = transport.device
         self._slots = [
             _Slot(
-                header=torch.zeros(HEADER_SIZE, dtype=torch.int64, device=device),
                 extras=torch.empty(extras_size, dtype=torch.float32, device=device),
                 mac=torch.empty(MAC_BYTES, dtype=torch.uint8, device=device),
             )
             for _ in range(window)
         ]
-        self._arriving_header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=device)
         self._values: torch.Tensor | None = None
 
     def _wire(self, slot_index: int, nbytes: int) -> torch.Tensor:
@@ -359,9 +356,10 @@ class UpdateReceiver:
                 if ready is not None:
                     posted[ready] = self._post_body(kind, ready, held.pop(ready), self._free_slot(posted))
                 elif waiting and (room > 0 or (next_due is not None and next_due not in held and free > 0)):
-                    rank = self.transport.receive_from_any(self._arriving_header, kind, waiting)
+                    header = torch.zeros(HEADER_SIZE, dtype=torch.int64, device=self.transport.device)
+                    rank = self.transport.receive_from_any(header, kind, waiting)
                     waiting.remove(rank)
-                    held[rank] = self._arriving_header.clone()
+                    held[rank] = header
                 else:
                     break
             rank = due[0] if in_order else next(iter(posted))
@@ -374,15 +372,14 @@ class UpdateReceiver:
         busy = {upload.slot_index for upload in posted.values()}
         return min(index for index in range(self.window) if index not in busy)
 
-    def _post_body(self, kind: str, rank: int, header_values: torch.Tensor, slot_index: int) -> _Posted:
-        """Post the receive of `rank`'s body, whose header has arrived, into slot `slot_index`."""
+    def _post_body(self, kind: str, rank: int, header: torch.Tensor, slot_index: int) -> _Posted:
+        """Post the receive of `rank`'s body, whose `header` has arrived, into slot `slot_index`."""
         slot = self._slots[slot_index]
-        slot.header.copy_(header_values)
-        header = [int(v) for v in slot.header.tolist()]
-        magic, version, count, announced = header[0], header[1], header[5], header[6]
+        fields = [int(v) for v in header.tolist()]
+        magic, version, count, announced = fields[0], fields[1], fields[5], fields[6]
         if magic != MAGIC or version != VERSION or not 0 <= count <= MAX_VALUES or not 0 <= announced < len(CODEC_NAMES):
             raise ProtocolError(
-                f"rank {rank} sent a '{kind}' message that is not an update envelope (header {header}); "
+                f"rank {rank} sent a '{kind}' message that is not an update envelope (header {fields}); "
                 "is it running the same EntGAN version?"
             )
         try:
@@ -394,13 +391,14 @@ class UpdateReceiver:
         else:
             wire = self._wire(slot_index, codec.payload_bytes(count))
         transfer = self.transport.receive([slot.extras, wire, slot.mac], rank, kind + BODY_SUFFIX)
-        return _Posted(slot_index, rank, codec, count, slot.extras, wire, slot.mac, transfer)
+        return _Posted(slot_index, rank, header, codec, count, wire, transfer)
 
     def _checked(self, posted: _Posted, round_index: int) -> Update | Refusal:
         """A received upload, refused with the reason or accepted with its decoded values."""
-        rank, codec, extras, wire, mac = posted.rank, posted.codec, posted.extras, posted.wire, posted.mac
-        header = self._slots[posted.slot_index].header
-        reason = envelope_problem(self.keys[rank], header, extras, wire, mac, rank, round_index, self.layout_of(rank))
+        rank, codec, wire, slot = posted.rank, posted.codec, posted.wire, self._slots[posted.slot_index]
+        reason = envelope_problem(
+            self.keys[rank], posted.header, slot.extras, wire, slot.mac, rank, round_index, self.layout_of(rank)
+        )
         if reason is not None:
             return Refusal(rank, round_index, reason)
         if isinstance(codec, NoCompression):
@@ -411,4 +409,4 @@ class UpdateReceiver:
         problem = update_problem(values, self.max_norm)
         if problem is not None:
             return Refusal(rank, round_index, f"it {problem}")
-        return Update(rank, values, extras.clone())
+        return Update(rank, values, slot.extras.clone())
