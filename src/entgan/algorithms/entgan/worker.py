@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.local_training import generator_step
@@ -97,10 +98,29 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
         self.incoming_discriminator: Transfer | None = None
+        # Working ahead (`control.overlap.work_ahead`): the next G and synced D land beside the
+        # models being trained, and are adopted once the change computed from those is taken.
+        self.arriving_G: list[torch.Tensor] = []
+        self.arriving_D: list[torch.Tensor] = []
+        self.arriving: list[tuple[Transfer, list[torch.Tensor], nn.Module]] = []
+        if self.works_ahead:
+            self.arriving_G = [torch.empty_like(tensor) for tensor in model_tensors(self.G)]
+            self.arriving_D = [torch.empty_like(tensor) for tensor in model_tensors(self.D)]
 
     # ------------------------------------------------------------------ the round
+    @property
+    def works_ahead(self) -> bool:
+        return self.config.control.overlap.work_ahead
+
     def local_round(self, round_index: int) -> LocalFigures:
         """Steps 1-2: fakes from G_k, D_k's update, then gossip and the continual-learning update."""
+        return self._local_round(round_index, exchange=True)
+
+    def catch_up(self, round_index: int) -> LocalFigures:
+        return self._local_round(round_index, exchange=False)
+
+    def _local_round(self, round_index: int, exchange: bool) -> LocalFigures:
+        self.adopt_arrived()
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
@@ -116,7 +136,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
 
         # Gossip after the local steps: a snapshot taken before them would, right after a sync,
         # be the averaged D the peer already holds.
-        gossip = self.start_gossip(round_index)
+        gossip = self.start_gossip(round_index) if exchange else None
         if gossip is not None:
             self.continual_learning_update(gossip, fakes)
 
@@ -149,7 +169,21 @@ class EntGANWorker(EntGANRole, WorkerRole):
                 change = self.generator_feedback.corrected(change, self.upload_codec)
             wait = not self.overlap.enabled
             uploads.append(Upload("generator", change, self.generator_layout, codec=self.upload_codec, wait_at_once=wait))
+        # Working ahead, the change above was computed from older models: the ones the server sent
+        # after the previous round are waited for (they are what the change is added to, so it must
+        # not reach the server before the round opens) and taken up for the next local round.
+        self.adopt_arrived()
         return uploads
+
+    def adopt_arrived(self) -> None:
+        """Working ahead: wait for the models posted in `expect_down` and make them this worker's
+        (G_k := G, and D_k := D on sync rounds). Otherwise nothing: they landed in place."""
+        for transfer, arrived, model in self.arriving:
+            transfer.wait()
+            with torch.no_grad():
+                for tensor, value in zip(model_tensors(model), arrived, strict=True):
+                    tensor.copy_(value)
+        self.arriving = []
 
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
@@ -161,6 +195,13 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index`: D on sync rounds
         and G (consumed layer by layer as it arrives)."""
+        if self.works_ahead:  # beside the models, which the work ahead is about to train
+            if self.is_sync_round(round_index):
+                transfer = self.transport.receive(self.arriving_D, SERVER_RANK, "discriminator", self.model_codec)
+                self.arriving.append((transfer, self.arriving_D, self.D))
+            transfer = self.transport.receive(self.arriving_G, SERVER_RANK, "generator", self.model_codec)
+            self.arriving.append((transfer, self.arriving_G, self.G))
+            return
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(
@@ -295,12 +336,14 @@ class EntGANWorker(EntGANRole, WorkerRole):
 
     # ------------------------------------------------------------------ life cycle
     def finish(self) -> None:
+        self.adopt_arrived()
         settle(self.incoming_generator, self.incoming_discriminator)
         self.incoming_generator = self.incoming_discriminator = None
 
     def state_dict(self) -> dict[str, Any]:
         """D_k as the next round will start with it: the models in flight are received first
         (a stall on checkpoint rounds only)."""
+        self.adopt_arrived()
         settle(self.incoming_generator, self.incoming_discriminator)
         self.incoming_generator = self.incoming_discriminator = None
         return {
