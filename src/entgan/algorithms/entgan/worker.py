@@ -6,12 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.local_training import generator_step
 from entgan.control.noniid import NonIIDOptimizer
-from entgan.control.overlap import settle
+from entgan.control.overlap import ArrivingModels, settle
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler, local_steps
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
@@ -100,12 +99,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
         self.incoming_discriminator: Transfer | None = None
         # Working ahead (`control.overlap.work_ahead`): the next G and synced D land beside the
         # models being trained, and are adopted once the change computed from those is taken.
-        self.arriving_G: list[torch.Tensor] = []
-        self.arriving_D: list[torch.Tensor] = []
-        self.arriving: list[tuple[Transfer, list[torch.Tensor], nn.Module]] = []
-        if self.works_ahead:
-            self.arriving_G = [torch.empty_like(tensor) for tensor in model_tensors(self.G)]
-            self.arriving_D = [torch.empty_like(tensor) for tensor in model_tensors(self.D)]
+        self.arriving = ArrivingModels(self.G, self.D) if self.works_ahead else None
 
     # ------------------------------------------------------------------ the round
     @property
@@ -117,10 +111,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
         return self._local_round(round_index, exchange=True)
 
     def catch_up(self, round_index: int) -> LocalFigures:
+        self.adopt_arrived()  # the models the server sent for this round: nothing was computed from older ones
         return self._local_round(round_index, exchange=False)
 
     def _local_round(self, round_index: int, exchange: bool) -> LocalFigures:
-        self.adopt_arrived()
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
@@ -178,12 +172,8 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def adopt_arrived(self) -> None:
         """Working ahead: wait for the models posted in `expect_down` and make them this worker's
         (G_k := G, and D_k := D on sync rounds). Otherwise nothing: they landed in place."""
-        for transfer, arrived, model in self.arriving:
-            transfer.wait()
-            with torch.no_grad():
-                for tensor, value in zip(model_tensors(model), arrived, strict=True):
-                    tensor.copy_(value)
-        self.arriving = []
+        if self.arriving is not None:
+            self.arriving.adopt()
 
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
@@ -195,12 +185,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index`: D on sync rounds
         and G (consumed layer by layer as it arrives)."""
-        if self.works_ahead:  # beside the models, which the work ahead is about to train
+        if self.arriving is not None:  # beside the models, which the work ahead is about to train
             if self.is_sync_round(round_index):
-                transfer = self.transport.receive(self.arriving_D, SERVER_RANK, "discriminator", self.model_codec)
-                self.arriving.append((transfer, self.arriving_D, self.D))
-            transfer = self.transport.receive(self.arriving_G, SERVER_RANK, "generator", self.model_codec)
-            self.arriving.append((transfer, self.arriving_G, self.G))
+                self.arriving.receive(self.transport, self.D, "discriminator", self.model_codec)
+            self.arriving.receive(self.transport, self.G, "generator", self.model_codec)
             return
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
