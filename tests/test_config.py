@@ -46,7 +46,6 @@ def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
             "control.edge_generator needs privacy.enabled: false",
         ),
         ({"control": {"edge_generator": {"server_g_steps": False}}}, "server_g_steps: false needs enabled: true"),
-        ({"control": {"overlap": {"enabled": False, "work_ahead": True}}}, "work_ahead needs control.overlap.enabled: true"),
         (
             {"control": {"edge_generator": {"server_optimizer": "adafactor"}}},
             "server_optimizer: adafactor needs enabled: true and server_g_steps: true",

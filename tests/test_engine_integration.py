@@ -13,7 +13,6 @@ import torch
 from entgan.algorithms.aggregation import DiscriminatorLayout
 from entgan.api import load_generator
 from entgan.engine.launch import launch_local
-from entgan.engine.timeline import RECEIVE, read_timeline
 from entgan.models import build_discriminator, build_generator
 from entgan.rundir import RunDirectory
 
@@ -275,63 +274,6 @@ def test_adafactor_server_steps_hold_kilobytes_of_optimizer_state_and_still_trai
     for digest in worker_digests(run_dir):
         if digest["rank"] in due_ranks(config, config.rounds):
             assert digest["generator_sum"] == pytest.approx(summaries["adafactor"]["generator_sum"], rel=1e-6, abs=1e-6)
-
-
-@pytest.mark.slow
-def test_working_ahead_computes_while_the_next_models_are_in_flight_and_still_trains(
-    tmp_path: Path, cache_dir: Path
-) -> None:
-    """`control.overlap.work_ahead`: a worker sends the change it computed earlier, then computes
-    the next while the server's next G is on its way (the receive is posted before the local
-    round and waited for after it); without it, the local round comes before the uploads. Every
-    upload is accepted, the workers due next hold the final G, and the stale changes train a
-    different G than the lock-step run."""
-    control = {"compression": {"enabled": True}, "edge_generator": {"enabled": True}}
-    summaries, orders = {}, {}
-    for ahead in (False, True):
-        config = tiny_config(
-            rounds=6,
-            control={**control, "overlap": {"work_ahead": ahead}},
-            engine={"timeline": True},
-            checkpoint={"every": 0},  # a checkpoint would drop the work ahead (the resume tests)
-        )
-        run_dir = tmp_path / f"ahead-{ahead}"
-        summaries[ahead] = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
-        orders[ahead] = _worker_round_order(run_dir / "timeline" / "rank-3.jsonl")  # task "high": every round
-        rows = RunDirectory(run_dir).metrics()
-        assert all(row["refused_updates"] == 0 for row in rows)
-        assert [len(due_ranks(config, r)) for r in range(config.rounds)] == [
-            sum(1 for key in row if re.fullmatch(r"worker\d+/bytes_sent", key)) for row in rows
-        ]
-        for digest in worker_digests(run_dir):
-            if digest["rank"] in due_ranks(config, config.rounds):
-                assert digest["generator_sum"] == pytest.approx(summaries[ahead]["generator_sum"], rel=2e-2, abs=2e-2)
-
-    lock_step = orders[False][1]
-    assert lock_step.index("local_round") < lock_step.index("uploads") < lock_step.index("post G")
-    assert orders[True][0] == ["local_round", "uploads", "expect_down", "post G", "local_round"]
-    for round_index in range(1, 5):  # the change computed ahead goes up once G is in; then the next is computed
-        assert orders[True][round_index] == ["uploads", "wait G", "expect_down", "post G", "local_round"]
-    assert summaries[True]["generator_sum"] != summaries[False]["generator_sum"]
-    assert math.isfinite(summaries[True]["final_eval"]["fid/overall"])
-
-
-def _worker_round_order(path: Path) -> dict[int, list[str]]:
-    """Per round, a worker's phases and where the receive of the next G was posted and waited."""
-    _, records = read_timeline(path)
-    order: dict[int, list[str]] = {}
-    current, generator_works = -1, set()
-    for record in records:
-        if record[0] == "phase" and record[3] in ("local_round", "uploads", "expect_down"):
-            current = record[4]
-            order.setdefault(current, []).append(record[3])
-        elif record[0] == "post" and record[4] == "generator" and record[5][0][:2] == [0, RECEIVE] and current >= 0:
-            generator_works.update(range(record[3], record[3] + len(record[5])))
-            order[current].append("post G")
-        elif record[0] == "wait" and generator_works & set(record[3]) and current >= 0:
-            generator_works -= set(record[3])
-            order[current].append("wait G")
-    return order
 
 
 def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_long(

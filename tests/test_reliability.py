@@ -166,19 +166,13 @@ def test_secret_comes_from_file_or_environment_never_too_short(tmp_path: Path, m
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "control",
-    [
-        {},
-        {"compression": {"enabled": True}},
-        {"compression": {"enabled": True}, "edge_generator": {"enabled": True}},
-        {"compression": {"enabled": True}, "edge_generator": {"enabled": True}, "overlap": {"work_ahead": True}},
-    ],
-    ids=["float32", "int8-changes", "edge-generator", "work-ahead"],
+    [{}, {"compression": {"enabled": True}}, {"compression": {"enabled": True}, "edge_generator": {"enabled": True}}],
+    ids=["float32", "int8-changes", "edge-generator"],
 )
 def test_resume_produces_the_same_metrics_stream(tmp_path: Path, cache_dir: Path, control: dict[str, Any]) -> None:
     # Coded: the workers' error feedback is in their checkpoints, and the resumed start sends the
     # models coded, as the round before would have. With G_k steps at the edge, G_k's Adam state
-    # and its unsent change are in the checkpoints too. Working ahead, what was computed ahead is
-    # dropped at each checkpoint, in the uninterrupted run too.
+    # and its unsent change are in the checkpoints too.
     config = tiny_config(rounds=8, checkpoint={"every": 2}, eval={"every": 2}, control=control)
     straight = launch_local(config, tmp_path / "straight", cache_dir=cache_dir, show_progress=False)
     interrupted = tmp_path / "interrupted"

@@ -177,19 +177,6 @@ class OverlapConfig(_Strict):
     """Overlap controller: compute while parameters are in flight."""
 
     enabled: bool = True
-    work_ahead: bool = False
-    """A worker computes the change it uploads next while this round's transfers and the server's
-    aggregation run (its local steps start from the models it last received, one exchange old),
-    and sends it as soon as the next models have arrived: a round costs the longer of a
-    worker's compute and the round trip, not their sum. Work done ahead that has not gone up by a
-    checkpoint is dropped there (G_k is replaced by the next G; D_k keeps its own), so a resumed
-    run repeats the uninterrupted one. Needs `enabled`."""
-
-    @model_validator(mode="after")
-    def _work_ahead_needs_overlap(self) -> OverlapConfig:
-        if self.work_ahead and not self.enabled:
-            raise ValueError("control.overlap.work_ahead needs control.overlap.enabled: true (it is the overlap controller's mode)")
-        return self
 
 
 class AggregationConfig(_Strict):

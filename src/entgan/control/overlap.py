@@ -4,21 +4,15 @@ On: a received generator is consumed layer by layer as it arrives (the worker st
 pass, or its real-data half of the D step, while later layers are in flight); sends are left in
 flight until their buffers are about to change. Off: every
 transfer is waited for as soon as it is posted, which is the sequential baseline.
-
-Working ahead (`OverlapConfig.work_ahead`), a worker's local round runs while the next models are
-on their way, so they land beside the models in use (`ArrivingModels`) and are adopted later.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from entgan.config import OverlapConfig
-from entgan.engine.compression import Codec
-from entgan.engine.context import SERVER_RANK
-from entgan.engine.parameters import LayerStream, model_tensors
-from entgan.engine.transport import Transfer, Transport
+from entgan.engine.parameters import LayerStream
+from entgan.engine.transport import Transfer
 
 
 class OverlapController:
@@ -52,26 +46,3 @@ def settle(*transfers: Transfer | LayerStream | None) -> None:
             transfer.finish()
         elif transfer is not None:
             transfer.wait()
-
-
-class ArrivingModels:
-    """Models the server sends, received beside the worker's own copies while those are still
-    being trained, and copied into them when the worker is ready (`adopt`)."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.landing = {id(model): [torch.empty_like(tensor) for tensor in model_tensors(model)] for model in models}
-        self.in_flight: list[tuple[Transfer, nn.Module]] = []
-
-    def receive(self, transport: Transport, model: nn.Module, kind: str, codec: Codec | None) -> None:
-        """Post the receive of the server's next `model` (of message kind `kind`)."""
-        transfer = transport.receive(self.landing[id(model)], SERVER_RANK, kind, codec)
-        self.in_flight.append((transfer, model))
-
-    def adopt(self) -> None:
-        """Wait for every model posted and make it the worker's own (a no-op when none is)."""
-        for transfer, model in self.in_flight:
-            transfer.wait()
-            with torch.no_grad():
-                for tensor, value in zip(model_tensors(model), self.landing[id(model)], strict=True):
-                    tensor.copy_(value)
-        self.in_flight = []

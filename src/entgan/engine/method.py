@@ -183,20 +183,6 @@ class WorkerRole(Role):
         """What goes up after `local_round`, in the server's `upload_kinds` order."""
         return ()
 
-    @property
-    def works_ahead(self) -> bool:
-        """Whether `local_round` computes the change the worker's next participation uploads,
-        after this round's uploads have gone (`control.overlap.work_ahead`). Such a worker's
-        `uploads` first wait for the models the server sent after the previous round, and adopt
-        them once the change is taken; its `expect_down` receives beside the models in use."""
-        return False
-
-    def catch_up(self, round_index: int) -> LocalFigures:
-        """A worker that works ahead, with nothing computed ahead (its first round, or its first
-        after a checkpoint): the local round, as `local_round`, minus any exchange with peers,
-        which are computing ahead and exchange in the `local_round` that follows."""
-        return self.local_round(round_index)
-
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index` (called only
         when this worker takes part in the next round)."""

@@ -25,7 +25,7 @@ from entgan.config import RunConfig, StopConfig
 from entgan.data import build_tasks, load_source, worker_shards
 from entgan.engine.context import SERVER_RANK, RunContext
 from entgan.engine.method import Method, Role, ServerRole, WorkerRole
-from entgan.engine.rounds import ServerRounds, WorkerRounds, is_checkpoint_round, phase_marker
+from entgan.engine.rounds import ServerRounds, WorkerRounds, phase_marker
 from entgan.engine.timeline import CLOCK_START, HARNESS, ROUND_END
 from entgan.engine.transport import Transfer
 from entgan.gan import adam
@@ -366,6 +366,10 @@ def serve(
     if timeline is not None:
         timeline.flush()
     return summary
+
+
+def is_checkpoint_round(round_number: int, every: int) -> bool:
+    return every > 0 and round_number % every == 0
 
 
 def start_round_timeouts(context: RunContext) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from entgan.control.overlap import settle
 from entgan.engine.context import SERVER_RANK, RunContext
-from entgan.engine.method import LocalFigures, ServerRole, Upload, UploadKind, WorkerRole
+from entgan.engine.method import ServerRole, Upload, UploadKind, WorkerRole
 from entgan.engine.reports import FigureMeans, TrafficMeter, WorkerReport, summarise_reports
 from entgan.engine.timeline import Timeline
 from entgan.engine.transport import Transfer
@@ -90,11 +90,6 @@ class ServerRounds:
         return {**row, **figures, "refused_updates": float(refused), **summarise_reports(reports)}
 
 
-def is_checkpoint_round(round_number: int, every: int) -> bool:
-    """Whether a checkpoint is written after round `round_number` (1-based; `checkpoint.every`)."""
-    return every > 0 and round_number % every == 0
-
-
 def phase_marker(timeline: Timeline | None) -> Callable[[str, int], None]:
     """`timeline.phase`, or a no-op when no timeline is recorded."""
     return timeline.phase if timeline is not None else _no_phase
@@ -130,59 +125,22 @@ class WorkerRounds:
         self.worker = worker
         self.meter = TrafficMeter(context.transport.counters)
         self.uploads_in_flight: list[Transfer] = []
-        self.computed_ahead: LocalFigures | None = None
-        """The figures of the change a worker that works ahead has computed and not yet sent."""
 
     def run(self, round_index: int) -> None:
         worker = self.worker
-        if worker.works_ahead:
-            self._run_ahead(round_index)
-            return
         phase = phase_marker(self.context.transport.timeline)
         if worker.participates(round_index):
             phase("local_round", round_index)
             figures = worker.local_round(round_index)
             phase("uploads", round_index)
-            self._send(worker, figures, round_index)
+            settle(*self.uploads_in_flight)  # their buffers may be reused by the uploads below
+            self.uploads_in_flight = []
+            report = self.meter.report(figures.d_loss, figures.real_realness, figures.fake_realness, figures.epsilon)
+            self.meter.restart()  # the uploads below are booked in the next report
+            self.send(list(worker.uploads(round_index)), report, round_index)
         if worker.participates(round_index + 1):
             phase("expect_down", round_index)
             worker.expect_down(round_index)
-
-    def _run_ahead(self, round_index: int) -> None:
-        """A round of a worker that works ahead (`control.overlap.work_ahead`): the change computed
-        while earlier rounds ran goes up as soon as the models it is added to have arrived, then
-        the next one is computed while this round's transfers and the server's work run.
-
-        Whether a round's participants compute ahead depends on the round alone (not on when each
-        will next take part), so that peers that exchange in `local_round` all do; at a checkpoint
-        what was computed ahead is dropped, so a resumed run continues as the uninterrupted one."""
-        worker = self.worker
-        phase = phase_marker(self.context.transport.timeline)
-        config = self.context.config
-        if worker.participates(round_index):
-            if self.computed_ahead is None:  # nothing computed ahead: compute this round's now
-                phase("local_round", round_index)
-                self.computed_ahead = worker.catch_up(round_index)
-            phase("uploads", round_index)
-            self._send(worker, self.computed_ahead, round_index)
-            self.computed_ahead = None
-        if worker.participates(round_index + 1):
-            phase("expect_down", round_index)
-            worker.expect_down(round_index)
-        checkpoint_next = is_checkpoint_round(round_index + 1, config.checkpoint.every)
-        if worker.participates(round_index) and round_index + 1 < config.rounds and not checkpoint_next:
-            phase("local_round", round_index)
-            self.computed_ahead = worker.local_round(round_index)
-        if checkpoint_next:
-            self.computed_ahead = None
-
-    def _send(self, worker: WorkerRole, figures: LocalFigures, round_index: int) -> None:
-        """The round's uploads, with the report of `figures` and the traffic since the last one."""
-        settle(*self.uploads_in_flight)  # their buffers may be reused by the uploads below
-        self.uploads_in_flight = []
-        report = self.meter.report(figures.d_loss, figures.real_realness, figures.fake_realness, figures.epsilon)
-        self.meter.restart()  # the uploads below are booked in the next report
-        self.send(list(worker.uploads(round_index)), report, round_index)
 
     def send(self, uploads: Sequence[Upload], report: WorkerReport, round_index: int) -> None:
         """Each upload in its checked envelope, the report riding on the last one."""

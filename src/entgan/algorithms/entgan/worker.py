@@ -10,7 +10,7 @@ import torch
 from entgan.algorithms.entgan.common import EntGANRole
 from entgan.algorithms.local_training import generator_step
 from entgan.control.noniid import NonIIDOptimizer
-from entgan.control.overlap import ArrivingModels, settle
+from entgan.control.overlap import settle
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler, local_steps
 from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
@@ -97,24 +97,10 @@ class EntGANWorker(EntGANRole, WorkerRole):
             self.G.requires_grad_(False)  # G_k only generates; G is trained at the server
         self.incoming_generator: LayerStream | None = None
         self.incoming_discriminator: Transfer | None = None
-        # Working ahead (`control.overlap.work_ahead`): the next G and synced D land beside the
-        # models being trained, and are adopted once the change computed from those is taken.
-        self.arriving = ArrivingModels(self.G, self.D) if self.works_ahead else None
 
     # ------------------------------------------------------------------ the round
-    @property
-    def works_ahead(self) -> bool:
-        return self.config.control.overlap.work_ahead
-
     def local_round(self, round_index: int) -> LocalFigures:
         """Steps 1-2: fakes from G_k, D_k's update, then gossip and the continual-learning update."""
-        return self._local_round(round_index, exchange=True)
-
-    def catch_up(self, round_index: int) -> LocalFigures:
-        self.adopt_arrived()  # the models the server sent for this round: nothing was computed from older ones
-        return self._local_round(round_index, exchange=False)
-
-    def _local_round(self, round_index: int, exchange: bool) -> LocalFigures:
         settle(self.incoming_discriminator)
         self.incoming_discriminator = None
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
@@ -130,7 +116,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
 
         # Gossip after the local steps: a snapshot taken before them would, right after a sync,
         # be the averaged D the peer already holds.
-        gossip = self.start_gossip(round_index) if exchange else None
+        gossip = self.start_gossip(round_index)
         if gossip is not None:
             self.continual_learning_update(gossip, fakes)
 
@@ -163,17 +149,7 @@ class EntGANWorker(EntGANRole, WorkerRole):
                 change = self.generator_feedback.corrected(change, self.upload_codec)
             wait = not self.overlap.enabled
             uploads.append(Upload("generator", change, self.generator_layout, codec=self.upload_codec, wait_at_once=wait))
-        # Working ahead, the change above was computed from older models: the ones the server sent
-        # after the previous round are waited for (they are what the change is added to, so it must
-        # not reach the server before the round opens) and taken up for the next local round.
-        self.adopt_arrived()
         return uploads
-
-    def adopt_arrived(self) -> None:
-        """Working ahead: wait for the models posted in `expect_down` and make them this worker's
-        (G_k := G, and D_k := D on sync rounds). Otherwise nothing: they landed in place."""
-        if self.arriving is not None:
-            self.arriving.adopt()
 
     def compressed_change(self, update: torch.Tensor) -> torch.Tensor:
         """D_k's change since the sync plus what earlier uploads left out; what this upload's codec
@@ -185,11 +161,6 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def expect_down(self, round_index: int) -> None:
         """Post the receives of what the server sends after round `round_index`: D on sync rounds
         and G (consumed layer by layer as it arrives)."""
-        if self.arriving is not None:  # beside the models, which the work ahead is about to train
-            if self.is_sync_round(round_index):
-                self.arriving.receive(self.transport, self.D, "discriminator", self.model_codec)
-            self.arriving.receive(self.transport, self.G, "generator", self.model_codec)
-            return
         if self.is_sync_round(round_index):
             # D_k := D. Waited for at the start of the next round, before D_k is used again.
             self.incoming_discriminator = self.transport.receive(
@@ -324,14 +295,12 @@ class EntGANWorker(EntGANRole, WorkerRole):
 
     # ------------------------------------------------------------------ life cycle
     def finish(self) -> None:
-        self.adopt_arrived()
         settle(self.incoming_generator, self.incoming_discriminator)
         self.incoming_generator = self.incoming_discriminator = None
 
     def state_dict(self) -> dict[str, Any]:
         """D_k as the next round will start with it: the models in flight are received first
         (a stall on checkpoint rounds only)."""
-        self.adopt_arrived()
         settle(self.incoming_generator, self.incoming_discriminator)
         self.incoming_generator = self.incoming_discriminator = None
         return {
