@@ -47,11 +47,6 @@ def test_defaults_are_spelled_out_and_round_trip(tmp_path: Path) -> None:
         ),
         ({"control": {"edge_generator": {"server_g_steps": False}}}, "server_g_steps: false needs enabled: true"),
         (
-            {"control": {"edge_generator": {"server_optimizer": "adafactor"}}},
-            "server_optimizer: adafactor needs enabled: true and server_g_steps: true",
-        ),
-        ({"control": {"edge_generator": {"enabled": True, "server_lr": 0}}}, "control.edge_generator.server_lr"),
-        (
             {
                 "control": {"edge_generator": {"enabled": True, "server_g_steps": False}},
                 "warm_start": {"checkpoint": "parent.pt"},

@@ -252,30 +252,6 @@ def test_edge_generator_without_server_g_steps_makes_g_the_mean_of_the_edge_step
             assert digest["generator_sum"] == pytest.approx(averaging_only["generator_sum"], rel=1e-6, abs=1e-6)
 
 
-def test_adafactor_server_steps_hold_kilobytes_of_optimizer_state_and_still_train(
-    tmp_path: Path, cache_dir: Path
-) -> None:
-    """`control.edge_generator.server_optimizer: adafactor`: the server's G steps keep a factored
-    second moment (a row and a column per matrix) where Adam keeps two values per value of G; they
-    still step G (it differs from the Adam run's) and the workers due next hold it."""
-    summaries = {}
-    for optimizer in ("adam", "adafactor"):
-        edge = {"enabled": True, "server_optimizer": optimizer}
-        config = tiny_config(control={"edge_generator": edge}, engine={"live_tensors": True})
-        run_dir = tmp_path / optimizer
-        summaries[optimizer] = launch_local(config, run_dir, cache_dir=cache_dir, show_progress=False)
-    generator_bytes = 4 * sum(p.numel() for p in build_generator(config.model, config.image_shape, 2).parameters())
-
-    assert summaries["adam"]["server_live_tensors"]["optimizer_state"] >= 2 * generator_bytes
-    assert 0 < summaries["adafactor"]["server_live_tensors"]["optimizer_state"] < 0.1 * generator_bytes
-    assert summaries["adafactor"]["generator_sum"] != summaries["adam"]["generator_sum"]
-    assert all(row["g_steps"] > 0 for row in RunDirectory(run_dir).metrics() if "g_steps" in row)
-    assert math.isfinite(summaries["adafactor"]["final_eval"]["fid/overall"])
-    for digest in worker_digests(run_dir):
-        if digest["rank"] in due_ranks(config, config.rounds):
-            assert digest["generator_sum"] == pytest.approx(summaries["adafactor"]["generator_sum"], rel=1e-6, abs=1e-6)
-
-
 def test_straggler_aware_participation_leaves_the_slow_worker_out_but_not_for_long(
     tmp_path: Path, cache_dir: Path
 ) -> None:

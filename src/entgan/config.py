@@ -277,29 +277,12 @@ class EdgeGeneratorConfig(_Strict):
     path from the uploads to G's broadcast: less server memory, but slower to a target FID
     (benchmarks/edge-averaging-server-candidates.yaml, edge-server-memory.yaml; README Results)."""
 
-    server_optimizer: Literal["adam", "adafactor"] = "adam"
-    """The optimizer of the server's own G steps. `adam`: every method's Adam (`optimizer`), whose
-    two moments per value of G hold twice G's bytes at the server, as long as the run. `adafactor`:
-    torch's Adafactor, without a first moment and with the second factored into one row and one
-    column per weight matrix (kilobytes). Why: with G_k steps at the edge, G is trained by the
-    workers' 40-odd Adam steps a round, and the server's 2-8 refine it; the moments are the largest
-    part of what its server holds beyond MD-GAN's (README Results, "Server memory against K")."""
-    server_lr: Annotated[float, Field(gt=0)] | None = None
-    """The server's G-step learning rate; unset: `optimizer.lr_generator` for Adam, 0.01 for
-    Adafactor (whose steps are relative to each tensor's root mean square)."""
-
     @model_validator(mode="after")
     def _someone_trains_g(self) -> EdgeGeneratorConfig:
         if not self.enabled and not self.server_g_steps:
             raise ValueError(
                 "server_g_steps: false needs enabled: true (with neither the server's G steps nor the "
                 "G_k steps at the edge, nothing trains G); found enabled: false"
-            )
-        if self.server_optimizer != "adam" and not (self.enabled and self.server_g_steps):
-            raise ValueError(
-                f"server_optimizer: {self.server_optimizer} needs enabled: true and server_g_steps: true "
-                f"(it steps the server's G between G_k steps at the edge); found enabled: {str(self.enabled).lower()}, "
-                f"server_g_steps: {str(self.server_g_steps).lower()}"
             )
         return self
 

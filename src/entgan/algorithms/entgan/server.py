@@ -50,7 +50,7 @@ class EntGANServer(EntGANRole, ServerRole):
         self.trains_generator = not self.edge_generator or self.config.control.edge_generator.server_g_steps
         self.g_optimizer: torch.optim.Optimizer | None = None
         if self.trains_generator:
-            self.g_optimizer = self.generator_optimizer()
+            self.g_optimizer = adam(self.G.parameters(), self.config.optimizer.lr_generator, self.config.optimizer)
         else:
             self.G.requires_grad_(False)
         self.server_scheduler = ServerTaskScheduler(self.config.control.server_scheduler)
@@ -162,16 +162,6 @@ class EntGANServer(EntGANRole, ServerRole):
         self.generator_in_flight = self.overlap.outgoing(transfer)
 
     # ------------------------------------------------------------------ G steps
-    def generator_optimizer(self) -> torch.optim.Optimizer:
-        """Adam, as every method's G, or Adafactor's kilobytes of state for the server's few
-        refining steps between G_k steps at the edge (`control.edge_generator.server_optimizer`)."""
-        edge = self.config.control.edge_generator
-        if edge.server_optimizer == "adafactor":
-            lr = edge.server_lr if edge.server_lr is not None else 1e-2
-            return torch.optim.Adafactor(self.G.parameters(), lr=lr, foreach=False)
-        lr = edge.server_lr if edge.server_lr is not None else self.config.optimizer.lr_generator
-        return adam(self.G.parameters(), lr, self.config.optimizer)
-
     def train_generator(self, steps: int) -> tuple[float, float]:
         """`steps` G updates against the averaged D, every task in every batch, in the engine's
         memory layout (`GeneratorGradients`: micro-batches whose gradients are added into G's
