@@ -29,7 +29,7 @@ from entgan.bench.config import (
     split_workers,
 )
 from entgan.bench.network import NetworkUnavailable, probe, shaped_traffic, wrap
-from entgan.bench.report import BenchContext, render_markdown, report_data
+from entgan.bench.report import BenchContext, cpu_info_field, render_markdown, report_data
 from entgan.bench.results import RunResult, TargetHit, training_comm_wait_share
 from entgan.config import ConfigError
 
@@ -258,6 +258,13 @@ def _context() -> BenchContext:
     return BenchContext(command="entgan bench x.yaml", started="now", machine={
         "cpu": "test cpu", "usable_cpus": 2, "logical_cpus": 2, "memory_gib": 1.0, "platform": "test",
         "python": "3", "torch": "2", "load_average_at_start": None}, network=probe(None))
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_cpu_info_field_reads_a_named_field_and_none_for_an_absent_one() -> None:
+    vendor = cpu_info_field("vendor_id") or cpu_info_field("CPU implementer")
+    assert vendor  # x86 names its vendor one way, ARM the other
+    assert cpu_info_field("no such field") is None
 
 
 def test_report_compares_every_row_with_the_reference(tmp_path: Path) -> None:

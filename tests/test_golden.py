@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from entgan.bench.report import cpu_info_field
+
 GOLDEN_DIR = Path(__file__).parent / "golden"
 sys.path.insert(0, str(GOLDEN_DIR))
 import record  # noqa: E402  (the recorder lives beside its golden files)
@@ -29,21 +31,9 @@ FID came out about 1% off for every method), so there only what rounding cannot 
 the rows, their fields and every rank's traffic."""
 
 
-def cpu_vendor() -> str:
-    """`vendor_id` of /proc/cpuinfo ('' where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("vendor_id"):
-            return line.split(":", 1)[1].strip()
-    return ""
-
-
 def traffic_only(rows: list[dict]) -> list[dict]:
     """Each row's round and byte counts, with every other field kept as a name (its value set aside)."""
-    return [{key: (value if key == "round" or record._TRAFFIC_FIELDS.search(key) else 0.0) for key, value in row.items()} for row in rows]
+    return [{key: (value if key == "round" or record.TRAFFIC_FIELDS.search(key) else 0.0) for key, value in row.items()} for row in rows]
 
 
 def first_difference(expected: list[dict], found: list[dict]) -> str | None:
@@ -67,7 +57,7 @@ def test_golden_run_matches(method: str, tmp_path: Path, cache_dir: Path) -> Non
     # The session's classifier cache: the first golden run trains the workload's classifier (one
     # thread, as recorded) and the other nine load it.
     found = record.run_golden(method, tmp_path, cache_dir=cache_dir)
-    if cpu_vendor() != GOLDEN_CPU_VENDOR:
+    if cpu_info_field("vendor_id") != GOLDEN_CPU_VENDOR:
         expected, found = traffic_only(expected), traffic_only(found)
     assert first_difference(expected, found) is None, first_difference(expected, found)
 

@@ -47,19 +47,26 @@ class BenchContext:
     quick: bool = False
 
 
+def cpu_info_field(name: str) -> str | None:
+    """The first value of field `name` in /proc/cpuinfo (`model name`, `vendor_id`); None where absent."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
 def machine_info() -> dict[str, Any]:
     """The machine the figures were measured on (they mean little without it)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_info_field("model name") or platform.processor() or platform.machine()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu,
+        "cpu_vendor": cpu_info_field("vendor_id"),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable,
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
