@@ -84,6 +84,16 @@ def test_valid_bench_config_plans_timed_runs_and_a_sweep() -> None:
         assert run.config.optimizer == bench.base.optimizer and run.config.data == bench.base.data
 
 
+def test_every_shipped_bench_config_loads_and_plans() -> None:
+    """Every bench in benchmarks/ (not the profile library or `entgan tune`'s outputs, which have no
+    `base`) parses, and its rows and seeds make runs: a README command must not fail on its config."""
+    shipped = sorted((REPOSITORY / "benchmarks").glob("*.yaml"))
+    benches = [path for path in shipped if "base" in yaml.safe_load(path.read_text())]
+    assert len(benches) > 20
+    for path in benches:
+        assert plan_runs(load_bench_config(path)), path.name
+
+
 def test_sweep_repeats_run_the_whole_sweep_again() -> None:
     bench = parse_bench_config(bench_data(methods=["entgan", "mdgan"], ablations=[],
                                           memory_sweep={"workers": [2, 4], "rounds": 3, "repeats": 2}))
