@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from entgan.gan import generator_loss
-from entgan.algorithms.local_training import error_feedback
+from entgan.algorithms.local_training import discriminator_step, error_feedback, generator_step, local_game_step
 from entgan.algorithms.mdgan import (
     average_gradients,
     deal_batches,
@@ -89,6 +90,36 @@ def test_feedback_is_computed_with_dropout_off() -> None:
     train_loss, _ = generator_loss(discriminator, images, 1)
     (train_feedback,) = torch.autograd.grad(train_loss, images)
     assert not torch.allclose(train_feedback, eval_feedback)
+
+
+def test_local_game_step_runs_g_once_and_trains_g_on_its_tasks_fakes_only() -> None:
+    """One forward of G serves the D step and the G step (the textbook loop, FL-GAN's and EntGAN's
+    edge steps); the G step is the one a separate pass over this task's fakes alone would take."""
+    torch.manual_seed(3)
+    generator = build_generator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2)
+    discriminator = build_discriminator(TINY_MODEL, IMAGE_SHAPE, num_tasks=2)
+    reference, initial = (copy.deepcopy(generator), copy.deepcopy(discriminator)), copy.deepcopy(generator)
+    real, latents = torch.rand(6, *IMAGE_SHAPE) * 2 - 1, torch.randn(6, TINY_MODEL.latent_dim)
+    tasks = torch.tensor([1, 1, 0, 1, 0, 1])  # task 1's worker; task 0's fakes are negatives for its head
+    forwards = []
+    generator.register_forward_hook(lambda module, args, output: forwards.append(output.shape[0]))
+
+    def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(model.parameters(), lr=0.1)
+
+    torch.manual_seed(4)  # D's dropout masks, the same in both passes
+    _, _, fakes = local_game_step(generator, discriminator, (sgd(generator), sgd(discriminator)), real, latents, tasks, 1)
+
+    assert forwards == [6] and not fakes.requires_grad
+    expected_g, expected_d = reference
+    torch.manual_seed(4)
+    discriminator_step(expected_d, sgd(expected_d), real, expected_g(latents, tasks), 1)
+    own = tasks == 1
+    generator_step(sgd(expected_g), expected_d, expected_g(latents[own], tasks[own]), 1)
+    for model, expected in ((generator, expected_g), (discriminator, expected_d)):
+        for got, want in zip(model.parameters(), expected.parameters(), strict=True):
+            torch.testing.assert_close(got, want)
+    assert any(not torch.equal(a, b) for a, b in zip(generator.parameters(), initial.parameters(), strict=True))
 
 
 def test_recomputed_fakes_match_held_ones_with_batchnorm_and_move_its_statistics_once() -> None:

@@ -49,7 +49,7 @@ from entgan.algorithms.aggregation import (
     ModelUploads,
     discriminator_update_layouts,
 )
-from entgan.algorithms.local_training import discriminator_step, generator_step, named_state
+from entgan.algorithms.local_training import local_game_step, named_state
 from entgan.control.overlap import settle
 from entgan.control.schedulers import local_steps
 from entgan.data.sources import ImageDataset
@@ -200,11 +200,13 @@ class FLGANWorker(_FLGANModels, WorkerRole):
         if self.feedback is not None:  # the changes uploaded are from here
             self.synced = (flatten(model_tensors(self.G)), flatten(self.layout.update_tensors(self.D, task)))
         d_figures, self.g_figures = FigureMeans(3), FigureMeans(len(GENERATOR_FIGURES))
+        optimizers = (self.g_optimizer, self.d_optimizer)
         for _ in range(self.local_steps):
             real = self.real.next()
-            fakes = self.G(self.G.sample_latent(self.real.batch_size, generator=self.latent_stream), task)
-            d_figures.add(*discriminator_step(self.D, self.d_optimizer, real, fakes, task))
-            self.g_figures.add(*generator_step(self.g_optimizer, self.D, fakes, task))
+            latents = self.G.sample_latent(self.real.batch_size, generator=self.latent_stream)
+            d_step, g_step, _ = local_game_step(self.G, self.D, optimizers, real, latents, task, task)
+            d_figures.add(*d_step)
+            self.g_figures.add(*g_step)
         return LocalFigures(*d_figures.means())
 
     def uploads(self, round_index: int) -> Sequence[Upload]:

@@ -2,7 +2,8 @@
 (MD-GAN, FL-GAN, DANCE), kept here once so that `mdgan.py`, `flgan.py` and `dance.py` read like
 their papers:
 
-- one local D step and one local G step, on the shared losses of `entgan.gan`;
+- one local D step and one local G step, on the shared losses of `entgan.gan`, and the two as one
+  round of the game (`local_game_step`, also EntGAN's worker with G_k steps at the edge);
 - the error feedback dL_G/dx a worker returns for the server's fakes (MD-GAN, DANCE).
 
 Reports, uploads and their figures are the engine's (`engine.rounds`, `engine.reports`).
@@ -45,6 +46,32 @@ def generator_step(
     loss.backward()
     optimizer.step()
     return loss.item(), realness
+
+
+def local_game_step(
+    generator: nn.Module,
+    discriminator: Discriminator,
+    optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+    real: torch.Tensor,
+    latents: torch.Tensor,
+    fake_tasks: torch.Tensor | int,
+    task: int,
+) -> tuple[tuple[float, float, float], tuple[float, float], torch.Tensor]:
+    """One round of the game on a worker (FL-GAN's local step, EntGAN's with G_k steps at the
+    edge): a D step on `real` against G(latents, fake_tasks), then a G step through the same fakes'
+    graph, so one forward of G serves both (the textbook GAN loop).
+
+    `optimizers` is (G's, D's). `fake_tasks` may mix tasks (other tasks' fakes as negatives for
+    D's `task` head); only `task`'s samples carry G's loss, on that head, since this worker's D
+    knows nothing of what the other tasks should look like. Returns the D step's figures, the G
+    step's and the fakes (detached).
+    """
+    g_optimizer, d_optimizer = optimizers
+    fakes = generator(latents, fake_tasks)
+    d_figures = discriminator_step(discriminator, d_optimizer, real, fakes, task)
+    own = fakes if isinstance(fake_tasks, int) else fakes[fake_tasks == task]
+    g_figures = generator_step(g_optimizer, discriminator, own, task)
+    return d_figures, g_figures, fakes.detach()
 
 
 def error_feedback(discriminator: Discriminator, fakes: torch.Tensor, task: int) -> tuple[torch.Tensor, float, float]:

@@ -12,7 +12,8 @@ by layer, and on sync rounds the averaged D down to them as well. With `control.
 (for edge links), models travel in a codec (int8 by default) and D_k goes up as its change since
 the sync, with error feedback; the server adds the participants' weighted mean change to its D.
 With `control.edge_generator` on (off by default; it departs from DESIGN.md, where G trains only at
-the server), each D step at a worker is followed by a G_k step against D_k, G_k's change goes up
+the server), each D step at a worker is followed by a G_k step against D_k through the same fake
+batch (one G_k forward for both, as FL-GAN's local step), G_k's change goes up
 beside D_k's, and the server adds their weighted mean to G before its own G steps (marked [edge G]).
 
     init: G_k := G, D_k := D for every worker k
@@ -22,7 +23,7 @@ beside D_k's, and the server adds their weighted mean to G before its own G step
                  1. plan := worker_task_scheduler.plan()            # when G_k runs, fake reuse
                  2. fakes := G_k(z, task_k)                          # streams in as G arrives
                     D_k := D_k - lr * grad L_D(real_k, fakes)        # edge discriminator update
-                    [edge G] G_k := G_k - lr * grad L_G(D_k(G_k(z, task_k)))   # after each D step
+                    [edge G] G_k := G_k - lr * grad L_G(D_k(fakes))   # after each D step, same fakes
                     non-IID optimizer: swap D_k with a peer in P_r, mix, continual-learning update
                     send (trunk_k, head_k) to the server   [edge G] and G_k - G
       server:    3. D := sample-weighted running average of P_r's updates as they arrive

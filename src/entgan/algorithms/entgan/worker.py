@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from entgan.algorithms.entgan.common import EntGANRole
-from entgan.algorithms.local_training import generator_step
+from entgan.algorithms.local_training import local_game_step
 from entgan.control.noniid import NonIIDOptimizer
 from entgan.control.overlap import settle
 from entgan.control.schedulers import WorkerPlan, WorkerTaskScheduler, local_steps
@@ -16,6 +16,7 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, Upload, WorkerRole
+from entgan.engine.reports import FigureMeans
 from entgan.engine.parameters import LayerStream, change_since, flatten, model_tensors, numel, unflatten_into
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import update_problem
@@ -106,13 +107,13 @@ class EntGANWorker(EntGANRole, WorkerRole):
         if self.synced_D is not None:  # D_k := D was just synced: this round's changes are from here
             self.synced_D.load_state_dict(self.D.state_dict())
         plan = self.worker_scheduler.plan(round_index)
-        if self.edge_generator:  # G_k steps after each D step: all of G first, fresh fakes every step
+        if self.edge_generator:  # all of G first, then a D_k and a G_k step on each fresh fake batch
             settle(self.incoming_generator)
             self.incoming_generator = None
             self.synced_G = flatten(model_tensors(self.G))
-            plan = WorkerPlan(d_steps=plan.d_steps, fake_batches=plan.d_steps, generate_upfront=False)
-
-        d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
+            d_loss, real_realness, fake_realness, fakes = self.play_local_game(plan.d_steps)
+        else:
+            d_loss, real_realness, fake_realness, fakes = self.update_discriminator(plan)
 
         # Gossip after the local steps: a snapshot taken before them would, right after a sync,
         # be the averaged D the peer already holds.
@@ -200,31 +201,34 @@ class EntGANWorker(EntGANRole, WorkerRole):
                     loss.backward()
                 self.d_optimizer.step()
                 loss_value = loss.item()
-                if self.g_optimizer is not None:
-                    self._generator_step(batch_size)
             losses.append(loss_value)
             real_scores.append(real_score)
             fake_scores.append(fake_score)
         steps = len(losses)
         return sum(losses) / steps, sum(real_scores) / steps, sum(fake_scores) / steps, fake_batches[-1]
 
-    def _generator_step(self, batch_size: int) -> None:
-        """One G_k step against D_k on this worker's task (FL-GAN's local G step).
-
-        A generator with batch statistics (BatchNorm) draws its batch as the server's G steps do,
-        every task alike (`fake_tasks(like_server=True)`), so that it is trained on the samples the
-        server's G produces; only this task's samples carry the loss, on D_k's own head."""
+    def play_local_game(self, steps: int) -> tuple[float, float, float, torch.Tensor]:
+        """[edge G] `steps` rounds of the game on this worker (`local_game_step`, FL-GAN's local
+        step): a D_k step against a fresh fake batch, then a G_k step against D_k through the same
+        fakes. The batch's tasks are the worker task scheduler's (`fake_tasks`: mostly this task, a
+        share of the others as negatives for D_k's head; every task alike for a generator with batch
+        statistics, as in the server's G batches). Returns the mean D figures and the last fake
+        batch, as `update_discriminator` does."""
         assert self.g_optimizer is not None
-        task = self.context.task
-        z = self.G.sample_latent(batch_size, generator=self.latent_stream)
-        if self.G.normalises_over_batch:
+        task, batch_size = self.context.task, self.real.batch_size
+        figures = FigureMeans(3)
+        fakes = torch.empty(0)
+        for _ in range(steps):
+            latents = self.G.sample_latent(batch_size, generator=self.latent_stream)
             tasks = self.worker_scheduler.fake_tasks(
-                batch_size, task, len(self.config.tasks), self.latent_stream, like_server=True
+                batch_size, task, len(self.config.tasks), self.latent_stream, like_server=self.G.normalises_over_batch
             ).to(self.context.device)
-            generator_step(self.g_optimizer, self.D, self.G(z, tasks)[tasks == task], task)
-            return
-        tasks = torch.full((batch_size,), task, dtype=torch.long, device=self.context.device)
-        generator_step(self.g_optimizer, self.D, self.G(z, tasks), task)
+            d_step, _, fakes = local_game_step(
+                self.G, self.D, (self.g_optimizer, self.d_optimizer), self.real.next(), latents, tasks, task
+            )
+            figures.add(*d_step)
+        d_loss, real_realness, fake_realness = figures.means()
+        return d_loss, real_realness, fake_realness, fakes
 
     def _fakes_for_step(
         self, plan: WorkerPlan, step: int, fake_batches: list[torch.Tensor], batch_size: int
