@@ -262,7 +262,8 @@ class GeneratorAverageConfig(_Strict):
 class EdgeGeneratorConfig(_Strict):
     """G_k steps at the edge (off by default; a departure from DESIGN.md section 1, where G trains
     only at the server). On: after each of its D steps a worker takes one step of G_k against D_k
-    on its task, and G_k's change since the round's G goes up beside D_k's (in the upload codec,
+    on its task, through the same fakes (`local_training.local_game_step`, FL-GAN's local step),
+    and G_k's change since the round's G goes up beside D_k's (in the upload codec,
     with error feedback); the server adds their weighted mean to G, then takes its own G steps
     against the averaged D. Why: behind slow links a round's bytes set the time, and an EntGAN
     round otherwise plays one exchange of the game where FL-GAN's local steps play many (README
