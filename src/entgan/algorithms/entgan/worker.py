@@ -16,8 +16,8 @@ from entgan.data.sources import ImageDataset
 from entgan.engine.compression import ErrorFeedback
 from entgan.engine.context import SERVER_RANK, SeedPurpose
 from entgan.engine.method import LocalFigures, Upload, WorkerRole
-from entgan.engine.reports import FigureMeans
 from entgan.engine.parameters import LayerStream, change_since, flatten, model_tensors, numel, unflatten_into
+from entgan.engine.reports import FigureMeans
 from entgan.engine.transport import Transfer
 from entgan.engine.updates import update_problem
 from entgan.engine.uploads import send_hello
