@@ -210,19 +210,15 @@ class EntGANWorker(EntGANRole, WorkerRole):
     def play_local_game(self, steps: int) -> tuple[float, float, float, torch.Tensor]:
         """[edge G] `steps` rounds of the game on this worker (`local_game_step`, FL-GAN's local
         step): a D_k step against a fresh fake batch, then a G_k step against D_k through the same
-        fakes. The batch's tasks are the worker task scheduler's (`fake_tasks`: mostly this task, a
-        share of the others as negatives for D_k's head; every task alike for a generator with batch
-        statistics, as in the server's G batches). Returns the mean D figures and the last fake
-        batch, as `update_discriminator` does."""
+        fakes. The batch's tasks are the worker task scheduler's (`_fake_inputs`: mostly this task, a
+        share of the others as negatives for D_k's head). Returns the mean D figures and the last
+        fake batch, as `update_discriminator` does."""
         assert self.g_optimizer is not None
         task, batch_size = self.context.task, self.real.batch_size
         figures = FigureMeans(3)
         fakes = torch.empty(0)
         for _ in range(steps):
-            latents = self.G.sample_latent(batch_size, generator=self.latent_stream)
-            tasks = self.worker_scheduler.fake_tasks(
-                batch_size, task, len(self.config.tasks), self.latent_stream, like_server=self.G.normalises_over_batch
-            ).to(self.context.device)
+            latents, tasks = self._fake_inputs(batch_size)
             d_step, _, fakes = local_game_step(
                 self.G, self.D, (self.g_optimizer, self.d_optimizer), self.real.next(), latents, tasks, task
             )
@@ -240,13 +236,19 @@ class EntGANWorker(EntGANRole, WorkerRole):
             fake_batches.extend(self._generate(count * batch_size).split(batch_size))
         return fake_batches[wanted]
 
+    def _fake_inputs(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents and tasks for `n` of G_k's fakes, drawn from the worker's latent stream in that
+        order: the tasks are the worker task scheduler's (every task alike for a generator with
+        batch statistics, as in the server's G batches)."""
+        latents = self.G.sample_latent(n, generator=self.latent_stream)
+        tasks = self.worker_scheduler.fake_tasks(
+            n, self.context.task, len(self.config.tasks), self.latent_stream, like_server=self.G.normalises_over_batch
+        )
+        return latents, tasks.to(self.context.device)
+
     def _generate(self, n: int) -> torch.Tensor:
         with torch.no_grad():
-            z = self.G.sample_latent(n, generator=self.latent_stream)
-            tasks = self.worker_scheduler.fake_tasks(
-                n, self.context.task, len(self.config.tasks), self.latent_stream, like_server=self.G.normalises_over_batch
-            )
-            fakes = self.G(z, tasks.to(self.context.device))
+            fakes = self.G(*self._fake_inputs(n))
         if self.incoming_generator is not None:
             self.incoming_generator.finish()  # all layers were needed for this pass; drop the hooks
             self.incoming_generator = None
